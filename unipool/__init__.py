@@ -1,0 +1,8 @@
+"""unipool: Mixture-of-Experts language models with one globally shared expert pool (UniPool)."""
+
+__version__ = "0.1.0"
+
+from .config import PRESETS, ConfigError, ModelConfig, get_preset
+from .model import ModelOutput, Unipool, build_model
+
+__all__ = ["ConfigError", "ModelConfig", "ModelOutput", "PRESETS", "Unipool", "build_model", "get_preset", "__version__"]

@@ -1,0 +1,265 @@
+"""The unipool decoder: a LLaMA-style transformer whose every FFN is a mixture of experts.
+
+Notable design choices
+- RMSNorm (pre-norm), RoPE (rotate-half convention, base 1e6 in the paper), SwiGLU experts,
+  grouped-query attention through scaled_dot_product_attention, untied input/output embeddings,
+  no biases anywhere, vocabulary padded to a multiple (Megatron's 50257 -> 51200).
+- Experts live in `Unipool.experts`, a ModuleList of `config.n_pools` ExpertPools, registered once.
+  Layer l calls pool `config.pool_of_layer(l)`; blocks receive their pool as a forward argument and
+  never hold it as an attribute, so each expert tensor appears once in `named_parameters()`, in the
+  state dict and in FSDP. Vanilla MoE is n_pools = L; UniPool is one pool; grouped sharing is G.
+- Every layer keeps its own router (`layers.{i}.router`), whatever the storage mode.
+- Balancing losses travel in `ModelOutput.aux_loss`; per-layer routing in `ModelOutput.routing`.
+  The pool-level loss uses f-bar from the previous micro-batch by default (as the paper does); that
+  statistic is a buffer that the training loop refreshes with `update_routing_state(output)` after
+  each forward, never inside forward.
+- No I/O, logging or distributed code here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .moe import ExpertPool
+from .router import Router, RouterOutput, pool_loss
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, S, vocab_size): padded vocabulary rows are sliced off
+    loss: torch.Tensor | None  # mean next-token cross-entropy, when targets were given
+    aux_loss: torch.Tensor  # all balancing losses, already scaled by their coefficients
+    routing: list[RouterOutput]  # one per layer
+
+    @property
+    def total_loss(self) -> torch.Tensor:
+        assert self.loss is not None, "total_loss needs targets"
+        return self.loss + self.aux_loss
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: (S, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, S, head_dim); cos/sin: (S, head_dim)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.router = Router(cfg.d_model, cfg.n_routed_experts, cfg.routed_top_k, cfg.router,
+                             renormalize=cfg.renormalize, norm_c=cfg.norm_router_c, norm_eps=cfg.norm_router_eps,
+                             random_gates=cfg.random_gates, switch_coef=cfg.switch_loss_coef,
+                             z_coef=cfg.z_loss_coef, bias_rate=cfg.aux_free_bias_rate)
+
+    def forward(self, x: torch.Tensor, pool: ExpertPool, cos: torch.Tensor, sin: torch.Tensor):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        b, s, d = x.shape
+        h_TD = self.ffn_norm(x).reshape(b * s, d)
+        routed = self.router(h_TD)
+        x = x + pool(h_TD, routed.expert_ids_TK, routed.weights_TK).view(b, s, d).type_as(x)
+        return x, routed
+
+
+class Unipool(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.experts = nn.ModuleList(
+            ExpertPool(cfg.n_routed_experts, cfg.d_model, cfg.expert_hidden, cfg.dispatch) for _ in range(cfg.n_pools))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # f-bar of the previous micro-batch per pool, and whether it has been set yet (the paper's
+        # first micro-batch has no pool loss).
+        self.register_buffer("pool_load_PE", torch.zeros(cfg.n_pools, cfg.n_routed_experts))
+        self.register_buffer("pool_load_valid", torch.zeros((), dtype=torch.bool))
+        self.activation_checkpointing = False
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation, in one place (UniPool Table 8, Megatron defaults):
+
+        | parameter                         | init                                  |
+        |-----------------------------------|---------------------------------------|
+        | tok_embeddings, output            | N(0, init_std)                        |
+        | attention wq, wk, wv              | N(0, init_std)                        |
+        | attention wo, experts w2          | N(0, init_std / sqrt(2 L)) if scaled  |
+        | experts w13 (gate and up)         | N(0, init_std)                        |
+        | router gate                       | N(0, init_std)                        |
+        | NormRouter scale sigma            | 1                                     |
+        | RMSNorm weights                   | 1                                     |
+        """
+        cfg = self.config
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_out_init else std
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        nn.init.normal_(self.output.weight, std=std)
+        for block in self.layers:
+            for w in (block.attention.wq, block.attention.wk, block.attention.wv, block.router.gate):
+                nn.init.normal_(w.weight, std=std)
+            nn.init.normal_(block.attention.wo.weight, std=out_std)
+            if hasattr(block.router, "scale"):
+                block.router.scale.fill_(1.0)
+            block.attention_norm.weight.fill_(1.0)
+            block.ffn_norm.weight.fill_(1.0)
+        for pool in self.experts:
+            nn.init.normal_(pool.w13_EFD, std=std)
+            nn.init.normal_(pool.w2_EDF, std=out_std)
+        self.norm.weight.fill_(1.0)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the non-parameter state (RoPE tables, routing statistics) after `to_empty`."""
+        cfg = self.config
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        self.pool_load_PE.zero_()
+        self.pool_load_valid.fill_(False)
+        for block in self.layers:
+            if hasattr(block.router, "expert_bias"):
+                block.router.expert_bias.zero_()
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        cfg = self.config
+        b, s = input_ids.shape
+        if s > cfg.max_seq_len:
+            raise ValueError(f"sequence length {s} exceeds model.max_seq_len={cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        x = self.tok_embeddings(input_ids)
+        routing: list[RouterOutput] = []
+        for i, block in enumerate(self.layers):
+            pool = self.experts[cfg.pool_of_layer(i)]
+            if self.activation_checkpointing and self.training:
+                x, routed = checkpoint(block, x, pool, cos, sin, use_reentrant=False)
+            else:
+                x, routed = block(x, pool, cos, sin)
+            routing.append(routed)
+        logits = self.output(self.norm(x))[..., : cfg.vocab_size]
+
+        aux = sum((r.aux_loss for r in routing), logits.new_zeros((), dtype=torch.float32))
+        if cfg.pool_loss_coef > 0:
+            aux = aux + cfg.pool_loss_coef * self._pool_loss(routing)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return ModelOutput(logits, loss, aux, routing)
+
+    def pool_loads(self, routing: list[RouterOutput]) -> torch.Tensor:
+        """f-bar per pool: each expert's routed fraction, averaged over the layers calling the pool."""
+        cfg = self.config
+        loads_PE = torch.zeros_like(self.pool_load_PE)
+        for i, r in enumerate(routing):
+            loads_PE[cfg.pool_of_layer(i)] += r.counts_E / r.expert_ids_TK.numel()
+        return loads_PE / cfg.layers_per_pool
+
+    def _pool_loss(self, routing: list[RouterOutput]) -> torch.Tensor:
+        cfg = self.config
+        if cfg.pool_loss_stats == "current":
+            loads_PE = self.pool_loads(routing)
+        else:
+            # The first micro-batch has no previous statistics: the flag zeroes the loss without a
+            # host sync (no `if tensor:` in the hot path).
+            loads_PE = self.pool_load_PE * self.pool_load_valid
+        per_pool = cfg.layers_per_pool
+        # Each pool has its own accumulator (grouped sharing); the losses of the pools add up.
+        return sum(pool_loss([r.scores_TE for r in routing[p * per_pool:(p + 1) * per_pool]], loads_PE[p])
+                   for p in range(cfg.n_pools))
+
+    @torch.no_grad()
+    def update_routing_state(self, output: ModelOutput) -> None:
+        """Call after each training forward: stores f-bar for the next micro-batch's pool loss and
+        nudges aux-loss-free router biases. Kept out of forward so recomputation (activation
+        checkpointing) and evaluation never change it."""
+        self.pool_load_PE.copy_(self.pool_loads(output.routing))
+        self.pool_load_valid.fill_(True)
+        for block, r in zip(self.layers, output.routing):
+            block.router.update_bias(r.counts_E)
+
+    # ---- parameter accounting ------------------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        """Total, per-token active, and expert parameters (works on the meta device)."""
+        cfg = self.config
+        total = sum(p.numel() for p in self.parameters())
+        experts = sum(p.numel() for p in self.experts.parameters())
+        routers = sum(p.numel() for b in self.layers for p in b.router.parameters())
+        per_expert = 3 * cfg.d_model * cfg.expert_hidden
+        active_experts = cfg.n_layers * cfg.routed_top_k * per_expert
+        non_expert = total - experts
+        return {
+            "total": total,
+            "experts": experts,
+            "routers": routers,
+            "active": non_expert + active_experts,
+            # The paper's "active" column: the dense model with one FFN per layer, no routers.
+            "dense_equivalent": non_expert - routers + active_experts,
+            "per_expert": per_expert,
+        }
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", *, init: bool = True) -> Unipool:
+    """Construct on the meta device, materialise on `device`, then initialise weights."""
+    with torch.device("meta"):
+        model = Unipool(cfg)
+    if str(device) == "meta":
+        return model
+    model = model.to_empty(device=device)
+    if init:
+        model.init_weights()
+    else:  # weights come from a checkpoint next
+        model.init_buffers()
+    return model

@@ -1,0 +1,172 @@
+"""Per-layer routers and the balancing losses.
+
+Shape suffixes: T tokens, D model dim, E experts seen by the router (pool width), K experts per token.
+
+Routers (one per layer in every mode, `layers.{i}.router`):
+- softmax: softmax over all E logits, then top-k; the gate is the probability (optionally
+  renormalised over the k picks). The vanilla baseline (Megatron --moe-router-pre-softmax).
+- norm: NormRouter (KERN, arXiv 2509.25913; UniPool eq. 7):
+      s = sigma * c * relu(z / (||z||_2 + eps)),  z = W h;  top-k on s;  gate = s (no softmax).
+  sigma is a learnable per-layer scale (init 1); c makes the picked scores ~unit norm at init.
+- sigmoid: sigmoid scores, selection on score + bias where the bias is nudged towards balance
+  outside the gradient (DeepSeek's aux-loss-free balancing, arXiv 2408.15664); gate = score.
+- random: uniform random top-k per token (the routing probe). Gates are 1/k ("uniform") or the
+  learned router's scores at the picked experts ("model"). Any router can be switched to random
+  routing at run time with `set_random_routing`, which is what the probe does.
+
+The balancing losses use `scores_TE` (softmax probabilities, or NormRouter/sigmoid scores):
+- Switch loss per layer:  alpha * E * sum_i f_i P_i   with f_i = count_i / (T k), P_i = mean_t s_ti.
+- Pool loss (UniPool eqs. 4-6) is computed by the model from every layer's `scores_TE` and the
+  f-bar statistics; see `pool_loss`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    expert_ids_TK: torch.Tensor  # long, indices into this layer's pool
+    weights_TK: torch.Tensor  # gates multiplying each picked expert's output
+    scores_TE: torch.Tensor  # per-expert scores used by the balancing losses (with grad)
+    counts_E: torch.Tensor  # float, tokens routed to each expert in this call (detached)
+    aux_loss: torch.Tensor  # this layer's Switch + z loss (already scaled by coefficients)
+
+
+def norm_router_constant(num_experts: int, top_k: int, n_samples: int = 100_000, seed: int = 42) -> float:
+    """c = E_x[1 / ||top_k(relu(x / ||x||))||_2] for x ~ N(0, I_E), by Monte Carlo (UniPool App. H).
+
+    Same estimator and seed as the official code (numpy RandomState(42), 1e5 samples), drawn in
+    chunks from one stream so the numbers are identical. Small-E rule: a sample whose entries are
+    all negative has no positive score and gives 1/0; the literal estimator is then inf (E=8: about
+    1 in 256 samples). We average over samples with a positive score instead, i.e. the expectation
+    conditioned on the router picking a non-zero expert. For the pool sizes in the paper no sample
+    is all-negative, so the value is exactly the literal estimator's.
+    """
+    return _norm_router_constant(int(num_experts), int(top_k), int(n_samples), int(seed))
+
+
+@functools.lru_cache(maxsize=64)
+def _norm_router_constant(num_experts: int, top_k: int, n_samples: int, seed: int) -> float:
+    rng = np.random.RandomState(seed)
+    total, kept, chunk = 0.0, 0, 10_000
+    for start in range(0, n_samples, chunk):
+        x = rng.standard_normal((min(chunk, n_samples - start), num_experts))
+        y = np.maximum(x / np.linalg.norm(x, axis=1, keepdims=True), 0.0)
+        top = -np.partition(-y, top_k - 1, axis=1)[:, :top_k] if top_k < num_experts else y
+        norm = np.sqrt((top**2).sum(axis=1))
+        ok = norm > 0
+        total += float((1.0 / norm[ok]).sum())
+        kept += int(ok.sum())
+    return total / kept
+
+
+def switch_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Unscaled Switch load-balancing loss E * sum_i f_i P_i (multiply by alpha outside)."""
+    n_tokens, n_experts = scores_TE.shape
+    f_E = counts_E / max(n_tokens * top_k, 1)
+    return n_experts * (f_E * scores_TE.float().mean(0)).sum()
+
+
+def pool_loss(scores_LTE: list[torch.Tensor], load_E: torch.Tensor) -> torch.Tensor:
+    """Unscaled pool-level loss M * sum_i fbar_i * Pbar_i (UniPool eq. 6).
+
+    `load_E` is f-bar, the layer-averaged routed fraction per expert (detached); Pbar_i is the mean
+    over layers of each layer's mean score, so gradients reach only the routers, never the experts.
+    """
+    n_experts = load_E.shape[0]
+    p_bar_E = torch.stack([s.float().mean(0) for s in scores_LTE]).mean(0)
+    return n_experts * (load_E.detach() * p_bar_E).sum()
+
+
+def random_topk(n_tokens: int, n_experts: int, top_k: int, device: torch.device,
+                generator: torch.Generator | None = None,
+                candidates_C: torch.Tensor | None = None) -> torch.Tensor:
+    """k distinct experts per token, uniformly at random (from `candidates_C` if given)."""
+    pool = n_experts if candidates_C is None else candidates_C.numel()
+    noise = torch.rand(n_tokens, pool, device=device if generator is None else generator.device,
+                       generator=generator).to(device)
+    ids_TK = noise.topk(top_k, dim=-1).indices
+    return ids_TK if candidates_C is None else candidates_C.to(device)[ids_TK]
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, kind: str = "softmax", *,
+                 renormalize: bool = False, norm_c: str | float = "monte_carlo", norm_eps: float = 1e-8,
+                 random_gates: str = "uniform", switch_coef: float = 0.0, z_coef: float = 0.0,
+                 bias_rate: float = 1e-3):
+        super().__init__()
+        self.n_experts, self.top_k, self.kind = n_experts, top_k, kind
+        self.renormalize, self.norm_eps = renormalize, norm_eps
+        self.switch_coef, self.z_coef, self.bias_rate = switch_coef, z_coef, bias_rate
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        if kind == "norm":
+            self.scale = nn.Parameter(torch.ones(1))  # sigma, learnable routing strength
+            if norm_c == "monte_carlo":
+                self.norm_c = norm_router_constant(n_experts, top_k)
+            else:
+                self.norm_c = 1.0 if norm_c == "one" else float(norm_c)
+        if kind == "sigmoid":
+            # Selection-only bias, updated by `update_bias` outside the gradient.
+            self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
+        # Random routing (probe): None = learned routing.
+        self.random_gates: str | None = random_gates if kind == "random" else None
+        self.random_candidates: torch.Tensor | None = None
+        self.generator: torch.Generator | None = None
+
+    def set_random_routing(self, gates: str | None, generator: torch.Generator | None = None,
+                           candidates: torch.Tensor | None = None) -> None:
+        """Switch this router to uniform random top-k (gates "uniform" | "model"), or back (None)."""
+        if gates not in (None, "uniform", "model"):
+            raise ValueError(f"random routing gates must be 'uniform' or 'model', got {gates!r}")
+        self.random_gates, self.generator, self.random_candidates = gates, generator, candidates
+
+    def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        logits_TE = logits_TE.float()
+        if self.kind == "norm":
+            norm_T1 = logits_TE.norm(dim=-1, keepdim=True)
+            return F.relu(logits_TE / (norm_T1 + self.norm_eps)) * self.scale * self.norm_c
+        if self.kind == "sigmoid":
+            return torch.sigmoid(logits_TE)
+        return torch.softmax(logits_TE, dim=-1)  # softmax and random
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = self.gate(x_TD)
+        scores_TE = self.scores(logits_TE)
+        n_tokens = x_TD.shape[0]
+        if self.random_gates is not None:
+            ids_TK = random_topk(n_tokens, self.n_experts, self.top_k, x_TD.device, self.generator,
+                                 self.random_candidates)
+            if self.random_gates == "uniform":
+                weights_TK = torch.full(ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
+            else:
+                weights_TK = scores_TE.gather(1, ids_TK)
+        else:
+            select_TE = scores_TE + self.expert_bias if self.kind == "sigmoid" else scores_TE
+            ids_TK = select_TE.topk(self.top_k, dim=-1).indices
+            weights_TK = scores_TE.gather(1, ids_TK)
+        if self.renormalize and self.kind in ("softmax", "sigmoid") and self.random_gates is None:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+
+        # Counting by scatter_add keeps the count on the device (no host sync, unlike bincount).
+        counts_E = torch.zeros(self.n_experts, device=x_TD.device).scatter_add_(
+            0, ids_TK.flatten(), torch.ones(ids_TK.numel(), device=x_TD.device))
+        aux = scores_TE.new_zeros(())
+        if self.switch_coef > 0:
+            aux = aux + self.switch_coef * switch_loss(scores_TE, counts_E, self.top_k)
+        if self.z_coef > 0:
+            aux = aux + self.z_coef * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+        return RouterOutput(ids_TK, weights_TK, scores_TE, counts_E, aux)
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: torch.Tensor) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+        if self.kind == "sigmoid" and self.bias_rate > 0:
+            self.expert_bias += self.bias_rate * torch.sign(counts_E.mean() - counts_E)
