@@ -42,6 +42,8 @@ class ModelConfig:
     n_kv_heads: int = 4  # grouped-query attention: n_heads // n_kv_heads queries share a K/V head
     ffn_hidden: int = 3072  # intermediate size of one full expert (4H in the paper)
     max_seq_len: int = 1024
+    attn_head_dim: int | None = None  # None: d_model // n_heads (imported HF models may set it)
+    qk_norm: str = "none"  # none | head (RMSNorm per head: Qwen3) | full (over the projection: OLMoE)
     rope_base: float = 1e6
     norm_eps: float = 1e-5
     init_std: float = 0.01
@@ -83,7 +85,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
 
     @property
     def n_pools(self) -> int:
@@ -134,7 +136,12 @@ class ModelConfig:
         need(self.pool_loss_stats in POOL_LOSS_STATS, "pool_loss_stats", f"must be one of {POOL_LOSS_STATS}")
         need(self.dispatch in DISPATCH, "dispatch", f"must be one of {DISPATCH}")
         need(self.random_gates in ("uniform", "model"), "random_gates", "must be 'uniform' or 'model'")
-        need(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}")
+        if self.attn_head_dim is None:
+            need(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}")
+        else:
+            need(isinstance(self.attn_head_dim, int) and self.attn_head_dim > 0, "attn_head_dim",
+                 "must be a positive integer or null")
+        need(self.qk_norm in ("none", "head", "full"), "qk_norm", "must be 'none', 'head' or 'full'")
         need(self.head_dim % 2 == 0, "n_heads", "must leave an even head_dim for RoPE")
         need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
         need(self.ffn_hidden % self.granularity == 0, "granularity", f"must divide ffn_hidden={self.ffn_hidden}")

@@ -77,12 +77,23 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        # Optional QK-norm, only so that imported OLMoE ("full") / Qwen3-MoE ("head") models match.
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            q_dim, k_dim = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head" else \
+                (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+            self.q_norm, self.k_norm = RMSNorm(q_dim, cfg.norm_eps), RMSNorm(k_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
@@ -140,7 +151,7 @@ class Unipool(nn.Module):
         | experts w13 (gate and up)         | N(0, init_std)                        |
         | router gate                       | N(0, init_std)                        |
         | NormRouter scale sigma            | 1                                     |
-        | RMSNorm weights                   | 1                                     |
+        | RMSNorm weights (incl. QK-norm)   | 1                                     |
         """
         cfg = self.config
         std = cfg.init_std
@@ -154,6 +165,9 @@ class Unipool(nn.Module):
             if hasattr(block.router, "scale"):
                 block.router.scale.fill_(1.0)
             block.attention_norm.weight.fill_(1.0)
+            if block.attention.qk_norm != "none":
+                block.attention.q_norm.weight.fill_(1.0)
+                block.attention.k_norm.weight.fill_(1.0)
             block.ffn_norm.weight.fill_(1.0)
         for pool in self.experts:
             nn.init.normal_(pool.w13_EFD, std=std)
