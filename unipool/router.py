@@ -79,7 +79,9 @@ def pool_loss(scores_LTE: list[torch.Tensor], load_E: torch.Tensor) -> torch.Ten
     """Unscaled pool-level loss M * sum_i fbar_i * Pbar_i (UniPool eq. 6).
 
     `load_E` is f-bar, the layer-averaged routed fraction per expert (detached); Pbar_i is the mean
-    over layers of each layer's mean score, so gradients reach only the routers, never the experts.
+    over layers of each layer's mean score. The gradient therefore flows only through the router
+    scores: into W and sigma, and (like Megatron's aux losses) through each router's input into the
+    residual stream, but never directly into the expert weights.
     """
     n_experts = load_E.shape[0]
     p_bar_E = torch.stack([s.float().mean(0) for s in scores_LTE]).mean(0)

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from unipool.cli import main
+from unipool.config import PRESETS, ConfigError, ModelConfig, get_preset
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(top_k=9, num_experts=8), "top_k"),
+        (dict(num_experts=0), "num_experts"),
+        (dict(d_model=100, n_heads=12), "n_heads"),
+        (dict(granularity=5), "granularity"),
+        (dict(n_kv_heads=5), "n_kv_heads"),
+        (dict(moe_mode="grouped", n_groups=5), "n_groups"),
+        (dict(moe_mode="shared"), "moe_mode"),
+        (dict(router="topk"), "router"),
+        (dict(norm_router_c="big"), "norm_router_c"),
+        (dict(pool_loss_coef=-1.0), "pool_loss_coef"),
+    ],
+)
+def test_bad_config_fails_at_construction_naming_the_field(changes, field):
+    with pytest.raises(ConfigError) as e:
+        get_preset("debug").replace(**changes)
+    msg = str(e.value)
+    assert f"model.{field}" in msg and "\n" not in msg
+
+
+def test_unknown_field_and_preset_are_one_line_errors():
+    with pytest.raises(ConfigError, match="unknown field"):
+        ModelConfig.from_dict({**get_preset("debug").to_dict(), "pool_sise": 3})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("nope")
+
+
+def test_config_round_trips_through_json():
+    for name, cfg in PRESETS.items():
+        assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg, name
+
+
+def test_mode_layout():
+    cfg = get_preset("unipool-182m")
+    assert (cfg.n_pools, cfg.num_experts, cfg.layers_per_pool) == (1, 96, 12)
+    cfg = get_preset("vanilla-182m")
+    assert (cfg.n_pools, cfg.num_experts, cfg.pool_of_layer(5)) == (12, 8, 5)
+    cfg = get_preset("unipool-182m-g4")
+    assert (cfg.n_pools, cfg.num_experts) == (4, 24)
+    assert [cfg.pool_of_layer(i) for i in range(12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    fine = cfg.replace(granularity=4)
+    assert (fine.n_routed_experts, fine.routed_top_k, fine.expert_hidden) == (96, 4, 768)
+
+
+def test_cli_bad_config_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"model": {**get_preset("debug").to_dict(), "top_k": 100}}))
+    assert main(["params", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.top_k") and "\n" not in err
+    assert main(["params", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "not found" in capsys.readouterr().err
