@@ -1,0 +1,452 @@
+"""Hugging Face transformers bridge: export a unipool model, import Mixtral / OLMoE / Qwen3-MoE.
+
+Export (`export_hf`, `unipool export RUN --hf DIR`) writes a transformers directory with remote code:
+    config.json            model_type "unipool", auto_map -> configuration_unipool / modeling_unipool
+    model.safetensors      HF names; each expert pool stored ONCE (model.experts.{p}.gate_up_proj/down_proj)
+    configuration_unipool.py, modeling_unipool.py   self-contained copies of unipool/hf_remote/
+    tokenizer.json, tokenizer_config.json, generation_config.json
+Load it with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and AutoTokenizer.from_pretrained(DIR).
+The shared pool stays shared: a UniPool export has one pool parameter set that every layer calls.
+
+Import (`import_hf`, `unipool import HF_DIR --out RUN`) maps a Mixtral, OLMoE or Qwen3-MoE checkpoint onto a
+`layerwise` unipool model with identical math, and refuses (naming the feature) anything that does not map:
+tied embeddings, shared experts, dense layers mixed in, sliding windows, biases, clip_qkv, RoPE scaling.
+It also restores a unipool export exactly (model_type "unipool").
+
+Name map (unipool <-> HF), `{i}` a layer and `{p}` a pool:
+    tok_embeddings.weight                 model.embed_tokens.weight
+    layers.{i}.attention_norm.weight      model.layers.{i}.input_layernorm.weight
+    layers.{i}.attention.w{q,k,v,o}       model.layers.{i}.self_attn.{q,k,v,o}_proj
+    layers.{i}.attention.{q,k}_norm       model.layers.{i}.self_attn.{q,k}_norm
+    layers.{i}.ffn_norm.weight            model.layers.{i}.post_attention_layernorm.weight
+    layers.{i}.router.gate.weight         model.layers.{i}.mlp.gate.weight
+    experts.{p}.w13_EFD / w2_EDF          model.experts.{p}.gate_up_proj / down_proj   (export)
+                                          model.layers.{i}.mlp.experts.*               (import, per layer)
+    norm.weight, output.weight            model.norm.weight, lm_head.weight
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model, resolve_checkpoint, save_model
+from .config import ModelConfig
+from .errors import UnipoolError
+from .model import Unipool, build_model
+
+REMOTE_DIR = Path(__file__).parent / "hf_remote"
+REMOTE_FILES = ("configuration_unipool.py", "modeling_unipool.py")
+SUPPORTED = ("mixtral", "olmoe", "qwen3_moe", "unipool")
+
+
+class HFError(UnipoolError):
+    """A Hugging Face directory cannot be exported, read or mapped onto a unipool model."""
+
+
+# (unipool pattern, HF pattern) pairs; `{i}` matches a layer or pool index.
+_NAMES = [
+    ("tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    *[(f"layers.{{i}}.attention.w{x}.weight", f"model.layers.{{i}}.self_attn.{x}_proj.weight") for x in "qkvo"],
+    *[(f"layers.{{i}}.attention.{x}_norm.weight", f"model.layers.{{i}}.self_attn.{x}_norm.weight") for x in "qk"],
+    ("layers.{i}.router.gate.weight", "model.layers.{i}.mlp.gate.weight"),
+    ("layers.{i}.router.scale", "model.layers.{i}.mlp.gate.scale"),
+    ("layers.{i}.router.expert_bias", "model.layers.{i}.mlp.gate.expert_bias"),
+    ("experts.{i}.w13_EFD", "model.experts.{i}.gate_up_proj"),
+    ("experts.{i}.w2_EDF", "model.experts.{i}.down_proj"),
+]
+# Training-only buffers of unipool (pool-loss statistics): not part of an export, re-initialised on import.
+_TRAINING_BUFFERS = ("pool_load_PE", "pool_load_valid")
+
+
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+_TO_HF = [(_regex(ours), hf) for ours, hf in _NAMES]
+_FROM_HF = [(_regex(hf), ours) for ours, hf in _NAMES]
+
+
+def _rename(key: str, table) -> str | None:
+    for rx, target in table:
+        m = rx.match(key)
+        if m:
+            return target.replace("{i}", m.group(1)) if m.groups() else target
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------------
+
+def _norm_router_c(model: Unipool) -> float:
+    router = model.layers[0].router
+    return float(getattr(router, "norm_c", 1.0))
+
+
+def hf_config_dict(model: Unipool, eos_id: int | None = None) -> dict:
+    """config.json of an export: standard transformers names plus unipool's MoE fields."""
+    cfg = model.config
+    d = {
+        "architectures": ["UnipoolForCausalLM"],
+        "model_type": "unipool",
+        "auto_map": {"AutoConfig": "configuration_unipool.UnipoolConfig",
+                     "AutoModelForCausalLM": "modeling_unipool.UnipoolForCausalLM"},
+        "vocab_size": cfg.vocab_size,
+        "padded_vocab_size": cfg.padded_vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "qk_norm": cfg.qk_norm,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_base": cfg.rope_base,
+        "rms_norm_eps": cfg.norm_eps,
+        "n_pools": cfg.n_pools,
+        "num_experts": cfg.n_routed_experts,
+        "num_experts_per_tok": cfg.routed_top_k,
+        "expert_hidden": cfg.expert_hidden,
+        "router": cfg.router,
+        "renormalize": cfg.renormalize,
+        "norm_router_c": _norm_router_c(model),
+        "norm_router_eps": cfg.norm_router_eps,
+        "random_gates": cfg.random_gates,
+        "initializer_range": cfg.init_std,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+        "unipool": cfg.to_dict(),
+    }
+    if eos_id is not None:
+        d.update(bos_token_id=eos_id, eos_token_id=eos_id)
+    return d
+
+
+def hf_state_dict(model: Unipool) -> dict[str, torch.Tensor]:
+    """The model's weights under HF names; each pool appears once."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key in _TRAINING_BUFFERS:
+            continue
+        name = _rename(key, _TO_HF)
+        if name is None:  # a new parameter in model.py that the export does not know yet
+            raise HFError(f"export does not know how to name parameter {key!r}")
+        out[name] = value.detach().contiguous().cpu()
+    return out
+
+
+def _special_token(tok) -> str | None:
+    """The end-of-document token of a `tokenizers.Tokenizer`: <|endoftext|> or another common EOS."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    for name in ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>", "<|end_of_text|>"):
+        if name in vocab:
+            return name
+    return None
+
+
+def _load_tokenizers(tokenizer):
+    """A tokenizer.json path (file or directory), a unipool Tokenizer, or a tokenizers.Tokenizer."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer
+    if hasattr(tokenizer, "tok") and isinstance(tokenizer.tok, HFTokenizer):  # unipool.tokenizer.Tokenizer
+        return tokenizer.tok
+    path = Path(tokenizer)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise HFError(f"no tokenizer at {path}")
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise HFError(f"cannot read tokenizer {path}: {e}") from None
+
+
+def save_hf_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int) -> int | None:
+    """Write tokenizer.json + tokenizer_config.json that AutoTokenizer loads as a PreTrainedTokenizerFast.
+    Returns the EOS token id (also used as BOS, GPT-2 style), or None if the tokenizer has none."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _load_tokenizers(tokenizer)
+    eos = _special_token(tok)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos,
+                                     model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+    hf_tok.save_pretrained(str(out_dir))
+    # transformers 5 writes its own class name ("TokenizersBackend"); the 4.x name loads in both versions.
+    cfg_path = Path(out_dir) / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    return tok.token_to_id(eos) if eos else None
+
+
+def export_hf(model: Unipool, tokenizer, out_dir: str | Path) -> Path:
+    """Write `model` (and `tokenizer`: a tokenizer.json path, a Tokenizer, or None) as a transformers
+    directory loadable with trust_remote_code=True. Returns out_dir."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eos_id = None
+    if tokenizer is not None:
+        eos_id = save_hf_tokenizer(tokenizer, out, model.config.max_seq_len)
+    state = hf_state_dict(model)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config_dict(model, eos_id), indent=2) + "\n")
+    gen = {"do_sample": False} if eos_id is None else {"bos_token_id": eos_id, "eos_token_id": eos_id,
+                                                        "pad_token_id": eos_id, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    for name in REMOTE_FILES:
+        shutil.copyfile(REMOTE_DIR / name, out / name)
+    return out
+
+
+def find_run_tokenizer(run: str | Path) -> Path | None:
+    """RUN/tokenizer.json, or the tokenizer.json of the run that holds a checkpoint directory."""
+    p = Path(run)
+    candidates = [p / "tokenizer.json", p.parent / "tokenizer.json"]
+    try:
+        ckpt = resolve_checkpoint(p)
+        candidates += [ckpt / "tokenizer.json", ckpt.parent.parent / "tokenizer.json"]
+    except UnipoolError:
+        pass
+    return next((c for c in candidates if c.is_file()), None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Import
+# ------------------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HFError(f"missing {path}") from None
+    except json.JSONDecodeError as e:
+        raise HFError(f"corrupt {path}: {e}") from None
+
+
+def _load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif (hf_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif any(hf_dir.glob("*.bin")):
+        raise HFError(f"{hf_dir}: only safetensors checkpoints can be imported (found *.bin)")
+    else:
+        raise HFError(f"{hf_dir}: no model.safetensors")
+    state = {}
+    for name in files:
+        try:
+            state.update(load_file(str(hf_dir / name)))
+        except (SafetensorError, OSError) as e:
+            raise HFError(f"corrupt weights {hf_dir / name}: {e}") from None
+    return state
+
+
+def _check_supported(hf_cfg, model_type: str) -> None:
+    """Raise naming every feature of the HF config that a layerwise unipool model cannot express."""
+    problems = []
+    if getattr(hf_cfg, "tie_word_embeddings", False):
+        problems.append("tied input/output embeddings (tie_word_embeddings=true)")
+    if getattr(hf_cfg, "hidden_act", "silu") != "silu":
+        problems.append(f"activation {hf_cfg.hidden_act!r} (only SwiGLU with silu)")
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"RoPE scaling (rope_type={rope['rope_type']!r})")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append("partial rotary embeddings")
+    if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
+        problems.append("attention/MLP biases")
+    if getattr(hf_cfg, "sliding_window", None) is not None:
+        problems.append(f"sliding-window attention (sliding_window={hf_cfg.sliding_window})")
+    layer_types = getattr(hf_cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        problems.append("non-full attention layers (layer_types)")
+    if getattr(hf_cfg, "clip_qkv", None) is not None:
+        problems.append(f"clip_qkv={hf_cfg.clip_qkv}")
+    if model_type == "qwen3_moe" and (hf_cfg.decoder_sparse_step != 1 or hf_cfg.mlp_only_layers):
+        problems.append("dense MLP layers mixed in (decoder_sparse_step/mlp_only_layers)")
+    if model_type == "olmoe":
+        head_dim = getattr(hf_cfg, "head_dim", None)
+        if head_dim and head_dim * hf_cfg.num_attention_heads != hf_cfg.hidden_size:
+            problems.append("OLMoE with head_dim * num_attention_heads != hidden_size")
+    if problems:
+        raise HFError(f"cannot import this {model_type} model: unsupported " + "; ".join(problems))
+
+
+def _unipool_config_from_hf(hf_cfg, model_type: str) -> ModelConfig:
+    n_heads = hf_cfg.num_attention_heads
+    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // n_heads
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(hf_cfg, "rope_theta", None))
+    if theta is None:
+        raise HFError(f"{model_type} config has no rope_theta")
+    return ModelConfig(
+        vocab_size=hf_cfg.vocab_size, vocab_multiple=1, d_model=hf_cfg.hidden_size,
+        n_layers=hf_cfg.num_hidden_layers, n_heads=n_heads, n_kv_heads=hf_cfg.num_key_value_heads or n_heads,
+        ffn_hidden=hf_cfg.moe_intermediate_size if model_type == "qwen3_moe" else hf_cfg.intermediate_size,
+        max_seq_len=hf_cfg.max_position_embeddings,
+        attn_head_dim=head_dim if head_dim * n_heads != hf_cfg.hidden_size else None,
+        qk_norm={"mixtral": "none", "olmoe": "full", "qwen3_moe": "head"}[model_type],
+        rope_base=float(theta), norm_eps=hf_cfg.rms_norm_eps, init_std=hf_cfg.initializer_range,
+        moe_mode="layerwise", num_experts=hf_cfg.num_local_experts if model_type == "mixtral" else hf_cfg.num_experts,
+        top_k=hf_cfg.num_experts_per_tok, router="softmax",
+        # Mixtral always renormalises the top-k probabilities; OLMoE / Qwen3 only with norm_topk_prob.
+        renormalize=True if model_type == "mixtral" else bool(hf_cfg.norm_topk_prob),
+        switch_loss_coef=hf_cfg.router_aux_loss_coef, pool_loss_coef=0.0,
+    )
+
+
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(?:(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
+                         r"|(gate_up_proj|down_proj))$")
+_LEGACY_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _normalise_hf_key(key: str) -> str:
+    # Mixtral checkpoints call the MoE block "block_sparse_moe" and its expert matrices w1 / w3 / w2.
+    key = key.replace(".block_sparse_moe.", ".mlp.")
+    return re.sub(r"(\.experts\.\d+\.)(w[123])\.", lambda m: m.group(1) + _LEGACY_EXPERT_NAMES[m.group(2)] + ".", key)
+
+
+def _state_from_family(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Per-layer HF experts (per-expert matrices or fused 3-D tensors) -> unipool's layerwise pools."""
+    ours: dict[str, torch.Tensor] = {}
+    per_expert: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    unknown = []
+    for key, value in hf_state.items():
+        key = _normalise_hf_key(key)
+        m = _EXPERT_KEY.match(key)
+        if m:
+            layer = int(m.group(1))
+            if m.group(4):  # fused (transformers 5): gate_up_proj (E, 2F, D) = w13_EFD, down_proj (E, D, F)
+                ours[f"experts.{layer}.{'w13_EFD' if m.group(4) == 'gate_up_proj' else 'w2_EDF'}"] = value
+            else:
+                per_expert.setdefault((layer, m.group(3)), {})[int(m.group(2))] = value
+            continue
+        name = _rename(key, _FROM_HF)
+        if name is None or name.startswith("experts."):
+            unknown.append(key)
+        else:
+            ours[name] = value
+    if unknown:
+        raise HFError(f"cannot map {len(unknown)} HF weight(s) onto unipool, e.g. {unknown[:3]} "
+                      "(shared experts or biases are not supported)")
+    for layer in range(cfg.n_layers):
+        parts = {name: per_expert.get((layer, name)) for name in ("gate_proj", "up_proj", "down_proj")}
+        if not any(parts.values()):
+            continue
+        if not all(p is not None and len(p) == cfg.num_experts for p in parts.values()):
+            raise HFError(f"layer {layer}: incomplete expert weights in the checkpoint")
+        stack = {n: torch.stack([p[e] for e in range(cfg.num_experts)]) for n, p in parts.items()}
+        ours[f"experts.{layer}.w13_EFD"] = torch.cat([stack["gate_proj"], stack["up_proj"]], dim=1)
+        ours[f"experts.{layer}.w2_EDF"] = stack["down_proj"]
+    return ours
+
+
+def _state_from_export(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ours = {}
+    for key, value in hf_state.items():
+        name = _rename(key, _FROM_HF)
+        if name is None:
+            raise HFError(f"unknown weight {key!r} in a unipool export")
+        ours[name] = value
+    return ours
+
+
+def import_hf(hf_dir: str | Path) -> Unipool:
+    """Load a Mixtral / OLMoE / Qwen3-MoE directory (or a unipool export) as a unipool model (fp32, CPU)."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise HFError(f"no such directory: {hf_dir}")
+    raw = _read_json(hf_dir / "config.json")
+    model_type = raw.get("model_type")
+    if model_type == "qwen2_moe":
+        raise HFError("cannot import qwen2_moe: unsupported shared experts (Qwen2-MoE)")
+    if model_type not in SUPPORTED:
+        raise HFError(f"cannot import model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
+
+    if model_type == "unipool":
+        if "unipool" not in raw:
+            raise HFError(f"{hf_dir / 'config.json'} has no 'unipool' model config")
+        cfg = ModelConfig.from_dict(raw["unipool"])
+        state = _state_from_export(_load_hf_weights(hf_dir))
+    else:
+        from transformers import AutoConfig
+
+        hf_cfg = AutoConfig.from_pretrained(str(hf_dir))  # family defaults for fields absent from config.json
+        _check_supported(hf_cfg, model_type)
+        cfg = _unipool_config_from_hf(hf_cfg, model_type)
+        state = _state_from_family(_load_hf_weights(hf_dir), cfg)
+
+    model = build_model(cfg, "cpu", init=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise HFError(f"{hf_dir}: weights do not match the config: {str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if k not in _TRAINING_BUFFERS]
+    if missing or unexpected:
+        raise HFError(f"{hf_dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def write_run(model: Unipool, out_dir: str | Path, tokenizer_json: Path | None = None, source: str = "") -> Path:
+    """A run directory that every unipool command accepts: config.json, tokenizer.json, checkpoints/step_000000."""
+    out = Path(out_dir)
+    ckpt = out / "checkpoints" / "step_000000"
+    save_model(model, ckpt, {"step": 0, "source": source})
+    (out / "checkpoints" / "LATEST").write_text(ckpt.name + "\n")
+    (out / "config.json").write_text(json.dumps({"model": model.config.to_dict(), "source": source}, indent=2) + "\n")
+    if tokenizer_json is not None and tokenizer_json.is_file():
+        shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+def add_export_args(parser) -> None:
+    parser.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
+    parser.add_argument("--hf", required=True, metavar="DIR", help="output transformers directory")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json to ship (default: the run's tokenizer.json)")
+
+
+def cmd_export(args) -> int:
+    model, _ = load_model(args.run)
+    tok = Path(args.tokenizer) if args.tokenizer else find_run_tokenizer(args.run)
+    if tok is None:
+        print("warning: no tokenizer.json found next to the run; exporting the model only")
+    out = export_hf(model, tok, args.hf)
+    print(f"exported {model.param_counts()['total']:,} parameters to {out} "
+          f"(load with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True))")
+    return 0
+
+
+def add_import_args(parser) -> None:
+    parser.add_argument("hf_dir", help="Hugging Face model directory (Mixtral, OLMoE, Qwen3-MoE or a unipool export)")
+    parser.add_argument("--out", required=True, help="output run directory (config.json, tokenizer.json, checkpoints/)")
+
+
+def cmd_import(args) -> int:
+    model = import_hf(args.hf_dir)
+    out = write_run(model, args.out, Path(args.hf_dir) / "tokenizer.json", source=str(Path(args.hf_dir).resolve()))
+    c = model.config
+    print(f"imported {model.param_counts()['total']:,} parameters ({c.n_layers} layers, {c.num_experts} experts, "
+          f"top-{c.top_k}) into {out}")
+    return 0

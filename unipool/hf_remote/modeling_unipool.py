@@ -1,0 +1,288 @@
+"""An exported unipool model for transformers (self-contained: imports torch and transformers only).
+
+The math is unipool's (unipool/model.py, router.py, moe.py): pre-norm LLaMA-style blocks with RoPE
+(rotate-half, tables computed in float64), grouped-query attention, optional QK-norm, and a per-layer
+router into SwiGLU experts. Expert storage keeps unipool's layout:
+
+    model.experts.{p}.gate_up_proj  (E, 2F, D)   gate rows first, then up rows
+    model.experts.{p}.down_proj     (E, D, F)
+
+with `n_pools` pools owned once by the model and passed to each layer at call time (layer l uses pool
+l // (L / n_pools)). A UniPool export therefore stores the shared pool once and loads it as one set of
+parameters; vanilla MoE is n_pools = L.
+
+Experts run as a plain loop over the experts that received tokens: simple and exact, not fast.
+Generation supports transformers' DynamicCache (use_cache=True) and use_cache=False.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+from .configuration_unipool import UnipoolConfig
+
+try:  # transformers 5: guarded init helpers that skip tensors already loaded from the checkpoint
+    from transformers import initialization as _init
+except ImportError:  # transformers 4
+    _init = nn.init
+
+
+class UnipoolRMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cos_sin(position_ids, head_dim, base):
+    """cos/sin of shape (B, 1, S, head_dim), computed in float64 exactly as unipool's rope tables."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float64) / head_dim))
+    angles = position_ids.to(torch.float64)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
+
+
+def apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class UnipoolAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim)
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm != "none":
+            q_dim, k_dim = ((self.head_dim, self.head_dim) if self.qk_norm == "head"
+                            else (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim))
+            self.q_norm = UnipoolRMSNorm(q_dim, config.rms_norm_eps)
+            self.k_norm = UnipoolRMSNorm(k_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past_key_values):
+        b, s, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class UnipoolRouter(nn.Module):
+    """One layer's router: softmax | norm (NormRouter) | sigmoid (with selection bias) | random."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.kind, self.top_k, self.n_experts = config.router, config.num_experts_per_tok, config.num_experts
+        self.renormalize, self.norm_c, self.norm_eps = config.renormalize, config.norm_router_c, config.norm_router_eps
+        self.random_gates = config.random_gates
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        if self.kind == "norm":
+            self.scale = nn.Parameter(torch.ones(1))
+        if self.kind == "sigmoid":
+            self.register_buffer("expert_bias", torch.zeros(self.n_experts))
+
+    def forward(self, x_TD):
+        logits_TE = F.linear(x_TD, self.weight)
+        z = logits_TE.float()
+        if self.kind == "norm":
+            scores_TE = F.relu(z / (z.norm(dim=-1, keepdim=True) + self.norm_eps)) * self.scale * self.norm_c
+        elif self.kind == "sigmoid":
+            scores_TE = torch.sigmoid(z)
+        else:
+            scores_TE = torch.softmax(z, dim=-1)
+        if self.kind == "random":
+            ids_TK = torch.rand(z.shape, device=z.device).topk(self.top_k, dim=-1).indices
+            if self.random_gates == "uniform":
+                return logits_TE, ids_TK, torch.full(ids_TK.shape, 1.0 / self.top_k, device=z.device)
+            return logits_TE, ids_TK, scores_TE.gather(1, ids_TK)
+        select_TE = scores_TE + self.expert_bias if self.kind == "sigmoid" else scores_TE
+        ids_TK = select_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if self.renormalize and self.kind in ("softmax", "sigmoid"):
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        return logits_TE, ids_TK, weights_TK
+
+
+class UnipoolExperts(nn.Module):
+    """E SwiGLU experts in two stacked tensors; callable from any number of layers."""
+
+    def __init__(self, config):
+        super().__init__()
+        e, d, f = config.num_experts, config.hidden_size, config.expert_hidden
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, f))
+
+    def forward(self, x_TD, ids_TK, weights_TK):
+        out_TD = torch.zeros_like(x_TD)
+        for e in ids_TK.unique().tolist():
+            token_idx, slot = torch.where(ids_TK == e)
+            gate, up = F.linear(x_TD[token_idx], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])
+            out_TD.index_add_(0, token_idx, y * weights_TK[token_idx, slot, None].to(y.dtype))
+        return out_TD
+
+
+class UnipoolMoE(nn.Module):
+    """The layer's side of the MoE: its router. The experts are passed in (they may be shared)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = UnipoolRouter(config)
+
+    def forward(self, x, experts):
+        b, s, d = x.shape
+        x_TD = x.reshape(b * s, d)
+        logits_TE, ids_TK, weights_TK = self.gate(x_TD)
+        return experts(x_TD, ids_TK, weights_TK).view(b, s, d), logits_TE
+
+
+class UnipoolDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = UnipoolRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = UnipoolAttention(config, layer_idx)
+        self.post_attention_layernorm = UnipoolRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = UnipoolMoE(config)
+
+    def forward(self, x, experts, cos, sin, mask, past_key_values):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, past_key_values)
+        y, logits_TE = self.mlp(self.post_attention_layernorm(x), experts)
+        return x + y.type_as(x), logits_TE
+
+
+class UnipoolPreTrainedModel(PreTrainedModel):
+    config_class = UnipoolConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["UnipoolDecoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)  # Linear, Embedding, RMSNorm
+        std = self.config.initializer_range
+        if isinstance(module, UnipoolExperts):
+            _init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            _init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, UnipoolRouter):
+            _init.normal_(module.weight, mean=0.0, std=std)
+            if hasattr(module, "scale"):
+                _init.ones_(module.scale)
+            if hasattr(module, "expert_bias"):
+                _init.zeros_(module.expert_bias)
+
+
+class UnipoolModel(UnipoolPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(UnipoolDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.experts = nn.ModuleList(UnipoolExperts(config) for _ in range(config.n_pools))
+        self.norm = UnipoolRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_router_logits=False, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        if not use_cache:
+            past_key_values = None
+        b, s, _ = x.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + s, device=x.device).unsqueeze(0).expand(b, s)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_base)
+        mask = self._attention_mask(attention_mask, b, s, past, x.device)
+
+        router_logits = []
+        for i, layer in enumerate(self.layers):
+            x, logits_TE = layer(x, self.experts[self.config.pool_of_layer(i)], cos, sin, mask, past_key_values)
+            router_logits.append(logits_TE)
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values,
+                                      router_logits=tuple(router_logits) if output_router_logits else None)
+
+    @staticmethod
+    def _attention_mask(attention_mask, b, s, past, device):
+        """None (plain causal attention, as in training) or a boolean (B, 1, S, past + S) mask."""
+        padded = attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all())
+        if past == 0 and not padded:
+            return None
+        total = past + s
+        q_pos = torch.arange(past, total, device=device)[:, None]
+        mask = (torch.arange(total, device=device)[None, :] <= q_pos)[None, None].expand(b, 1, s, total)
+        if padded:
+            mask = mask & attention_mask[:, None, None, -total:].bool()
+            mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: avoid NaN, output unused
+        return mask
+
+
+class UnipoolForCausalLM(UnipoolPreTrainedModel, GenerationMixin):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = UnipoolModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_router_logits=None, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_router_logits=bool(output_router_logits))
+        # Padded vocabulary rows are sliced off, as unipool does.
+        logits = self.lm_head(out.last_hidden_state)[..., : self.config.vocab_size]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return MoeCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                         router_logits=out.router_logits)
