@@ -1,0 +1,306 @@
+"""Routing probe: random routing touches only the chosen layer, is uniform, and reports end to end.
+
+Tiny randomly initialised HF models of every supported family are built offline from their config
+classes; the text is Python's own documentation (pydoc_data), tokenized with a byte-level BPE.
+"""
+
+import json
+from pydoc_data.topics import topics
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+from unipool.checkpoint import save_model
+from unipool.cli import main
+from unipool.config import get_preset
+from unipool.model import build_model
+from unipool.probe import (
+    HF_FAMILIES,
+    RandomRouting,
+    RoutingRecorder,
+    expert_usage,
+    parse_layers,
+    task_metrics,
+    top_used,
+    wrap_model,
+)
+from unipool.tokenizer import train_bpe
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, E, K = 512, 8, 2
+COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+          "num_key_value_heads": 4, "max_position_embeddings": 256, "bos_token_id": 0, "eos_token_id": 0,
+          "pad_token_id": 0, "initializer_range": 0.2}
+DEEPSEEK = {"intermediate_size": 32, "moe_intermediate_size": 16, "n_routed_experts": E, "n_shared_experts": 1,
+            "first_k_dense_replace": 1, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+            "v_head_dim": 8, "n_group": 2, "topk_group": 1}
+FAMILIES = {
+    "mixtral": {"intermediate_size": 32, "num_local_experts": E},
+    "olmoe": {"intermediate_size": 32, "num_experts": E},
+    "qwen2_moe": {"intermediate_size": 32, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32,
+                  "num_experts": E},
+    "qwen3_moe": {"intermediate_size": 32, "moe_intermediate_size": 16, "num_experts": E, "head_dim": 8,
+                  "norm_topk_prob": True},
+    "deepseek_v2": {**DEEPSEEK, "q_lora_rank": None, "topk_method": "group_limited_greedy",
+                    "routed_scaling_factor": 1.5},
+    "deepseek_v3": {**DEEPSEEK, "q_lora_rank": 16, "norm_topk_prob": True, "routed_scaling_factor": 2.5},
+}
+assert set(FAMILIES) == set(HF_FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "pydoc.txt"
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:150_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def bpe(text_file):
+    return train_bpe([text_file], VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tokens(bpe, text_file):
+    ids = torch.tensor(bpe.encode(text_file.read_text())[: 8 * 128])
+    return ids.view(8, 128)  # 1024 real-text tokens
+
+
+def tiny_hf(family: str):
+    cfg = transformers.AutoConfig.for_model(family, **COMMON, num_experts_per_tok=K, **FAMILIES[family])
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def chi_square(counts_E: torch.Tensor) -> float:
+    expected = counts_E.sum() / counts_E.numel()
+    return float(((counts_E - expected) ** 2 / expected).sum())
+
+
+CRITICAL = chi2.ppf(0.999, E - 1)  # a uniform router exceeds this 1 time in 1000
+
+
+def gate_inputs(target):
+    """Capture each MoE router's input hidden states (HF)."""
+    seen, handles = {}, []
+    for i, router in target.routers.items():
+        handles.append(router.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].detach())))
+    return seen, handles
+
+
+def learned_ids(router, x) -> torch.Tensor:
+    """The family's own top-k, by calling the router's forward without hooks."""
+    return type(router).forward(router, x)[2]
+
+
+def as_sets(ids_TK: torch.Tensor) -> torch.Tensor:
+    return ids_TK.sort(-1).values
+
+
+# ---- HF families ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
+def test_hf_probe_changes_only_the_chosen_layer(family, tokens):
+    target = wrap_model(tiny_hf(family))
+    moe = list(target.routers)
+    chosen = moe[len(moe) // 2]
+    with torch.no_grad(), RoutingRecorder(target) as base:
+        target.model(tokens)
+    seen, handles = gate_inputs(target)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad(), RandomRouting(target, [chosen], "uniform", gen), RoutingRecorder(target) as probed:
+        target.model(tokens)
+    for h in handles:
+        h.remove()
+    for i in moe:
+        used = as_sets(probed.ids(i))
+        if i < chosen:  # upstream: bit-identical choices
+            assert torch.equal(used, as_sets(base.ids(i)))
+        elif i == chosen:  # randomised: almost no token keeps its learned set (chance 1/28 per token)
+            agree = (used == as_sets(base.ids(i))).all(-1).float().mean()
+            assert agree < 0.2
+            assert (used[:, 1:] != used[:, :-1]).all()  # k distinct experts per token
+        else:  # downstream: new inputs, but still the learned router's own top-k on them
+            with torch.no_grad():
+                assert torch.equal(used, as_sets(learned_ids(target.routers[i], seen[i])))
+    # removing the hooks restores the learned routing exactly
+    with torch.no_grad(), RoutingRecorder(target) as again:
+        target.model(tokens)
+    assert all(torch.equal(again.ids(i), base.ids(i)) for i in moe)
+
+
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
+def test_hf_random_choices_are_uniform(family, tokens):
+    target = wrap_model(tiny_hf(family))
+    chosen = target.deep_layers[0]
+    with torch.no_grad(), RoutingRecorder(target) as learned:
+        target.model(tokens)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad(), RandomRouting(target, [chosen], "uniform", gen), RoutingRecorder(target) as rand:
+        target.model(tokens)
+        target.model(tokens)  # 2048 tokens x 2 picks
+    # the test can fail: the learned router on the same tokens is far from uniform
+    assert chi_square(learned.counts(chosen)) > CRITICAL
+    assert chi_square(rand.counts(chosen)) < CRITICAL
+
+
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
+def test_hf_gates_follow_the_family(family, tokens):
+    target = wrap_model(tiny_hf(family))
+    chosen = target.deep_layers[-1]
+    router = target.routers[chosen]
+    scale = getattr(router, "routed_scaling_factor", 1.0)
+    seen, handles = gate_inputs(target)
+    for gates in ("uniform", "model"):
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad(), RandomRouting(target, [chosen], gates, gen), RoutingRecorder(target) as rec:
+            target.model(tokens[:2])
+        ids, weights = rec.ids(chosen), rec.weights(chosen).float()
+        if gates == "uniform":
+            torch.testing.assert_close(weights, torch.full_like(weights, scale / K))
+            continue
+        # slow reference: the family's gate formula, written out by hand
+        logits = seen[chosen].reshape(-1, 32).float() @ router.weight.float().T
+        scores = logits.sigmoid() if family == "deepseek_v3" else logits.softmax(-1)
+        ref = scores.gather(1, ids)
+        if family in ("mixtral", "qwen3_moe", "deepseek_v3"):  # these configs renormalise the top-k
+            ref = ref / ref.sum(-1, keepdim=True)
+        torch.testing.assert_close(weights, ref * scale, rtol=1e-4, atol=1e-6)
+    for h in handles:
+        h.remove()
+
+
+# ---- unipool models --------------------------------------------------------------------------------
+
+def tiny_unipool(**changes):
+    torch.manual_seed(0)
+    return build_model(get_preset("debug").replace(**changes)).eval()
+
+
+@pytest.mark.parametrize("chosen", [0, 1])
+def test_unipool_probe_changes_only_the_chosen_layer(chosen, tokens):
+    model = tiny_unipool()
+    target = wrap_model(model)
+    with torch.no_grad():
+        base = model(tokens).routing
+        with RandomRouting(target, [chosen], "uniform", torch.Generator().manual_seed(0)):
+            probed = model(tokens).routing
+    for i, (b, p) in enumerate(zip(base, probed)):
+        if i < chosen:
+            assert torch.equal(p.expert_ids_TK, b.expert_ids_TK)
+        elif i == chosen:
+            assert (p.expert_ids_TK == b.expert_ids_TK).float().mean() < 0.3  # 1/8 by chance
+            torch.testing.assert_close(p.weights_TK, torch.full_like(p.weights_TK, 1.0))  # 1/k, k=1
+        else:
+            assert torch.equal(p.expert_ids_TK, p.scores_TE.topk(1, -1).indices)
+    assert all(r.random_gates is None for r in target.routers.values())  # restored on exit
+
+
+def test_unipool_random_choices_are_uniform(tokens):
+    model = tiny_unipool()
+    target = wrap_model(model)
+    chosen = target.deep_layers[0]
+    assert target.deep_layers == [1]
+    with torch.no_grad(), RoutingRecorder(target) as learned:
+        model(tokens)
+    with torch.no_grad(), RandomRouting(target, [chosen], "uniform", torch.Generator().manual_seed(3)), \
+            RoutingRecorder(target) as rand:
+        for _ in range(2):
+            model(tokens)
+    assert chi_square(learned.counts(chosen)) > CRITICAL
+    assert chi_square(rand.counts(chosen)) < CRITICAL
+
+
+def test_unipool_random_dagger_draws_from_most_used(tokens):
+    model = tiny_unipool(num_experts=16, top_k=2)
+    target = wrap_model(model)
+    batches = [(tokens, tokens)]
+    usage = expert_usage(target, batches, "cpu")
+    with torch.no_grad():
+        ref = model(tokens).routing
+    for i in target.routers:  # usage = learned routing counts
+        torch.testing.assert_close(usage[i], ref[i].counts_E)
+    cand = top_used(usage, 8)
+    for i in target.routers:
+        assert cand[i].numel() == 8 and usage[i][cand[i]].min() >= usage[i].max() * 0 + usage[i].sort().values[-8]
+    with torch.no_grad(), RandomRouting(target, [1], "uniform", torch.Generator().manual_seed(0), cand), \
+            RoutingRecorder(target) as rec:
+        model(tokens)
+    picked = rec.ids(1).unique()
+    assert set(picked.tolist()) == set(cand[1].tolist())  # 2048 draws cover all 8 candidates, nothing else
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+
+def save_hf(tmp_path, family, bpe):
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = tmp_path / family
+    tiny_hf(family).save_pretrained(model_dir)
+    bpe.save(tmp_path / "bpe")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "bpe" / "tokenizer.json"), eos_token="<|endoftext|>")
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_cli_end_to_end_on_hf_model(tmp_path, bpe, text_file, capsys):
+    model_dir = save_hf(tmp_path, "qwen2_moe", bpe)
+    out = tmp_path / "out"
+    rc = main(["probe", str(model_dir), "--data", str(text_file), "--max-tokens", "512", "--seq-len", "64",
+               "--seeds", "0,1", "--out", str(out), "--device", "cpu", "--gates", "model"])
+    assert rc == 0
+    report = json.loads((out / "probe.json").read_text())
+    assert report["family"] == "qwen2_moe" and report["deep_layers"] == [2, 3] and report["tokens"] == 512
+    assert any("shared experts" in n for n in report["notes"])
+    labels = [r["layer"] for r in report["rows"] if r["metric"] == "loss"]
+    assert labels == ["2", "3", "all deep"]
+    for r in report["rows"]:
+        assert r["baseline"] == report["baseline"][r["metric"]]
+        assert len(r["per_seed"]) == 2 and r["per_seed"][0] != r["per_seed"][1]  # seeds differ
+        assert r["randomized_std"] > 0
+        assert r["delta"] == pytest.approx(sum(r["per_seed"]) / 2 - r["baseline"])
+    md = (out / "probe.md").read_text()
+    assert "| all deep | loss |" in md and "| 2 | ppl |" in md
+    assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 3 | loss |" in capsys.readouterr().out
+
+
+def test_cli_end_to_end_on_unipool_checkpoint(tmp_path, bpe, text_file):
+    model = tiny_unipool(num_experts=16, top_k=2)
+    ckpt = tmp_path / "ckpt"
+    save_model(model, ckpt, {"step": 0})
+    bpe.save(ckpt)
+    out = tmp_path / "out"
+    rc = main(["probe", str(ckpt), "--data", str(text_file), "--max-tokens", "256", "--seeds", "0,1",
+               "--restrict-top", "8", "--layers", "0,1", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    report = json.loads((out / "probe.json").read_text())
+    assert report["family"] == "unipool" and report["restrict_top"] == 8
+    assert sorted(report["candidates"]) == ["0", "1"] and all(len(c) == 8 for c in report["candidates"].values())
+    assert [r["layer"] for r in report["rows"] if r["metric"] == "loss"] == ["0", "1", "all chosen"]
+    assert (out / "probe.png").is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path, bpe, text_file, capsys):
+    model_dir = save_hf(tmp_path, "deepseek_v3", bpe)
+    assert main(["probe", str(model_dir), "--layers", "0", "--data", str(text_file), "--device", "cpu"]) == 2
+    assert "not MoE layers" in capsys.readouterr().err  # layer 0 is dense (first_k_dense_replace=1)
+    assert main(["probe", str(model_dir), "--device", "cpu"]) == 2
+    assert "need --data" in capsys.readouterr().err
+    assert main(["probe", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_parse_layers_and_task_metrics():
+    target = wrap_model(tiny_hf("deepseek_v2"))
+    assert target.deep_layers == [2, 3]  # 4 layers: l >= 2; layer 0 is dense
+    assert parse_layers("deep", target) == ([2, 3], "all deep")
+    assert parse_layers("all", target) == ([1, 2, 3], "all")
+    assert parse_layers("1,3", target) == ([1, 3], "all chosen")
+    assert parse_layers("1-3", target) == ([1, 2, 3], "all chosen")
+    results = {"results": {"arc_easy": {"acc,none": 0.5, "acc_norm,none": 0.55, "alias": "arc_easy"},
+                           "piqa": {"acc,none": 0.7, "acc_stderr,none": 0.01}}}
+    assert task_metrics(results) == pytest.approx(
+        {"arc_easy/acc": 50.0, "arc_easy/acc_norm": 55.0, "piqa/acc": 70.0, "avg/acc": 60.0})

@@ -1,0 +1,626 @@
+"""`unipool probe`: what does a layer's learned router buy?
+
+The routing probe (UniPool, Tables 1, 4, 10, 11) replaces the learned top-k choice of one MoE layer
+with k distinct experts drawn uniformly at random per token, and measures the held-out loss /
+perplexity (and optionally zero-shot accuracy) against the unmodified model. It runs one layer at a
+time over the deeper half of the network, then all deeper-half layers together.
+
+Shape suffixes: T tokens, E routed experts of a layer, K experts per token, C candidate experts.
+
+Models
+- unipool run / checkpoint directories: each layer's `Router.set_random_routing` switches it.
+- Hugging Face checkpoints of the families in `HF_FAMILIES` (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE,
+  DeepSeek-V2, DeepSeek-V3). Their MoE blocks share one v5 interface: the router `mlp.gate` returns
+  (router_logits_TE, weights_TK, expert_ids_TK) and `mlp.experts(hidden, expert_ids_TK, weights_TK)`
+  consumes the last two. The probe hooks `mlp.gate` at run time (a forward hook that replaces its
+  outputs); no modeling code is copied, and removing the hook restores the model exactly.
+- Shared experts (Qwen2-MoE, DeepSeek) keep running: only the routed part is randomised.
+- DeepSeek group-limited routing: random experts are drawn over all routed experts, ignoring the
+  group limit (which is part of the learned choice).
+
+Gates of the randomly picked experts (`gates`):
+- "uniform" (default): every picked expert gets scale / k, where scale is the family's routed
+  scaling factor (DeepSeek's `routed_scaling_factor`; 1 elsewhere). The router's choice and its
+  weighting are both removed; the routed branch keeps a fixed total mass.
+- "model": the gates the family would give those experts: softmax probabilities (sigmoid scores for
+  DeepSeek-V3), renormalised over the picks if the family renormalises its top-k, times the routed
+  scale. For non-renormalising families (OLMoE, Qwen1.5-MoE, DeepSeek-V2) random picks get small
+  gates, so this also shrinks the routed branch; for unipool's NormRouter about half the random
+  picks get a zero gate (its scores pass through a ReLU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+import torch
+from torch import nn
+
+from .errors import UnipoolError
+from .router import random_topk
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+GATES = ("uniform", "model")
+
+
+class ProbeError(UnipoolError):
+    pass
+
+
+@dataclass(frozen=True)
+class GateRule:
+    """How a family turns router logits into the gates of its picked experts."""
+    score: str  # "softmax" | "sigmoid"
+    renormalize: bool | str  # a constant, or the router attribute that holds the flag
+    scale_attr: str | None = None  # router attribute holding the routed scaling factor
+    shared_experts: bool = False
+    group_limited: bool = False
+
+
+HF_FAMILIES: dict[str, GateRule] = {
+    "mixtral": GateRule("softmax", True),
+    "olmoe": GateRule("softmax", "norm_topk_prob"),
+    "qwen2_moe": GateRule("softmax", "norm_topk_prob", shared_experts=True),
+    "qwen3_moe": GateRule("softmax", "norm_topk_prob"),
+    # DeepSeek-V2's router never renormalises (its config flag is unused by transformers).
+    "deepseek_v2": GateRule("softmax", False, "routed_scaling_factor", shared_experts=True, group_limited=True),
+    "deepseek_v3": GateRule("sigmoid", "norm_topk_prob", "routed_scaling_factor", shared_experts=True,
+                            group_limited=True),
+}
+
+
+# ---- the model under probe ----------------------------------------------------------------------
+
+@dataclass
+class ProbeTarget:
+    """A loaded model plus where its routers are."""
+    model: nn.Module
+    family: str  # "unipool" or the HF model_type
+    routers: dict[int, nn.Module]  # decoder layer index -> router module, MoE layers only
+    n_layers: int  # all decoder layers, dense ones included
+    n_experts: int  # routed experts each router picks from
+    top_k: int
+    name: str = ""
+    tokenizer: object = None  # HF tokenizer for HF models
+    run: object = None  # unipool.eval.LoadedRun for unipool models
+
+    @property
+    def is_hf(self) -> bool:
+        return self.family != "unipool"
+
+    @property
+    def rule(self) -> GateRule:
+        return HF_FAMILIES[self.family]
+
+    @property
+    def deep_layers(self) -> list[int]:
+        """MoE layers in the deeper half: decoder index l >= n_layers // 2 (0-based)."""
+        return [i for i in self.routers if i >= self.n_layers // 2]
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.is_hf and self.rule.shared_experts:
+            notes.append("shared experts keep running; only the routed experts are randomised")
+        if self.is_hf and self.rule.group_limited:
+            notes.append("random experts are drawn over all routed experts (the group limit is not applied)")
+        return notes
+
+
+def wrap_model(model: nn.Module, *, name: str = "", tokenizer=None, run=None) -> ProbeTarget:
+    """A ProbeTarget for an in-memory unipool model or a supported HF causal LM."""
+    from .model import Unipool
+
+    if isinstance(model, Unipool):
+        cfg = model.config
+        routers = {i: block.router for i, block in enumerate(model.layers)}
+        return ProbeTarget(model, "unipool", routers, cfg.n_layers, cfg.n_routed_experts, cfg.routed_top_k,
+                           name, tokenizer, run)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in HF_FAMILIES:
+        raise ProbeError(f"model type {model_type!r} is not supported by the probe; "
+                         f"supported: unipool, {', '.join(HF_FAMILIES)}")
+    layers = model.get_decoder().layers
+    routers = {i: layer.mlp.gate for i, layer in enumerate(layers)
+               if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")}
+    if not routers:
+        raise ProbeError(f"{name or model_type}: no MoE layers found")
+    first = next(iter(routers.values()))
+    return ProbeTarget(model, model_type, routers, len(layers), first.num_experts, first.top_k, name, tokenizer, run)
+
+
+def _hf_dtype(name: str):
+    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_target(path: str | Path, device: str = "cpu", dtype: str = "auto") -> ProbeTarget:
+    """A unipool run / checkpoint, or a local HF checkpoint directory (config.json with model_type)."""
+    p = Path(path)
+    if not p.exists():
+        raise ProbeError(f"no such model directory or file: {p}")
+    hf_config = p / "config.json" if p.is_dir() else None
+    if hf_config is not None and hf_config.is_file():
+        try:
+            model_type = json.loads(hf_config.read_text()).get("model_type")
+        except json.JSONDecodeError as e:
+            raise ProbeError(f"{hf_config} is not valid JSON: {e}") from None
+        if model_type is not None:
+            return _load_hf(p, model_type, device, dtype)
+    from .eval import load_run
+
+    run = load_run(p, device)
+    return wrap_model(run.model, name=str(p), run=run)
+
+
+def _load_hf(path: Path, model_type: str, device: str, dtype: str) -> ProbeTarget:
+    if model_type not in HF_FAMILIES:
+        raise ProbeError(f"{path}: model type {model_type!r} is not supported by the probe; "
+                         f"supported: {', '.join(HF_FAMILIES)}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_hf_dtype(dtype), device_map=device)
+    except (OSError, ValueError) as e:
+        raise ProbeError(f"cannot load {path} with transformers: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return wrap_model(model, name=str(path), tokenizer=tokenizer)
+
+
+# ---- random routing -----------------------------------------------------------------------------
+
+def hf_random_gates(rule: GateRule, router: nn.Module, logits_TE: torch.Tensor, ids_TK: torch.Tensor,
+                    gates: str) -> torch.Tensor:
+    """Gates for the experts `ids_TK` picked at random, computed as the family computes gates."""
+    scale = float(getattr(router, rule.scale_attr)) if rule.scale_attr else 1.0
+    if gates == "uniform":
+        return torch.full(ids_TK.shape, scale / ids_TK.shape[1], device=ids_TK.device)
+    logits_TE = logits_TE.float().reshape(ids_TK.shape[0], -1)
+    scores_TE = logits_TE.softmax(-1) if rule.score == "softmax" else logits_TE.sigmoid()
+    weights_TK = scores_TE.gather(1, ids_TK)
+    renorm = rule.renormalize if isinstance(rule.renormalize, bool) else bool(getattr(router, rule.renormalize))
+    if renorm:
+        weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+    return weights_TK * scale
+
+
+class RandomRouting:
+    """Context manager: uniform random top-k (k distinct experts per token) in `layers`.
+
+    `generator` drives every draw (one stream shared by the layers, in call order); `candidates`
+    optionally maps a layer to the experts it may draw from (UniPool's Random-dagger variant).
+    Every other layer keeps its learned routing.
+    """
+
+    def __init__(self, target: ProbeTarget, layers: Iterable[int], gates: str = "uniform",
+                 generator: torch.Generator | None = None, candidates: dict[int, torch.Tensor] | None = None):
+        if gates not in GATES:
+            raise ProbeError(f"gates must be one of {GATES}, got {gates!r}")
+        self.target, self.layers, self.gates = target, list(layers), gates
+        self.generator, self.candidates = generator, candidates or {}
+        unknown = [i for i in self.layers if i not in target.routers]
+        if unknown:
+            raise ProbeError(f"layer(s) {unknown} are not MoE layers; MoE layers: {list(target.routers)}")
+        self._handles: list = []
+
+    def __enter__(self) -> Self:
+        for i in self.layers:
+            router, cand = self.target.routers[i], self.candidates.get(i)
+            if cand is not None and cand.numel() < self.target.top_k:
+                raise ProbeError(f"layer {i}: {cand.numel()} candidate experts, fewer than top_k={self.target.top_k}")
+            if self.target.is_hf:
+                self._handles.append(router.register_forward_hook(self._hf_hook(cand)))
+            else:
+                router.set_random_routing(self.gates, self.generator, cand)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if not self.target.is_hf:
+            for i in self.layers:
+                self.target.routers[i].set_random_routing(None)
+
+    def _hf_hook(self, candidates_C: torch.Tensor | None):
+        rule, top_k, gates = self.target.rule, self.target.top_k, self.gates
+
+        def hook(router: nn.Module, args, output):
+            logits_TE, weights_TK, _ = output
+            n_tokens = weights_TK.shape[0]
+            ids_TK = random_topk(n_tokens, router.num_experts, top_k, weights_TK.device, self.generator, candidates_C)
+            new_TK = hf_random_gates(rule, router, logits_TE, ids_TK, gates).to(weights_TK.dtype)
+            return logits_TE, new_TK, ids_TK
+
+        return hook
+
+
+class RoutingRecorder:
+    """Context manager recording, per MoE layer, the (expert_ids_TK, weights_TK) the experts ran with."""
+
+    def __init__(self, target: ProbeTarget):
+        self.target = target
+        self.calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in target.routers}
+        self._handles: list = []
+
+    def __enter__(self) -> Self:
+        for i, router in self.target.routers.items():
+            if self.target.is_hf:
+                experts = self.target.model.get_decoder().layers[i].mlp.experts
+                self._handles.append(experts.register_forward_pre_hook(self._hf_hook(i), with_kwargs=True))
+            else:
+                self._handles.append(router.register_forward_hook(self._unipool_hook(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hf_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+            self.calls[layer].append((ids.detach(), weights.detach()))
+        return hook
+
+    def _unipool_hook(self, layer: int):
+        def hook(module, args, output):
+            self.calls[layer].append((output.expert_ids_TK.detach(), output.weights_TK.detach()))
+        return hook
+
+    def ids(self, layer: int) -> torch.Tensor:
+        return torch.cat([ids for ids, _ in self.calls[layer]])
+
+    def weights(self, layer: int) -> torch.Tensor:
+        return torch.cat([w for _, w in self.calls[layer]])
+
+    def counts(self, layer: int) -> torch.Tensor:
+        ids = self.ids(layer).flatten().cpu()
+        return torch.bincount(ids, minlength=self.target.n_experts).float()
+
+
+@torch.no_grad()
+def expert_usage(target: ProbeTarget, batches: Sequence[Batch], device: str | torch.device) -> dict[int, torch.Tensor]:
+    """Tokens routed to each expert per MoE layer under learned routing (for Random-dagger)."""
+    with RoutingRecorder(target) as rec:
+        for inputs, _ in batches:
+            target.model(inputs.to(device))
+    return {i: rec.counts(i) for i in target.routers}
+
+
+def top_used(usage: dict[int, torch.Tensor], n: int) -> dict[int, torch.Tensor]:
+    """Per layer, the `n` most-used experts (ties broken by index)."""
+    return {i: torch.sort(c.topk(min(n, c.numel())).indices).values for i, c in usage.items()}
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+
+class HFTokens:
+    """An HF tokenizer seen through the two members `unipool.eval.text_tokens` uses."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.eos_token_id is None:
+            raise ProbeError("the model's tokenizer has no EOS token to separate documents")
+        self.tokenizer, self.eos_id = tokenizer, tokenizer.eos_token_id
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts)["input_ids"]  # with the tokenizer's own special tokens (BOS)
+
+
+def hf_text_batches(tokenizer, path: Path, batch_size: int, seq_len: int, max_tokens: int | None,
+                    text_field: str = "text") -> list[Batch]:
+    """Non-overlapping windows over raw text (txt / jsonl / parquet, as `unipool eval` reads it),
+    tokenized with the model's HF tokenizer, documents joined with EOS."""
+    from .eval import text_tokens, window_batches
+
+    tokens = text_tokens(path, HFTokens(tokenizer), text_field)
+    return list(window_batches(tokens, batch_size, seq_len, max_tokens))
+
+
+def loss_metrics(target: ProbeTarget, batches: Sequence[Batch], device, autocast_dtype=None) -> dict[str, float]:
+    from .eval import evaluate
+
+    result = evaluate(target.model, batches, device=device, autocast_dtype=autocast_dtype)
+    return {"loss": result["loss"], "ppl": result["ppl"]}
+
+
+def task_metrics(results: dict) -> dict[str, float]:
+    """Flatten lm-eval results ({"results": {task: {"acc,none": x}}} or {task: {"acc": x}}) into
+    {"task/acc": x, ...} plus "avg/acc" (mean over tasks of acc), accuracies in percent."""
+    per_task = results.get("results", results)
+    out: dict[str, float] = {}
+    for task, metrics in sorted(per_task.items()):
+        if not isinstance(metrics, dict):
+            continue
+        for key, value in metrics.items():
+            name = key.split(",")[0]
+            if name in ("acc", "acc_norm") and isinstance(value, (int, float)):
+                out[f"{task}/{name}"] = 100.0 * float(value)
+    accs = [v for k, v in out.items() if k.endswith("/acc")]
+    if len(accs) > 1:
+        out["avg/acc"] = sum(accs) / len(accs)
+    return out
+
+
+def hf_lm_eval(target: ProbeTarget, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+               num_fewshot: int | None = None, batch_size: int = 8) -> dict:
+    """lm-eval on the in-memory (possibly hooked) HF model."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=target.model, tokenizer=target.tokenizer, batch_size=batch_size)
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                   num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
+
+
+def _require_unipool_lm_eval():
+    try:
+        from .lm_eval import run_lm_eval
+    except ImportError:
+        raise ProbeError("zero-shot tasks for unipool models need unipool.lm_eval.run_lm_eval, "
+                         "which is not available in this installation; run without --tasks") from None
+    return run_lm_eval
+
+
+def unipool_lm_eval(target: ProbeTarget, tasks: list[str], include_path: str | None = None,
+                    limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8) -> dict:
+    run_lm_eval = _require_unipool_lm_eval()
+    kwargs = {"include_path": include_path, "limit": limit}
+    if num_fewshot is not None:
+        kwargs["num_fewshot"] = num_fewshot
+    return run_lm_eval(target.model, target.run.tokenizer(), tasks, **kwargs)
+
+
+@dataclass
+class ProbeConfig:
+    layers: list[int]  # probed one at a time
+    combined: bool = True  # also probe all of `layers` together
+    combined_label: str = "all deep"
+    gates: str = "uniform"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    restrict_top: int = 0  # >0: draw from each layer's N most-used experts (Random-dagger)
+    tasks: list[str] = field(default_factory=list)
+
+
+def run_probe(target: ProbeTarget, batches: Sequence[Batch], cfg: ProbeConfig, *, device: str | torch.device,
+              autocast_dtype: torch.dtype | None = None, task_fn: Callable[[ProbeTarget], dict] | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Baseline vs random routing for each configuration and seed; returns the JSON-able report."""
+    if cfg.gates not in GATES:
+        raise ProbeError(f"gates must be one of {GATES}, got {cfg.gates!r}")
+    if not cfg.layers:
+        raise ProbeError("no layers to probe")
+    if not cfg.seeds:
+        raise ProbeError("need at least one seed")
+    if cfg.tasks and task_fn is None:
+        raise ProbeError("tasks given without an lm-eval function")
+    target.model.eval()
+
+    def measure() -> dict[str, float]:
+        metrics = loss_metrics(target, batches, device, autocast_dtype)
+        if cfg.tasks:
+            metrics.update(task_metrics(task_fn(target)))
+        return metrics
+
+    candidates = None
+    if cfg.restrict_top > 0:
+        candidates = top_used(expert_usage(target, batches, device), cfg.restrict_top)
+    baseline = measure()
+    log("baseline: " + "  ".join(f"{k} {v:.4f}" for k, v in baseline.items()))
+
+    configs = [(str(i), [i]) for i in cfg.layers]
+    if cfg.combined and len(cfg.layers) > 1:
+        configs.append((cfg.combined_label, list(cfg.layers)))
+    gen_device = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
+    rows = []
+    for label, layers in configs:
+        per_seed: list[dict[str, float]] = []
+        for seed in cfg.seeds:
+            generator = torch.Generator(device=gen_device).manual_seed(seed)
+            with RandomRouting(target, layers, cfg.gates, generator, candidates):
+                per_seed.append(measure())
+            log(f"layer {label} seed {seed}: loss {per_seed[-1]['loss']:.4f}")
+        for metric, base in baseline.items():
+            values = [m[metric] for m in per_seed]
+            mean = sum(values) / len(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            rows.append({"layer": label, "layers": layers,
+                         "depth": (sum(layers) / len(layers)) / max(target.n_layers - 1, 1),
+                         "metric": metric, "baseline": base, "randomized_mean": mean,
+                         "randomized_std": std, "delta": mean - base, "per_seed": values})
+    return {
+        "model": target.name, "family": target.family, "n_layers": target.n_layers,
+        "moe_layers": list(target.routers), "deep_layers": target.deep_layers,
+        "n_experts": target.n_experts, "top_k": target.top_k, "gates": cfg.gates, "seeds": cfg.seeds,
+        "restrict_top": cfg.restrict_top,
+        "candidates": {str(i): c.tolist() for i, c in candidates.items() if i in cfg.layers} if candidates else None,
+        "tasks": cfg.tasks, "tokens": sum(int(t.numel()) for _, t in batches),
+        "notes": target.notes(), "baseline": baseline, "rows": rows,
+    }
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+def markdown_table(report: dict) -> str:
+    lines = [f"Routing probe of `{report['model']}` ({report['family']}, {report['n_layers']} layers, "
+             f"{report['n_experts']} experts, top-{report['top_k']}); gates: {report['gates']}; "
+             f"seeds: {', '.join(map(str, report['seeds']))}; {report['tokens']:,} held-out tokens"
+             + (f"; experts drawn from each layer's top-{report['restrict_top']} most used" if report["restrict_top"] else "")
+             + ".", ""]
+    lines += [f"- {n}" for n in report["notes"]]
+    if report["notes"]:
+        lines.append("")
+    lines += ["| layer | metric | baseline | randomized (mean) | std | delta |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['layer']} | {r['metric']} | {r['baseline']:.4f} | {r['randomized_mean']:.4f} | "
+                     f"{r['randomized_std']:.4f} | {r['delta']:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Delta (mean +- std over seeds) vs layer depth, one panel per headline metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["loss"] + (["avg/acc"] if any(r["metric"] == "avg/acc" for r in report["rows"]) else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        rows = [r for r in report["rows"] if r["metric"] == metric]
+        single = [r for r in rows if len(r["layers"]) == 1]
+        ax.errorbar([r["layers"][0] for r in single], [r["delta"] for r in single],
+                    yerr=[r["randomized_std"] for r in single], fmt="o-", capsize=3, label="one layer random")
+        for r in rows:
+            if len(r["layers"]) > 1:
+                ax.axhline(r["delta"], color="C3", ls="--", label=f"{r['layer']} together")
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.set_xlabel(f"layer (of {report['n_layers']})")
+        ax.set_ylabel(f"delta {metric} (random - learned)")
+        ax.set_title(f"{Path(report['model']).name or report['model']}: {metric}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "probe.json", "markdown": out / "probe.md", "plot": out / "probe.png"}
+    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["markdown"].write_text(markdown_table(report))
+    plot_report(report, paths["plot"])
+    return paths
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+def parse_layers(spec: str, target: ProbeTarget) -> tuple[list[int], str]:
+    """"deep" (default) | "all" | "3,5,8-11" -> (layer indices, label of the combined row)."""
+    if spec == "deep":
+        layers, label = target.deep_layers, "all deep"
+    elif spec == "all":
+        layers, label = list(target.routers), "all"
+    else:
+        layers, label = [], "all chosen"
+        try:
+            for part in spec.split(","):
+                a, _, b = part.strip().partition("-")
+                layers += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        except ValueError:
+            raise ProbeError(f"--layers: expected 'deep', 'all' or a list such as 3,5,8-11, got {spec!r}") from None
+    bad = [i for i in layers if i not in target.routers]
+    if bad:
+        raise ProbeError(f"--layers: {bad} are not MoE layers of this model; MoE layers: {list(target.routers)}")
+    if not layers:
+        raise ProbeError("--layers selects no MoE layer")
+    return sorted(set(layers)), label
+
+
+def _parse_ints(spec: str, flag: str) -> list[int]:
+    try:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise ProbeError(f"{flag}: expected comma-separated integers, got {spec!r}") from None
+
+
+def add_probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="unipool run / checkpoint directory, or a local Hugging Face MoE checkpoint directory")
+    p.add_argument("--layers", default="deep",
+                   help="'deep' (MoE layers l >= n_layers // 2, default), 'all', or a list such as 12,14,16-23")
+    p.add_argument("--no-combined", action="store_true", help="skip the row with all chosen layers random together")
+    p.add_argument("--gates", default="uniform", choices=GATES,
+                   help="gates of the random experts: uniform (scale / k) or model (the family's own gate values)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the random routing")
+    p.add_argument("--restrict-top", type=int, default=0,
+                   help="draw from each layer's N most-used experts on the held-out text (UniPool's Random-dagger "
+                        "uses 8); 0 = all experts")
+    p.add_argument("--data", help="held-out text (.txt / .jsonl) or, for unipool models, a prepared data directory "
+                                  "(default for unipool runs: the run's own validation split)")
+    p.add_argument("--split", default="val", choices=("train", "val"), help="split of a prepared data directory")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text in a .jsonl file")
+    p.add_argument("--max-tokens", type=int, default=65536, help="held-out tokens to evaluate (default 65536)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="window length (default: unipool: the training length; HF: min(1024, max_position_embeddings))")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks for zero-shot accuracy deltas")
+    p.add_argument("--include-path", default=None, help="directory of extra lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default: task's)")
+    p.add_argument("--out", default="probe_out", help="output directory for probe.json / probe.md / probe.png")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="HF: weight dtype (auto = the checkpoint's); unipool: bfloat16/float16 run under autocast")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .eval import default_device
+
+    device = args.device or default_device()
+    for flag in ("max_tokens", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ProbeError(f"--{flag.replace('_', '-')} must be positive")
+    if args.restrict_top < 0:
+        raise ProbeError("--restrict-top must be >= 0")
+    seeds = _parse_ints(args.seeds, "--seeds")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    target = load_target(args.model, device, args.dtype)
+    layers, label = parse_layers(args.layers, target)
+    if 0 < args.restrict_top < target.top_k:
+        raise ProbeError(f"--restrict-top must be at least top_k={target.top_k}")
+
+    autocast_dtype = None
+    if target.is_hf:
+        if args.data is None:
+            raise ProbeError("HF models need --data (held-out raw text: .txt / .jsonl / .parquet)")
+        data = Path(args.data)
+        if not data.exists():
+            raise ProbeError(f"--data: no such file or directory: {data}")
+        if (data / "index.json").is_file():
+            raise ProbeError(f"--data: {data} is a prepared token directory; with HF models pass raw text")
+        max_pos = getattr(target.model.config, "max_position_embeddings", 1024)
+        seq_len = args.seq_len or min(1024, max_pos)
+        if not 1 <= seq_len <= max_pos:
+            raise ProbeError(f"--seq-len must be between 1 and max_position_embeddings={max_pos}")
+        batches = hf_text_batches(target.tokenizer, data, args.batch_size, seq_len, args.max_tokens, args.text_field)
+        task_fn = hf_lm_eval
+    else:
+        from .eval import check_data_args, eval_batches_for
+
+        seq_len = check_data_args(args, target.model, getattr(target.run, "train_seq_len", None))
+        batches, _ = eval_batches_for(target.run, args.data, args.split, args.batch_size, seq_len,
+                                      args.max_tokens, args.text_field)
+        batches = list(batches)
+        if args.dtype in ("bfloat16", "float16"):
+            autocast_dtype = _hf_dtype(args.dtype)
+        task_fn = unipool_lm_eval
+        if tasks:
+            _require_unipool_lm_eval()  # fail before the (long) baseline pass
+
+    def run_tasks(t: ProbeTarget) -> dict:
+        return task_fn(t, tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size)
+
+    cfg = ProbeConfig(layers, not args.no_combined, label, args.gates, seeds, args.restrict_top, tasks)
+    report = run_probe(target, batches, cfg, device=device, autocast_dtype=autocast_dtype,
+                       task_fn=run_tasks if tasks else None, log=lambda s: print(s, file=sys.stderr))
+    report["seq_len"], report["data"] = seq_len, args.data
+    paths = write_report(report, args.out)
+    print(markdown_table(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+__all__ = ["HF_FAMILIES", "GateRule", "ProbeConfig", "ProbeError", "ProbeTarget", "RandomRouting",
+           "RoutingRecorder", "expert_usage", "hf_random_gates", "load_target", "markdown_table", "parse_layers",
+           "plot_report", "run_probe", "task_metrics", "top_used", "wrap_model", "write_report"]
