@@ -196,8 +196,13 @@ class Unipool(nn.Module):
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
         x = self.tok_embeddings(input_ids)
         routing: list[RouterOutput] = []
+        pools = list(self.experts)
+        if cfg.fused_pool_wgrad and self.training and torch.is_grad_enabled():
+            # Every layer calling a pool adds to the same weight gradient: compute it once per pool
+            # at the end of backward, as one grouped GEMM over all layers' rows (moe.DeferredWGrad).
+            pools = [p.defer_wgrad(x) for p in pools]
         for i, block in enumerate(self.layers):
-            pool = self.experts[cfg.pool_of_layer(i)]
+            pool = pools[cfg.pool_of_layer(i)]
             if self.activation_checkpointing and self.training:
                 x, routed = checkpoint(block, x, pool, cos, sin, use_reentrant=False)
             else:

@@ -1,18 +1,30 @@
 """Expert storage and dropless dispatch.
 
 Shape suffixes: T tokens, K experts per token, D model dim, F expert hidden dim, E experts in a pool,
-N = T * K routed rows. `w13_EFD` stacks the gate (w1) and up (w3) projections along F, so its F axis
-is 2 x the expert hidden size: one grouped GEMM computes both.
+N = T * K routed rows, R routed rows of all layers that share a pool. `w13_EFD` stacks the gate (w1)
+and up (w3) projections along F, so its F axis is 2 x the expert hidden size: one grouped GEMM
+computes both.
 
 An `ExpertPool` is a set of E SwiGLU experts stored as two stacked tensors. The model owns
 `n_pools` of them: one per layer (vanilla), one for all layers (UniPool), or one per group of layers.
 Whichever layer calls a pool, it is the same tensors, so gradients from every calling layer
 accumulate into them.
 
-Dispatch is dropless and has no Python loop over experts: the N = T * K (token, expert) pairs are
-sorted by expert, each expert's rows form one contiguous segment, and the experts run as grouped
-GEMMs over those segments (`torch._grouped_mm`). Outputs are un-permuted with a gather and combined
-with the gates. `moe_reference` is the per-expert loop the fast path is tested against.
+Dispatch is dropless and has no Python loop over experts and no host sync: the N (token, expert)
+pairs are sorted by expert, each expert's rows form one contiguous segment, and the experts run as
+grouped GEMMs over those segments (`torch._grouped_mm`). `_Experts` is a hand-written autograd
+Function for gather -> SwiGLU experts -> un-permute: it saves only the layer input and the
+gate/up activations (autograd would also keep the gathered rows and the SwiGLU intermediates), and it
+can defer its weight gradients. `moe_reference` is the per-expert loop the fast path is tested against.
+
+Fused pool weight gradient (`ExpertPool.defer_wgrad`): when L layers share one pool, computing each
+layer's weight gradient as it comes means L grouped GEMMs with tokens/E rows per expert, each
+followed by a read-modify-write of the whole pool gradient, so the pool moves through memory L
+times (performance.md: 6-12x slower than the GEMMs need). Instead every layer's backward stashes
+its (rows, output-gradient) pairs, and `_DeferredWGradSink`, an identity applied to the pool
+weights once per forward before any layer uses them, runs after every layer's backward (autograd
+only runs a node once all its consumers are done) and computes each weight's gradient as ONE
+grouped GEMM over all layers' rows sorted by expert: grad_w[e] = X_e^T dY_e.
 """
 
 from __future__ import annotations
@@ -40,23 +52,171 @@ def grouped_mm_supported(x: torch.Tensor, *dims: int) -> bool:
     return all(d % per_16_bytes == 0 for d in dims)
 
 
-def _grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor,
-                    use_grouped_mm: bool) -> torch.Tensor:
-    """Row segment e of x (ending at offs_E[e]) times w[e].T, for every expert e."""
-    if use_grouped_mm:
-        return torch._grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offs_E)
+# grouped_mm's compile (meta) kernel accepts only bf16; fp32 runs outside the graph.
+_grouped_mm_eager = torch.compiler.disable(torch._grouped_mm) if _HAS_GROUPED_MM else None
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    fn = torch._grouped_mm if a.dtype == torch.bfloat16 else _grouped_mm_eager
+    return fn(a, b, offs=offs)
+
+
+def _segment_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, use_gmm: bool) -> torch.Tensor:
+    """Row segment e of x (ending at offs_E[e]) times w[e], for every expert e: (N, O)."""
+    if use_gmm:
+        return _grouped_mm(x_NI, w_EIO, offs_E)
     # Fallback without grouped_mm: one GEMM per expert segment (a host sync for the bounds).
-    out = x_ND.new_empty(x_ND.shape[0], w_EOD.shape[1])
+    out = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
     start = 0
     for e, end in enumerate(offs_E.tolist()):
-        out[start:end] = x_ND[start:end] @ w_EOD[e].T
+        out[start:end] = x_NI[start:end] @ w_EIO[e]
         start = end
     return out
 
 
+def _segment_wgrad(dy_NO: torch.Tensor, x_NI: torch.Tensor, offs_E: torch.Tensor, use_gmm: bool) -> torch.Tensor:
+    """Per-expert weight gradient dy_e^T x_e over row segments: (E, O, I); empty segments give 0."""
+    if use_gmm:  # the 2-D x 2-D form: offs split the contraction (row) axis
+        return _grouped_mm(dy_NO.t(), x_NI, offs_E)
+    out = x_NI.new_zeros(offs_E.shape[0], dy_NO.shape[1], x_NI.shape[1])
+    start = 0
+    for e, end in enumerate(offs_E.tolist()):
+        out[e] = dy_NO[start:end].t() @ x_NI[start:end]
+        start = end
+    return out
+
+
+class _Experts(torch.autograd.Function):
+    """y_flat[order[n]] = expert_{e(n)}(x[order[n] // K]) for sorted row n (expert e(n) by offs).
+
+    Returns the expert outputs in flat (token, slot) order, un-gated. With a `sink`, backward
+    returns no weight gradients and stashes what they need in the sink instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w13_EFD, w2_EDF, order_N, offs_E, top_k, use_gmm, sink):
+        token_N = order_N // top_k if top_k > 1 else order_N
+        h_N2F = _segment_mm(x_TD[token_N], w13_EFD.transpose(1, 2), offs_E, use_gmm)
+        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+        y_ND = _segment_mm(F.silu(gate_NF) * up_NF, w2_EDF.transpose(1, 2), offs_E, use_gmm)
+        ctx.save_for_backward(x_TD, w13_EFD, w2_EDF, order_N, offs_E, h_N2F)
+        ctx.top_k, ctx.use_gmm, ctx.sink = top_k, use_gmm, sink
+        # Un-permute with a scatter by a permutation (deterministic, no atomics).
+        return torch.empty_like(y_ND).index_copy_(0, order_N, y_ND)
+
+    @staticmethod
+    def backward(ctx, dy_flat_ND):
+        x_TD, w13_EFD, w2_EDF, order_N, offs_E, h_N2F = ctx.saved_tensors
+        top_k, use_gmm, sink = ctx.top_k, ctx.use_gmm, ctx.sink
+        token_N = order_N // top_k if top_k > 1 else order_N
+        dy_ND = dy_flat_ND[order_N]
+        gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
+        silu_NF = F.silu(gate_NF)
+        da_NF = _segment_mm(dy_ND, w2_EDF, offs_E, use_gmm)
+        dh_N2F = torch.cat([torch.ops.aten.silu_backward(da_NF * up_NF, gate_NF), da_NF * silu_NF], dim=-1)
+        dx_ND = _segment_mm(dh_N2F, w13_EFD, offs_E, use_gmm)
+        # Back to token order: each token's K rows sum in a fixed order (deterministic).
+        dx_TD = torch.empty_like(dx_ND).index_copy_(0, order_N, dx_ND)
+        if top_k > 1:
+            dx_TD = dx_TD.view(-1, top_k, dx_TD.shape[-1]).sum(1)
+
+        x_ND, a_NF = x_TD[token_N], silu_NF * up_NF
+        if sink is not None:
+            sink.stash.append((offs_E, x_ND, dh_N2F, a_NF, dy_ND))
+            return dx_TD, None, None, None, None, None, None, None
+        dw13 = _segment_wgrad(dh_N2F, x_ND, offs_E, use_gmm)
+        dw2 = _segment_wgrad(dy_ND, a_NF, offs_E, use_gmm)
+        return dx_TD, dw13, dw2, None, None, None, None, None
+
+
+class _DeferredWGradSink(torch.autograd.Function):
+    """Identity (plus the cast to the compute dtype, once per forward) on the pool weights; its
+    backward runs after every layer's and turns the stashed rows into the real gradients."""
+
+    @staticmethod
+    def forward(ctx, w13_EFD, w2_EDF, deferred, dtype):
+        ctx.deferred, ctx.dtypes = deferred, (w13_EFD.dtype, w2_EDF.dtype)
+        ctx.set_materialize_grads(False)  # layers return None: no pool-sized zeros
+        return w13_EFD.to(dtype).view_as(w13_EFD), w2_EDF.to(dtype).view_as(w2_EDF)
+
+    @staticmethod
+    def backward(ctx, dw13_in, dw2_in):
+        dw13, dw2 = ctx.deferred.fused_wgrad()
+        if dw13 is None:  # no layer contributed
+            dw13, dw2 = dw13_in, dw2_in
+        else:
+            dw13, dw2 = dw13.to(ctx.dtypes[0]), dw2.to(ctx.dtypes[1])
+            # Any other use of the weights (none in the model) adds up as usual.
+            dw13 = dw13 if dw13_in is None else dw13 + dw13_in
+            dw2 = dw2 if dw2_in is None else dw2 + dw2_in
+        return dw13, dw2, None, None
+
+
+def _sorted_into_experts(offs_LE: torch.Tensor, n_rows: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Destination rows that merge L expert-sorted row blocks into one, ordered by (expert, layer).
+
+    Layer l's sorted row n (expert e, rank r within the segment) goes to
+    start[e] + rows of e in layers < l + r. Returns the per-layer indices and the merged offsets.
+    """
+    counts_LE = torch.diff(offs_LE, dim=1, prepend=offs_LE.new_zeros(offs_LE.shape[0], 1))
+    offs_E = counts_LE.sum(0).cumsum(0)
+    before_LE = (offs_E - counts_LE.sum(0)) + (counts_LE.cumsum(0) - counts_LE)  # merged start of (l, e)
+    shift_LE = before_LE - (offs_LE - counts_LE)  # merged start minus the layer's own segment start
+    dest = []
+    for layer, n in enumerate(n_rows):
+        rows_N = torch.arange(n, device=offs_LE.device)
+        expert_N = torch.searchsorted(offs_LE[layer], rows_N, right=True)  # no sync, no stored ids
+        dest.append(shift_LE[layer][expert_N] + rows_N)
+    return dest, offs_E.to(torch.int32)
+
+
+class DeferredWGrad:
+    """One forward's view of an ExpertPool whose weight gradients are computed at the end of backward.
+
+    Call it like the pool. Created by `ExpertPool.defer_wgrad(x)` once per forward, before the first
+    layer calls the pool (outside any activation-checkpointed region).
+    """
+
+    def __init__(self, pool: "ExpertPool", dtype: torch.dtype):
+        self.pool = pool
+        self.stash: list[tuple[torch.Tensor, ...]] = []
+        self.w13_EFD, self.w2_EDF = _DeferredWGradSink.apply(pool.w13_EFD, pool.w2_EDF, self, dtype)
+
+    def __call__(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        return self.pool(x_TD, expert_ids_TK, weights_TK, deferred=self)
+
+    def fused_wgrad(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Both weight gradients from the stash, each as one grouped GEMM over all layers' rows."""
+        if not self.stash:
+            return None, None
+        stash, self.stash = self.stash, []
+        offs_LE = torch.stack([s[0] for s in stash])
+        dest, offs_E = _sorted_into_experts(offs_LE, [s[1].shape[0] for s in stash])
+        use_gmm = self.pool.dispatch != "loop" and grouped_mm_supported(stash[0][1], self.pool.d_model,
+                                                                         self.pool.hidden)
+
+        def merged(i: int) -> torch.Tensor:
+            # Copy one stashed tensor of every layer into expert order, freeing the stash as it goes.
+            first = stash[0][i]
+            out = first.new_empty(sum(s[i].shape[0] for s in stash), first.shape[1])
+            for layer in range(len(stash)):
+                out.index_copy_(0, dest[layer], stash[layer][i])
+                stash[layer] = stash[layer][:i] + (None,) + stash[layer][i + 1:]
+            return out
+
+        dw13 = _segment_wgrad(merged(2), merged(1), offs_E, use_gmm)  # dh^T x: (E, 2F, D)
+        dw2 = _segment_wgrad(merged(4), merged(3), offs_E, use_gmm)  # dy^T a: (E, D, F)
+        return dw13, dw2
+
+
 def moe_dispatch(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                 w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """y_t = sum_k weights[t, k] * expert_{ids[t, k]}(x_t), computed with sort + grouped GEMMs."""
+                 w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, impl: str = "auto",
+                 deferred: DeferredWGrad | None = None) -> torch.Tensor:
+    """y_t = sum_k weights[t, k] * expert_{ids[t, k]}(x_t), computed with sort + grouped GEMMs.
+
+    With `deferred`, the weight gradients are left to `deferred` (see DeferredWGrad) and w13/w2 must
+    be its weights.
+    """
     n_tokens, top_k = expert_ids_TK.shape
     n_experts, hidden = w2_EDF.shape[0], w2_EDF.shape[2]
     dtype = _compute_dtype(x_TD)
@@ -64,20 +224,17 @@ def moe_dispatch(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: to
 
     flat_ids_N = expert_ids_TK.reshape(-1)
     order_N = torch.argsort(flat_ids_N, stable=True)  # routed rows grouped by expert
+    # scatter_add keeps the counts on the device (bincount syncs with the host on CUDA).
     counts_E = torch.zeros(n_experts, dtype=torch.int32, device=x_TD.device).scatter_add_(
         0, flat_ids_N, torch.ones_like(flat_ids_N, dtype=torch.int32))
     offs_E = counts_E.cumsum(0, dtype=torch.int32)
 
-    x_ND = x_TD.to(dtype)[order_N // top_k]
-    h_N2F = _grouped_linear(x_ND, w13_EFD.to(dtype), offs_E, use_gmm)
-    gate_NF, up_NF = h_N2F.split(hidden, dim=-1)
-    y_ND = _grouped_linear(F.silu(gate_NF) * up_NF, w2_EDF.to(dtype), offs_E, use_gmm)
-
-    # Un-permute with a gather (deterministic, no atomics): row n of the sorted order came from
-    # flat position order_N[n], so flat position j lives at sorted row inverse_N[j].
-    inverse_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=x_TD.device))
-    y_TKD = y_ND[inverse_N].view(n_tokens, top_k, -1)
-    return (y_TKD * weights_TK.to(dtype).unsqueeze(-1)).sum(1)
+    y_ND = _Experts.apply(x_TD.to(dtype), w13_EFD.to(dtype), w2_EDF.to(dtype), order_N, offs_E, top_k,
+                          use_gmm, deferred)
+    gates_TK = weights_TK.to(dtype)
+    if top_k == 1:
+        return y_ND * gates_TK
+    return torch.bmm(gates_TK.unsqueeze(1), y_ND.view(n_tokens, top_k, -1)).squeeze(1)
 
 
 def moe_reference(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -104,8 +261,15 @@ class ExpertPool(nn.Module):
         self.w13_EFD = nn.Parameter(torch.empty(n_experts, 2 * hidden, d_model))
         self.w2_EDF = nn.Parameter(torch.empty(n_experts, d_model, hidden))
 
-    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        return moe_dispatch(x_TD, expert_ids_TK, weights_TK, self.w13_EFD, self.w2_EDF, self.dispatch)
+    def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                deferred: DeferredWGrad | None = None) -> torch.Tensor:
+        w13, w2 = (self.w13_EFD, self.w2_EDF) if deferred is None else (deferred.w13_EFD, deferred.w2_EDF)
+        return moe_dispatch(x_TD, expert_ids_TK, weights_TK, w13, w2, self.dispatch, deferred)
+
+    def defer_wgrad(self, x: torch.Tensor) -> DeferredWGrad:
+        """A view of this pool for one forward whose weight gradients are fused over all calls
+        (`x`: any activation, for the compute dtype under autocast)."""
+        return DeferredWGrad(self, _compute_dtype(x))
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, d_model={self.d_model}, hidden={self.hidden}"
