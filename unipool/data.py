@@ -1,0 +1,425 @@
+"""Data pipeline: text sources -> memory-mapped token shards -> (inputs, targets) batches.
+
+prepare(sources, out_dir, tokenizer) tokenizes once, in parallel, into:
+    out_dir/index.json        shard files and token counts per split, dtype, vocab size, fingerprints
+    out_dir/train_000.bin     flat token ids (uint16 when the vocab fits, else uint32), EOD after each doc
+    out_dir/val_000.bin       ...
+    out_dir/tokenizer.json
+A second call with the same sources (paths, sizes, mtimes), tokenizer and split settings reuses them.
+
+Notable choices:
+- Documents, not tokens, are split between train and val: a seeded random choice of documents goes to val,
+  so no validation text is ever trained on.
+- EOD (`<|endoftext|>`) follows every document, as in Megatron/GPT-2 data; windows cross documents.
+- Writes are atomic: shards go to temporary files, the old index is removed before shards are replaced,
+  and the new index is renamed into place last. A dataset without a valid index is not a dataset.
+- WindowSampler is epoch-free and stateless per step: batch `s` is drawn from a generator seeded with
+  (seed, s), so resuming needs only the step counter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .corpus import DataError, default_corpus_files, iter_documents, resolve_sources
+from .tokenizer import Tokenizer, atomic_write_text
+
+__all__ = [
+    "DataError",
+    "TokenDataset",
+    "WindowSampler",
+    "default_corpus_files",
+    "eval_batches",
+    "prepare",
+    "unigram_loss",
+]
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+MAX_SHARD_TOKENS = 1 << 28  # 512 MB per uint16 shard
+CHUNK_CHARS = 1 << 20  # documents are sent to tokenizer workers in chunks of about this many characters
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+# --- prepare ----------------------------------------------------------------------------------------------
+
+def _source_fingerprint(paths: list[Path], text_field: str, val_fraction: float, seed: int) -> str:
+    h = hashlib.sha256(json.dumps([FORMAT_VERSION, text_field, val_fraction, seed]).encode())
+    for p in paths:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+_worker_tok: Tokenizer | None = None
+
+
+def _init_worker(tok_json: str) -> None:
+    global _worker_tok
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested threads
+    _worker_tok = Tokenizer.from_str(tok_json)
+
+
+def _tokenize_chunk(args: tuple[list[str], list[bool], str]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Tokenize a chunk of documents: (n docs, train tokens, val tokens), each doc followed by EOD."""
+    docs, is_val, dtype = args
+    tok = _worker_tok
+    out: dict[bool, list[int]] = {False: [], True: []}
+    for ids, v in zip(tok.encode_batch(docs), is_val):
+        out[v].extend(ids)
+        out[v].append(tok.eos_id)
+    return len(docs), np.array(out[False], dtype=dtype), np.array(out[True], dtype=dtype)
+
+
+def _bounded_imap(pool, fn, items, depth: int):
+    """Ordered pool.imap that keeps at most `depth` chunks in flight (Pool.imap reads its input eagerly)."""
+    pending = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+class _ShardWriter:
+    """Appends tokens to `<split>_NNN.bin` temporary files in `tmp_dir`, starting a new shard when full."""
+
+    def __init__(self, tmp_dir: Path, split: str, max_tokens: int):
+        self.tmp_dir, self.split, self.max_tokens = tmp_dir, split, max_tokens
+        self.shards: list[dict] = []
+        self.f = None
+
+    def write(self, arr: np.ndarray) -> None:
+        while arr.size:
+            if self.f is None or self.shards[-1]["n_tokens"] == self.max_tokens:
+                self._next()
+            room = self.max_tokens - self.shards[-1]["n_tokens"]
+            self.f.write(arr[:room].tobytes())
+            self.shards[-1]["n_tokens"] += min(room, arr.size)
+            arr = arr[room:]
+
+    def _next(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        self.shards.append({"file": name, "n_tokens": 0})
+        self.f = open(self.tmp_dir / name, "wb")  # noqa: SIM115 -- closed in close()
+
+    def close(self) -> list[dict]:
+        if self.f is not None:
+            self.f.close()
+        return self.shards
+
+
+def _chunks(paths, text_field, is_val: np.ndarray, dtype: str) -> Iterator[tuple[list[str], list[bool], str]]:
+    docs: list[str] = []
+    n_chars = 0
+    for i, (_, doc) in enumerate(iter_documents(paths, text_field)):
+        docs.append(doc)
+        n_chars += len(doc)
+        if n_chars >= CHUNK_CHARS:
+            yield docs, is_val[i + 1 - len(docs): i + 1].tolist(), dtype
+            docs, n_chars = [], 0
+    if docs:
+        yield docs, is_val[len(is_val) - len(docs):].tolist(), dtype
+
+
+def _n_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _read_index(data_dir: Path) -> dict | None:
+    try:
+        return json.loads((data_dir / "index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def prepare(
+    sources,
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+    seed: int = 0,
+    num_workers: int | None = None,
+    max_shard_tokens: int = MAX_SHARD_TOKENS,
+) -> Path:
+    """Tokenize `sources` into token shards + index.json + tokenizer.json in `out_dir`; return `out_dir`.
+
+    A seeded random `val_fraction` of the documents (at least one, when there are two or more) forms the
+    validation split. Reuses an existing preparation of the same sources, tokenizer and split settings.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out_dir = Path(out_dir)
+    paths = resolve_sources(sources)
+    src_fp = _source_fingerprint(paths, text_field, val_fraction, seed)
+    old = _read_index(out_dir)
+    if old and old.get("source_fingerprint") == src_fp and old.get("tokenizer_fingerprint") == tokenizer.fingerprint:
+        try:
+            TokenDataset(out_dir, "train")
+            return out_dir
+        except DataError:
+            pass  # corrupt: prepare again
+
+    # pass 1: count documents (also surfaces format errors before any worker starts)
+    n_docs = sum(1 for _ in iter_documents(paths, text_field))
+    if n_docs == 0:
+        raise DataError(f"no text found in: {', '.join(map(str, paths))}")
+    n_val = 0 if val_fraction == 0 or n_docs < 2 else min(max(1, round(val_fraction * n_docs)), n_docs - 1)
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
+
+    # pass 2: tokenize in parallel into temporary shards
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=".prepare-"))
+    writers = {s: _ShardWriter(tmp_dir, s, max_shard_tokens) for s in SPLITS}
+    num_workers = num_workers or min(8, _n_cpus())
+    chunks = _chunks(paths, text_field, is_val, dtype.name)
+    bar = tqdm(total=n_docs, unit="doc", desc=f"tokenizing -> {out_dir}", disable=None)
+    pool = None
+    try:
+        if num_workers > 1 and n_docs > 1:
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if "fork" in methods else None)
+            pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer.to_str(),))
+            results = _bounded_imap(pool, _tokenize_chunk, chunks, depth=2 * num_workers)
+        else:
+            _init_worker(tokenizer.to_str())
+            results = map(_tokenize_chunk, chunks)
+        for n, train_ids, val_ids in results:
+            writers["train"].write(train_ids)
+            writers["val"].write(val_ids)
+            bar.update(n)
+        shards = {s: w.close() for s, w in writers.items()}
+        return _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_docs, is_val,
+                       {"val_fraction": val_fraction, "text_field": text_field, "seed": seed})
+    except BaseException:
+        for w in writers.values():
+            w.close()
+        _rmtree(tmp_dir)
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_docs, is_val, settings) -> Path:
+    """Move finished shards into place. The index goes first and comes back last: no torn dataset is valid."""
+    n_tokens = {s: sum(sh["n_tokens"] for sh in shards[s]) for s in SPLITS}
+    if n_tokens["train"] == 0:
+        _rmtree(tmp_dir)
+        raise DataError(f"no tokens in the training split of: {', '.join(map(str, paths))}")
+    old = _read_index(out_dir) or {}
+    (out_dir / "index.json").unlink(missing_ok=True)
+    new_files = {sh["file"] for s in SPLITS for sh in shards[s]}
+    for s in SPLITS:
+        for sh in old.get("splits", {}).get(s, {}).get("shards", []):
+            if sh.get("file") not in new_files:
+                (out_dir / sh["file"]).unlink(missing_ok=True)
+    for f in new_files:
+        os.replace(tmp_dir / f, out_dir / f)
+    _rmtree(tmp_dir)
+    tokenizer.save(out_dir / "tokenizer.json")
+    n_val_docs = int(is_val.sum())
+    index = {
+        "version": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "source_fingerprint": src_fp,
+        "sources": [str(p) for p in paths],
+        **settings,
+        "splits": {
+            s: {"n_tokens": n_tokens[s], "n_documents": n_docs - n_val_docs if s == "train" else n_val_docs,
+                "shards": shards[s]}
+            for s in SPLITS
+        },
+    }
+    atomic_write_text(out_dir / "index.json", json.dumps(index, indent=1) + "\n")
+    return out_dir
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+
+class TokenDataset:
+    """One split ("train" | "val") of a prepared directory: its shards memory-mapped, validated against index.json."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train"):
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}: expected one of {SPLITS}")
+        self.data_dir, self.split = Path(data_dir), split
+        index = _read_index(self.data_dir)
+        if index is None:
+            raise DataError(f"not a prepared dataset (no readable index.json): {self.data_dir}")
+        if index.get("version") != FORMAT_VERSION:
+            raise DataError(f"dataset format {index.get('version')} is not {FORMAT_VERSION}: {self.data_dir}")
+        self.index = index
+        self.dtype = np.dtype(index["dtype"])
+        self.vocab_size: int = index["vocab_size"]
+        self.eos_id: int = index["eos_id"]
+        self.tokenizer_path = self.data_dir / "tokenizer.json"
+        info = index["splits"][split]
+        self.n_documents: int = info["n_documents"]
+        self.shards: list[np.memmap] = []
+        for sh in info["shards"]:
+            path = self.data_dir / sh["file"]
+            expected = sh["n_tokens"] * self.dtype.itemsize
+            found = path.stat().st_size if path.is_file() else None
+            if found != expected:
+                raise DataError(
+                    f"corrupt shard {path}: expected {expected} bytes, found "
+                    f"{'no file' if found is None else found} (run prepare again)"
+                )
+            if sh["n_tokens"]:
+                self.shards.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(sh["n_tokens"],)))
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # global start of each shard
+        self.n_tokens: int = int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the split, across shard boundaries."""
+        if start < 0 or start + length > self.n_tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) outside a split of {self.n_tokens}")
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        parts = []
+        while length > 0:
+            lo = start - int(self.offsets[i])
+            take = min(length, len(self.shards[i]) - lo)
+            parts.append(self.shards[i][lo: lo + take])
+            start, length, i = start + take, length - take, i + 1
+        return np.concatenate(parts) if len(parts) != 1 else np.array(parts[0])
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.tokenizer_path)
+
+    def __repr__(self) -> str:
+        return f"TokenDataset({str(self.data_dir)!r}, {self.split!r}, n_tokens={self.n_tokens})"
+
+
+def _to_batch(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(windows.astype(np.int64))  # (B, S+1)
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+class WindowSampler:
+    """Infinite, seeded stream of random (inputs, targets) windows of `seq_len` tokens.
+
+    Step s draws world_size * batch_size window starts, uniform over the split, from a generator seeded with
+    (seed, s); each window is seq_len + 1 tokens, inputs = window[:-1], targets = window[1:].
+    Data-parallel rule: rank r takes draws [r * batch_size, (r + 1) * batch_size) of that global batch, so
+    the ranks' draws are disjoint and the concatenation over ranks (in rank order) of the ranks' batches at
+    step s equals the single-process (world_size=1) batch of size world_size * batch_size at step s.
+    Resuming: state_dict() is the step counter (and seed); load_state_dict() continues the exact stream.
+    """
+
+    def __init__(self, dataset: TokenDataset, batch_size: int, seq_len: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if dataset.n_tokens < seq_len + 1:
+            raise DataError(
+                f"{dataset.split} split of {dataset.data_dir} has {dataset.n_tokens} tokens, "
+                f"fewer than seq_len + 1 = {seq_len + 1}"
+            )
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        self.dataset, self.batch_size, self.seq_len = dataset, batch_size, seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.step = 0
+
+    def window_starts(self, step: int) -> np.ndarray:
+        """Start offsets of the global batch (all ranks) at `step`."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, self.dataset.n_tokens - self.seq_len, size=self.world_size * self.batch_size)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.window_starts(self.step)[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        self.step += 1
+        return _to_batch(np.stack([self.dataset.read(int(s), self.seq_len + 1) for s in starts]))
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.seed = int(d["step"]), int(d["seed"])
+
+
+def eval_batches(dataset: TokenDataset, batch_size: int, seq_len: int, max_tokens: int | None = None,
+                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic, non-overlapping (inputs, targets) batches over the split, in order.
+
+    Window i predicts targets [i*seq_len + 1, (i+1)*seq_len + 1), so every token after the first is a target
+    exactly once. Without max_tokens the leftover (< seq_len targets) comes last as a (1, r) batch; with it,
+    only whole windows up to max_tokens targets are used (at least one). Weight losses by target count.
+    With world_size > 1, rank r gets batches r, r + world_size, ...
+    """
+    n_targets = dataset.n_tokens - 1
+    if n_targets < 1:
+        raise DataError(f"{dataset.split} split of {dataset.data_dir} is empty")
+    n_windows, tail = divmod(n_targets, seq_len)
+    if max_tokens is not None:
+        n_windows, tail = max(1, min(n_windows, max_tokens // seq_len)), 0
+        if n_windows * seq_len > n_targets:  # split shorter than one window: use all of it
+            n_windows, tail = 0, n_targets
+    batches = [(i, min(i + batch_size, n_windows)) for i in range(0, n_windows, batch_size)]
+    if tail:
+        batches.append((n_windows, None))
+    for b, (lo, hi) in enumerate(batches):
+        if b % world_size != rank:
+            continue
+        if hi is None:
+            yield _to_batch(dataset.read(lo * seq_len, tail + 1)[None])
+        else:
+            yield _to_batch(np.stack([dataset.read(i * seq_len, seq_len + 1) for i in range(lo, hi)]))
+
+
+def unigram_loss(train_ds: TokenDataset, val_ds: TokenDataset) -> float:
+    """Cross-entropy (nats/token) on val of the train split's add-one-smoothed unigram distribution.
+
+    A model that ignores context cannot beat this; a trained LM should be clearly below it.
+    """
+    V = train_ds.vocab_size
+    counts = np.zeros(V, dtype=np.int64)
+    step = 1 << 24
+    for shard in train_ds.shards:
+        for i in range(0, len(shard), step):
+            counts += np.bincount(shard[i: i + step], minlength=V)
+    logp = np.log(counts + 1.0) - np.log(counts.sum() + V)
+    if val_ds.n_tokens == 0:
+        raise DataError(f"val split of {val_ds.data_dir} is empty")
+    total = sum(float(logp[shard[i: i + step]].sum()) for shard in val_ds.shards for i in range(0, len(shard), step))
+    return -total / val_ds.n_tokens
