@@ -1,0 +1,249 @@
+"""HF bridge: exported models give our logits in transformers (shared pools stay shared), generate with a
+KV cache, ship a working tokenizer; imported Mixtral / OLMoE / Qwen3-MoE models give transformers' logits."""
+
+import json
+import pydoc_data.topics
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from unipool import cli  # noqa: E402
+from unipool.checkpoint import load_model, save_model  # noqa: E402
+from unipool.config import get_preset  # noqa: E402
+from unipool.hf import HFError, export_hf, import_hf  # noqa: E402
+from unipool.model import build_model  # noqa: E402
+from unipool.tokenizer import train_bpe  # noqa: E402
+
+TEXT = [
+    "The while statement is used for repeated execution as long as an expression is true.",
+    "A class definition is an executable statement. The class name is bound to the class object.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus") / "topics.txt"
+    corpus.write_text("\n\n".join(pydoc_data.topics.topics.values()))
+    return train_bpe([corpus], 512)
+
+
+def _perturbed(cfg):
+    """A model whose every weight matters: norms and routers moved away from their init values."""
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for block in model.layers:
+            if hasattr(block.router, "expert_bias"):
+                block.router.expert_bias.copy_(torch.randn_like(block.router.expert_bias) * 0.05)
+    return model.eval()
+
+
+def _load_hf(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True)
+    return model.eval()
+
+
+CONFIGS = {
+    # UniPool: one shared pool, NormRouter, top-2, padded vocabulary (512 -> 576 rows)
+    "pool-norm": dict(preset="debug", top_k=2, vocab_multiple=96),
+    # vanilla per-layer MoE, softmax top-2 renormalised, OLMoE-style QK-norm
+    "layerwise-softmax": dict(preset="debug-vanilla", top_k=2, renormalize=True, qk_norm="full"),
+    # grouped sharing: 4 layers, 2 pools; fine-grained experts (g=2)
+    "grouped-norm-g2": dict(preset="debug", moe_mode="grouped", n_layers=4, n_groups=2, num_experts=4, granularity=2),
+    # sigmoid router with selection bias, per-head QK-norm and an explicit head_dim != d_model / n_heads
+    "pool-sigmoid-head": dict(preset="debug", router="sigmoid", renormalize=True, qk_norm="head", attn_head_dim=32),
+}
+
+
+def _config(name, vocab_size):
+    kw = dict(CONFIGS[name])
+    return get_preset(kw.pop("preset")).replace(vocab_size=vocab_size, **kw)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_export_matches_our_logits_and_keeps_pools_shared(name, tokenizer, tmp_path):
+    cfg = _config(name, tokenizer.vocab_size)
+    ours = _perturbed(cfg)
+    out = export_hf(ours, tokenizer, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_unipool.UnipoolForCausalLM"
+    assert "import unipool" not in (out / "modeling_unipool.py").read_text()
+
+    hf = _load_hf(out)
+    ids = torch.tensor([tokenizer.encode(t)[:16] for t in TEXT])
+    with torch.no_grad():
+        expected, got = ours(ids).logits, hf(ids).logits
+    assert got.shape == expected.shape == (2, 16, tokenizer.vocab_size)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    # Same parameters, and each pool exists once: on disk and as one tensor whichever layer calls it.
+    assert sum(p.numel() for p in hf.parameters()) == ours.param_counts()["total"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert sum("gate_up_proj" in k for k in f.keys()) == cfg.n_pools
+    seen = []
+    for pool in hf.model.experts:
+        pool.register_forward_hook(lambda mod, args, res: seen.append(mod.gate_up_proj.data_ptr()))
+    with torch.no_grad():
+        hf(ids)
+    assert len(seen) == cfg.n_layers
+    for layer, ptr in enumerate(seen):
+        assert ptr == hf.model.experts[cfg.pool_of_layer(layer)].gate_up_proj.data_ptr()
+    assert len(set(seen)) == cfg.n_pools
+
+
+def _greedy(model, ids, n):
+    """Reference greedy decoding with our model: full recompute per token."""
+    ids = list(ids)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids
+
+
+def test_export_generate_with_and_without_cache(tokenizer, tmp_path):
+    ours = _perturbed(_config("pool-norm", tokenizer.vocab_size))
+    hf = _load_hf(export_hf(ours, tokenizer, tmp_path / "hf"))
+    prompt = tokenizer.encode(TEXT[0])[:10]
+    expected = _greedy(ours, prompt, 12)
+    x = torch.tensor([prompt])
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_id)
+    assert hf.generate(x, **kw)[0].tolist() == expected
+    assert hf.generate(x, use_cache=False, **kw)[0].tolist() == expected
+
+    # A left-padded batch: every row generates what it generates alone.
+    short = tokenizer.encode(TEXT[1])[:6]
+    batch = torch.tensor([prompt, [tokenizer.eos_id] * 4 + short])
+    mask = torch.tensor([[1] * 10, [0] * 4 + [1] * 6])
+    got = hf.generate(batch, attention_mask=mask, **kw)
+    assert got[0].tolist() == expected
+    assert got[1, 4:].tolist() == _greedy(ours, short, 12)
+
+
+def test_export_tokenizer_round_trips(tokenizer, tmp_path):
+    out = export_hf(_perturbed(_config("pool-norm", tokenizer.vocab_size)), tokenizer, tmp_path / "hf")
+    text = "Mixture-of-Experts: «every layer» routes into one pool.\n\n  def f(x):\n\treturn x ** 2  # ✓"
+    for trust in (False, True):  # plain AutoTokenizer works too (transformers falls back to a base config)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=trust)
+        assert hf_tok(text)["input_ids"] == tokenizer.encode(text)
+        assert hf_tok.decode(tokenizer.encode(text)) == text
+        assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tokenizer.eos_id
+
+
+def test_cli_export_then_import_restores_the_model(tokenizer, tmp_path, capsys):
+    ours = _perturbed(_config("grouped-norm-g2", tokenizer.vocab_size))
+    run = tmp_path / "run"
+    save_model(ours, run / "checkpoints" / "step_000005", {"step": 5})
+    (run / "checkpoints" / "LATEST").write_text("step_000005\n")
+    tokenizer.save(run / "tokenizer.json")
+
+    assert cli.main(["export", str(run), "--hf", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert cli.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, _ = load_model(tmp_path / "back")
+    assert back.config == ours.config
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == (tmp_path / "hf" / "tokenizer.json").read_text()
+    ids = torch.tensor([tokenizer.encode(TEXT[0])[:20]])
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(ids).logits, ours(ids).logits, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Import
+# ------------------------------------------------------------------------------------------------
+
+TINY = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=32, num_local_experts=4,
+                                                            num_experts_per_tok=2)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
+    "olmoe-normtopk": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=6,
+                                                               num_experts_per_tok=3, norm_topk_prob=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=32, num_experts=4,
+                                                                num_experts_per_tok=2, head_dim=32)),
+    "qwen3_moe-normtopk": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=32, num_experts=4,
+                                                                         num_experts_per_tok=2,
+                                                                         norm_topk_prob=True)),
+}
+
+
+def _tiny_hf(family, **overrides):
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def _assert_same_logits(hf, ours):
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = hf(ids).logits, ours.eval()(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_import_matches_transformers(family, tmp_path):
+    hf = _tiny_hf(family)
+    with torch.no_grad():  # move norms off 1 so that every tensor's mapping is tested
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(str(tmp_path))
+    ours = import_hf(tmp_path)
+    assert ours.config.moe_mode == "layerwise" and ours.config.padded_vocab_size == TINY["vocab_size"]
+    assert ours.param_counts()["total"] == sum(p.numel() for p in hf.parameters())
+    _assert_same_logits(hf, ours)
+
+
+def test_import_reads_fused_expert_tensors(tmp_path):
+    # transformers 5 holds experts as fused 3-D gate_up_proj / down_proj; a file with those names imports too.
+    hf = _tiny_hf("qwen3_moe")
+    hf.config.save_pretrained(str(tmp_path))
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    _assert_same_logits(hf, import_hf(tmp_path))
+
+
+REFUSED = [
+    ("mixtral", dict(tie_word_embeddings=True), "tied input/output embeddings"),
+    ("mixtral", dict(sliding_window=16), "sliding-window attention"),
+    ("mixtral", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "RoPE scaling"),
+    ("olmoe", dict(clip_qkv=8.0), "clip_qkv"),
+    ("olmoe", dict(attention_bias=True), "biases"),
+    ("qwen3_moe", dict(mlp_only_layers=[1]), "dense MLP layers"),
+    ("qwen3_moe", dict(decoder_sparse_step=2), "dense MLP layers"),
+    ("qwen3_moe", dict(use_sliding_window=True, sliding_window=16), "sliding-window"),
+]
+
+
+@pytest.mark.parametrize("family,overrides,message", REFUSED)
+def test_import_refuses_what_does_not_map(family, overrides, message, tmp_path, capsys):
+    config_cls, _, extra = FAMILIES[family]
+    getattr(transformers, config_cls)(**{**TINY, **extra, **overrides}).save_pretrained(str(tmp_path / "hf"))
+    assert cli.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_refuses_shared_experts_and_other_families(tmp_path):
+    cfg = transformers.Qwen2MoeConfig(**TINY, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                      num_experts=4, num_experts_per_tok=2)
+    cfg.save_pretrained(str(tmp_path / "qwen2"))
+    with pytest.raises(HFError, match="shared experts"):
+        import_hf(tmp_path / "qwen2")
+    transformers.LlamaConfig(**TINY).save_pretrained(str(tmp_path / "llama"))
+    with pytest.raises(HFError, match="model_type 'llama'"):
+        import_hf(tmp_path / "llama")
+    with pytest.raises(HFError, match="no such directory"):
+        import_hf(tmp_path / "missing")
+    # a directory with a config but no safetensors weights
+    _tiny_hf("mixtral").config.save_pretrained(str(tmp_path / "noweights"))
+    with pytest.raises(HFError, match="no model.safetensors"):
+        import_hf(tmp_path / "noweights")
