@@ -1,0 +1,187 @@
+"""`unipool train`: end to end through the CLI, exact resume after an interrupt, config errors."""
+
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from pydoc_data.topics import topics
+
+from unipool import cli
+from unipool.checkpoint import load_model
+from unipool.config import ModelConfig
+from unipool.data import WindowSampler
+from unipool.train import lr_at, param_groups, routing_stats, train
+from unipool.train_config import ConfigError, DataConfig, apply_override, preset_config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Real English text (Python's own help topics), scenes separated by form feeds like the default corpus."""
+    path = tmp_path_factory.mktemp("corpus") / "topics.txt"
+    docs = [topics[k] for k in sorted(topics)][:60]
+    path.write_text("\f".join(docs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data") / "prepared"
+
+
+def debug_args(corpus: Path, data_dir: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return ["train", "--preset", "debug", "--data.sources", str(corpus), "--data.tokenizer", "bpe:320",
+            "--data.data-dir", str(data_dir), "--train.out-dir", str(out), "--train.run-name", name,
+            "--train.progress", "false", "--set", "train.batch_size=4", "--set", "train.seq_len=32",
+            "--train.sample-tokens", "4", "--train.eval-tokens", "256", *extra]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_end_to_end(corpus, data_dir, tmp_path, capsys):
+    rc = cli.main(debug_args(corpus, data_dir, tmp_path, "e2e", "--train.steps", "4", "--train.log-interval", "2",
+                             "--train.eval-interval", "2", "--train.routing-interval", "2"))
+    assert rc == 0
+    run = tmp_path / "e2e"
+    out = capsys.readouterr().out
+    assert "val loss" in out and "unigram baseline" in out and f"run directory: {run}" in out
+
+    cfg = json.loads((run / "config.json").read_text())
+    model_cfg = ModelConfig.from_dict(cfg["model"])
+    assert cfg["train"]["steps"] == 4 and cfg["data"]["tokenizer"] == "bpe:320"
+    assert model_cfg.vocab_size == json.loads((Path(cfg["data"]["data_dir"]) / "index.json").read_text())["vocab_size"]
+
+    lines = read_metrics(run)
+    assert all("step" in r and "tokens" in r for r in lines)
+    train_lines = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train_lines] == [2, 4]
+    assert train_lines[-1]["tokens"] == 4 * 4 * 32
+    routing = train_lines[-1]["routing"]
+    assert len(routing["load_LE"]) == model_cfg.n_layers and len(routing["load_LE"][0]) == model_cfg.num_experts
+    assert [r["step"] for r in lines if "val_loss" in r] == [2, 4]
+
+    model, meta = load_model(run)
+    assert meta["step"] == 4 and model.config == model_cfg
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("val_loss", "val_ppl", "unigram_loss", "tok_per_s", "peak_rss_mb", "wall_time_s", "sample"):
+        assert key in summary
+    assert summary["val_loss"] == [r for r in lines if "val_loss" in r][-1]["val_loss"]
+
+
+def test_interrupt_then_resume_is_exact(corpus, data_dir, tmp_path, monkeypatch):
+    """6 steps straight == 3 steps, Ctrl-C (checkpoint), resume, 3 more: identical losses (fp32, CPU)."""
+    common = ["--train.steps", "6", "--train.grad-accum", "2", "--train.log-interval", "1",
+              "--train.eval-interval", "3", "--train.ckpt-interval", "100", "--train.precision", "fp32"]
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "straight", *common)) == 0
+
+    original = WindowSampler.next_batch
+
+    def next_batch(self):
+        if self.step == 4:  # first micro-batch of step 3: Ctrl-C arrives mid-step
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(WindowSampler, "next_batch", next_batch)
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "split", *common)) == 130
+    run = tmp_path / "split"
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == "step_000003"
+    monkeypatch.setattr(WindowSampler, "next_batch", original)
+    assert cli.main(["train", "--resume", str(run), "--train.progress", "false"]) == 0
+
+    straight, split = read_metrics(tmp_path / "straight"), read_metrics(run)
+    assert [r["step"] for r in split if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "aux_loss", "grad_norm", "val_loss"):
+        assert [r[key] for r in straight if key in r] == [r[key] for r in split if key in r], key
+    a, _ = load_model(tmp_path / "straight")
+    b, _ = load_model(run)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_cli_errors_are_one_line(corpus, data_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("optimizer: {lr: 1}\n")
+    cases = [
+        (["--set", "train.lr=-1"], "train.lr"),
+        (["--set", "train.bogus=1"], "unknown field(s) bogus"),
+        (["--model.num-experts", "many"], "model.num_experts: expected int"),
+        (["--config", str(bad_yaml)], "unknown section(s) optimizer"),
+        (["--data.sources", str(tmp_path / "missing.txt")], "no such file"),
+        (["--data.sources", str(empty), "--data.data-dir", str(tmp_path / "d2")], "no text found"),
+        (["--set", "train.seq_len=4096"], "exceeds model.max_seq_len"),
+    ]
+    for extra, expected in cases:
+        rc = cli.main(debug_args(corpus, data_dir, tmp_path, "bad", "--train.steps", "1", *extra))
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, extra
+        assert err.startswith("error: ") and expected in err and "\n" not in err, (extra, err)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_resume_refuses_incompatible_config(corpus, data_dir, tmp_path, capsys):
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "r", "--train.steps", "2")) == 0
+    capsys.readouterr()
+    rc = cli.main(["train", "--resume", str(tmp_path / "r"), "--set", "model.num_experts=4", "--set", "model.top_k=2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "model.num_experts" in err and "model.top_k" in err and "\n" not in err
+    rc = cli.main(["train", "--resume", str(tmp_path / "r"), "--preset", "debug-vanilla"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "model.moe_mode" in err
+    rc = cli.main(["train", "--resume", str(tmp_path / "nowhere")])
+    assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_config_resolution_and_overrides(tmp_path):
+    run = preset_config("debug")
+    run = apply_override(run, "model.num_experts=16")
+    run = apply_override(run, "train.lr=3e-4")
+    run = apply_override(run, "data.sources=a.txt,b.txt")
+    assert (run.model.num_experts, run.train.lr, run.data.sources) == (16, 3e-4, ["a.txt", "b.txt"])
+    with pytest.raises(ConfigError, match="model.top_k"):
+        apply_override(run, "model.top_k=99")
+    # a YAML file shaped like config.json, partial, through the CLI parser
+    (tmp_path / "c.yaml").write_text("model: {num_experts: 12}\ntrain: {warmup_frac: 0.2, compile: true}\n")
+    parser = cli.build_parser()
+    from unipool.train_config import resolve_config
+
+    args = parser.parse_args(["train", "--preset", "debug", "--config", str(tmp_path / "c.yaml"),
+                              "--set", "train.warmup_frac=0.3", "--model.top-k", "2"])
+    run = resolve_config(args)
+    assert (run.model.num_experts, run.model.top_k, run.train.warmup_frac, run.train.compile) == (12, 2, 0.3, True)
+    assert DataConfig().tokenizer == "bpe:8192"
+
+
+def test_lr_schedule_and_param_groups():
+    lrs = [lr_at(s, 100, 1e-3, 1e-4, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup over 10 steps
+    assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4, rel=1e-2)
+    assert lrs[55] == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-6)  # cosine midpoint
+    from unipool.model import build_model
+
+    model = build_model(preset_config("debug").model, "meta")
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
+    assert any("router.scale" in names[id(p)] for p in no_decay["params"])
+    assert any("experts.0.w13_EFD" == names[id(p)] for p in decay["params"])
+    assert any("tok_embeddings.weight" == names[id(p)] for p in decay["params"])
+
+
+def test_routing_stats_by_hand():
+    cfg = dataclasses.replace(preset_config("debug").model, num_experts=4)
+    from unipool.model import build_model
+
+    model = build_model(cfg, "meta")
+    counts = torch.tensor([[4.0, 4.0, 0.0, 0.0], [8.0, 0.0, 0.0, 0.0]])
+    stats = routing_stats(counts, model)
+    assert stats["load_LE"] == [[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    assert stats["dead_experts"] == 2  # experts 2 and 3 got nothing from either layer of the shared pool
+    pool = torch.tensor([12.0, 4.0, 0.0, 0.0])
+    assert stats["balance_cv"] == pytest.approx(float(pool.std(unbiased=False) / pool.mean()), abs=1e-5)
