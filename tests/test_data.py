@@ -174,7 +174,8 @@ def test_prepare_reuses_and_redoes(tmp_path, tok):
     other_tok = train_bpe([src], 300)  # another tokenizer: prepared again
     prepare(src, out, other_tok)
     assert TokenDataset(out, "train").vocab_size == 300
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "tokenizer.json", "train_000.bin", "val_000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "index.json", "tokenizer.json", "train_000.bin",
+                                                     "val_000.bin"]
 
 
 def test_interrupted_prepare_leaves_previous_dataset(tmp_path, tok, monkeypatch):
@@ -189,7 +190,7 @@ def test_interrupted_prepare_leaves_previous_dataset(tmp_path, tok, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         prepare(src, out, tok, seed=1)
     np.testing.assert_array_equal(all_tokens(TokenDataset(out, "train")), before)
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # temporary shards removed
+    assert not [p for p in out.iterdir() if p.name.startswith(".prepare")]  # temporary shards removed
 
 
 # --- errors --------------------------------------------------------------------------------------------------
@@ -384,3 +385,42 @@ def test_default_corpus(tmp_path):
     # cached: the second call reuses the converted files
     stamp = files[0].stat().st_mtime_ns
     assert default_corpus_files(tmp_path) == files and files[0].stat().st_mtime_ns == stamp
+
+
+def test_concurrent_prepares_share_one_result(tmp_path, tok):
+    import threading
+
+    src = write_source("txt", tmp_path, DOCS[:20])
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(all_tokens(TokenDataset(prepare(src, tmp_path / "p", tok, num_workers=1), "train")))
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3
+    assert all(np.array_equal(r, results[0]) for r in results)
+
+
+def test_prepare_command(tmp_path, tok, capsys):
+    import argparse
+
+    from unipool.data import add_prepare_args, cmd_prepare
+
+    parser = argparse.ArgumentParser()
+    add_prepare_args(parser)
+    src = write_source("jsonl", tmp_path, DOCS[:20])
+    tok.save(tmp_path / "tok.json")
+    args = parser.parse_args([str(src), "--out", str(tmp_path / "p"), "--tokenizer", str(tmp_path / "tok.json"),
+                              "--val-fraction", "0.1"])
+    assert cmd_prepare(args) == 0
+    out = capsys.readouterr().out
+    train, val = TokenDataset(tmp_path / "p", "train"), TokenDataset(tmp_path / "p", "val")
+    assert f"train {train.n_tokens:,} tokens (18 docs), val {val.n_tokens:,} tokens (2 docs)" in out
+    assert f"unigram baseline: {unigram_loss(train, val):.4f}" in out

@@ -33,6 +33,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+try:
+    import fcntl
+except ImportError:  # Windows: no locking between concurrent prepares
+    fcntl = None
+
 from .corpus import DataError, default_corpus_files, iter_documents, resolve_sources
 from .tokenizer import Tokenizer, atomic_write_text
 
@@ -68,7 +73,7 @@ def _source_fingerprint(paths: list[Path], text_field: str, val_fraction: float,
     return h.hexdigest()[:16]
 
 
-_worker_tok: Tokenizer | None = None
+_worker_tok: Tokenizer | None = None  # set in each pool worker by _init_worker
 
 
 def _init_worker(tok_json: str) -> None:
@@ -77,15 +82,18 @@ def _init_worker(tok_json: str) -> None:
     _worker_tok = Tokenizer.from_str(tok_json)
 
 
-def _tokenize_chunk(args: tuple[list[str], list[bool], str]) -> tuple[int, np.ndarray, np.ndarray]:
+def _tokenize_docs(tok: Tokenizer, args: tuple[list[str], list[bool], str]) -> tuple[int, np.ndarray, np.ndarray]:
     """Tokenize a chunk of documents: (n docs, train tokens, val tokens), each doc followed by EOD."""
     docs, is_val, dtype = args
-    tok = _worker_tok
     out: dict[bool, list[int]] = {False: [], True: []}
     for ids, v in zip(tok.encode_batch(docs), is_val):
         out[v].extend(ids)
         out[v].append(tok.eos_id)
     return len(docs), np.array(out[False], dtype=dtype), np.array(out[True], dtype=dtype)
+
+
+def _tokenize_chunk(args):
+    return _tokenize_docs(_worker_tok, args)
 
 
 def _bounded_imap(pool, fn, items, depth: int):
@@ -132,7 +140,9 @@ class _ShardWriter:
 def _chunks(paths, text_field, is_val: np.ndarray, dtype: str) -> Iterator[tuple[list[str], list[bool], str]]:
     docs: list[str] = []
     n_chars = 0
-    for i, (_, doc) in enumerate(iter_documents(paths, text_field)):
+    for i, (path, doc) in enumerate(iter_documents(paths, text_field)):
+        if i >= len(is_val):
+            raise DataError(f"source changed while it was being prepared: {path}")
         docs.append(doc)
         n_chars += len(doc)
         if n_chars >= CHUNK_CHARS:
@@ -176,56 +186,69 @@ def prepare(
     out_dir = Path(out_dir)
     paths = resolve_sources(sources)
     src_fp = _source_fingerprint(paths, text_field, val_fraction, seed)
-    old = _read_index(out_dir)
-    if old and old.get("source_fingerprint") == src_fp and old.get("tokenizer_fingerprint") == tokenizer.fingerprint:
-        try:
-            TokenDataset(out_dir, "train")
-            return out_dir
-        except DataError:
-            pass  # corrupt: prepare again
-
-    # pass 1: count documents (also surfaces format errors before any worker starts)
-    n_docs = sum(1 for _ in iter_documents(paths, text_field))
-    if n_docs == 0:
-        raise DataError(f"no text found in: {', '.join(map(str, paths))}")
-    n_val = 0 if val_fraction == 0 or n_docs < 2 else min(max(1, round(val_fraction * n_docs)), n_docs - 1)
-    is_val = np.zeros(n_docs, dtype=bool)
-    is_val[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
-
-    # pass 2: tokenize in parallel into temporary shards
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tokenizer.vocab_size)
-    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=".prepare-"))
+    # one prepare per directory at a time: runs sharing a data cache wait here, then reuse the result
+    with open(out_dir / ".lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_prepared(out_dir, src_fp, tokenizer):
+            return out_dir
+
+        # pass 1: count documents (also surfaces format errors before any worker starts)
+        count_bar = tqdm(iter_documents(paths, text_field), unit="doc", desc="reading documents", disable=None)
+        n_docs = sum(1 for _ in count_bar)
+        if n_docs == 0:
+            raise DataError(f"no text found in: {', '.join(map(str, paths))}")
+        n_val = 0 if val_fraction == 0 or n_docs < 2 else min(max(1, round(val_fraction * n_docs)), n_docs - 1)
+        is_val = np.zeros(n_docs, dtype=bool)
+        is_val[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
+
+        # pass 2: tokenize in parallel into temporary shards, then move them into place
+        dtype = token_dtype(tokenizer.vocab_size)
+        tmp_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=".prepare-"))
+        try:
+            shards = _tokenize_to(tmp_dir, paths, text_field, tokenizer, is_val, dtype, max_shard_tokens,
+                                  num_workers or min(8, _n_cpus()), desc=f"tokenizing -> {out_dir}")
+            return _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_docs, is_val,
+                           {"val_fraction": val_fraction, "text_field": text_field, "seed": seed})
+        finally:
+            _rmtree(tmp_dir)
+
+
+def _is_prepared(out_dir: Path, src_fp: str, tokenizer: Tokenizer) -> bool:
+    old = _read_index(out_dir)
+    if not old or old.get("source_fingerprint") != src_fp or old.get("tokenizer_fingerprint") != tokenizer.fingerprint:
+        return False
+    try:
+        TokenDataset(out_dir, "train"), TokenDataset(out_dir, "val")
+    except DataError:
+        return False  # a damaged shard: prepare again
+    return True
+
+
+def _tokenize_to(tmp_dir, paths, text_field, tokenizer, is_val, dtype, max_shard_tokens, num_workers, desc):
+    """Tokenize all documents into `tmp_dir` shards; returns {split: [{"file", "n_tokens"}, ...]}."""
     writers = {s: _ShardWriter(tmp_dir, s, max_shard_tokens) for s in SPLITS}
-    num_workers = num_workers or min(8, _n_cpus())
     chunks = _chunks(paths, text_field, is_val, dtype.name)
-    bar = tqdm(total=n_docs, unit="doc", desc=f"tokenizing -> {out_dir}", disable=None)
     pool = None
     try:
-        if num_workers > 1 and n_docs > 1:
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("fork" if "fork" in methods else None)
-            pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer.to_str(),))
-            results = _bounded_imap(pool, _tokenize_chunk, chunks, depth=2 * num_workers)
-        else:
-            _init_worker(tokenizer.to_str())
-            results = map(_tokenize_chunk, chunks)
-        for n, train_ids, val_ids in results:
-            writers["train"].write(train_ids)
-            writers["val"].write(val_ids)
-            bar.update(n)
-        shards = {s: w.close() for s, w in writers.items()}
-        return _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_docs, is_val,
-                       {"val_fraction": val_fraction, "text_field": text_field, "seed": seed})
-    except BaseException:
-        for w in writers.values():
-            w.close()
-        _rmtree(tmp_dir)
-        raise
+        with tqdm(total=len(is_val), unit="doc", desc=desc, disable=None) as bar:
+            if num_workers > 1 and len(is_val) > 1:
+                # fork: workers start at once and only run `tokenizers` (no torch, no CUDA)
+                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+                pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer.to_str(),))
+                results = _bounded_imap(pool, _tokenize_chunk, chunks, depth=2 * num_workers)
+            else:
+                results = (_tokenize_docs(tokenizer, c) for c in chunks)
+            for n, train_ids, val_ids in results:
+                writers["train"].write(train_ids)
+                writers["val"].write(val_ids)
+                bar.update(n)
     finally:
-        bar.close()
         if pool is not None:
             pool.terminate()
+        shards = {s: w.close() for s, w in writers.items()}
+    return shards
 
 
 def _rmtree(path: Path) -> None:
@@ -235,9 +258,6 @@ def _rmtree(path: Path) -> None:
 def _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_docs, is_val, settings) -> Path:
     """Move finished shards into place. The index goes first and comes back last: no torn dataset is valid."""
     n_tokens = {s: sum(sh["n_tokens"] for sh in shards[s]) for s in SPLITS}
-    if n_tokens["train"] == 0:
-        _rmtree(tmp_dir)
-        raise DataError(f"no tokens in the training split of: {', '.join(map(str, paths))}")
     old = _read_index(out_dir) or {}
     (out_dir / "index.json").unlink(missing_ok=True)
     new_files = {sh["file"] for s in SPLITS for sh in shards[s]}
@@ -247,7 +267,6 @@ def _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_docs, i
                 (out_dir / sh["file"]).unlink(missing_ok=True)
     for f in new_files:
         os.replace(tmp_dir / f, out_dir / f)
-    _rmtree(tmp_dir)
     tokenizer.save(out_dir / "tokenizer.json")
     n_val_docs = int(is_val.sum())
     index = {
@@ -423,3 +442,33 @@ def unigram_loss(train_ds: TokenDataset, val_ds: TokenDataset) -> float:
         raise DataError(f"val split of {val_ds.data_dir} is empty")
     total = sum(float(logp[shard[i: i + step]].sum()) for shard in val_ds.shards for i in range(0, len(shard), step))
     return -total / val_ds.n_tokens
+
+
+# --- command line: `unipool prepare` ------------------------------------------------------------------------
+
+def add_prepare_args(parser) -> None:
+    parser.add_argument("sources", nargs="*", help="text/.md, .jsonl(.zst/.gz), .parquet files, datasets "
+                        "directories or folders of them (default: Shakespeare's plays)")
+    parser.add_argument("--out", required=True, help="directory for the token shards, index.json and tokenizer.json")
+    parser.add_argument("--tokenizer", default="bpe:8192",
+                        help="gpt2 | bpe:N (byte-level BPE trained on the sources) | a tokenizer.json path")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for val")
+    parser.add_argument("--text-field", default="text", help="field holding the text in jsonl / parquet / datasets")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val document split")
+    parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core, at most 8)")
+
+
+def cmd_prepare(args) -> int:
+    from .tokenizer import get_tokenizer
+
+    sources = args.sources or default_corpus_files()
+    out = Path(args.out)
+    tok = get_tokenizer(args.tokenizer, files=sources)  # BPE training is deterministic: shards get reused
+    prepare(sources, out, tok, val_fraction=args.val_fraction, text_field=args.text_field, seed=args.seed,
+            num_workers=args.workers or None)
+    train, val = TokenDataset(out, "train"), TokenDataset(out, "val")
+    print(f"{out}: train {train.n_tokens:,} tokens ({train.n_documents:,} docs), val {val.n_tokens:,} tokens "
+          f"({val.n_documents:,} docs), vocab {train.vocab_size}, {train.dtype.name}")
+    if val.n_tokens:
+        print(f"unigram baseline: {unigram_loss(train, val):.4f} nats/token on val")
+    return 0

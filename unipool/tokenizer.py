@@ -50,7 +50,8 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         # keep special tokens: EOD markers between documents show up as <|endoftext|> in decoded text
-        return self.tok.decode(list(ids), skip_special_tokens=False)
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # tensors and arrays too
+        return self.tok.decode(ids, skip_special_tokens=False)
 
     def to_str(self) -> str:
         return self.tok.to_str()
