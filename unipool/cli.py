@@ -18,6 +18,7 @@ from .errors import UnipoolError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("unipool.train", "train a model (no arguments: the demo UniPool run on Shakespeare, CPU, minutes)"),
+    "prepare": ("unipool.data", "tokenize text into memory-mapped token shards with a validation split"),
     "params": ("unipool.params", "total / active / expert parameter counts of a preset or config"),
     "eval": ("unipool.eval", "validation loss and perplexity of a run or checkpoint"),
     "compare": ("unipool.report", "table and loss-curve plots comparing runs"),
