@@ -424,3 +424,13 @@ def test_prepare_command(tmp_path, tok, capsys):
     train, val = TokenDataset(tmp_path / "p", "train"), TokenDataset(tmp_path / "p", "val")
     assert f"train {train.n_tokens:,} tokens (18 docs), val {val.n_tokens:,} tokens (2 docs)" in out
     assert f"unigram baseline: {unigram_loss(train, val):.4f}" in out
+
+
+def test_malformed_index(tmp_path):
+    d = write_prepared(tmp_path / "d", vocab_size=4, train=[0, 1], val=[1])
+    index = json.loads((d / "index.json").read_text())
+    del index["splits"]["val"]
+    (d / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match="malformed index.json"):
+        TokenDataset(d, "val")
+    assert TokenDataset(d, "train").n_tokens == 2

@@ -138,18 +138,22 @@ class _ShardWriter:
 
 
 def _chunks(paths, text_field, is_val: np.ndarray, dtype: str) -> Iterator[tuple[list[str], list[bool], str]]:
+    """Documents in chunks of about CHUNK_CHARS characters, with their split flags from pass 1."""
     docs: list[str] = []
-    n_chars = 0
-    for i, (path, doc) in enumerate(iter_documents(paths, text_field)):
-        if i >= len(is_val):
-            raise DataError(f"source changed while it was being prepared: {path}")
+    n_chars, n_seen = 0, 0
+    for path, doc in iter_documents(paths, text_field):
+        if n_seen == len(is_val):
+            raise DataError(f"a source changed while it was being prepared: {path}")
         docs.append(doc)
         n_chars += len(doc)
+        n_seen += 1
         if n_chars >= CHUNK_CHARS:
-            yield docs, is_val[i + 1 - len(docs): i + 1].tolist(), dtype
+            yield docs, is_val[n_seen - len(docs): n_seen].tolist(), dtype
             docs, n_chars = [], 0
+    if n_seen != len(is_val):
+        raise DataError(f"a source changed while it was being prepared: {', '.join(map(str, paths))}")
     if docs:
-        yield docs, is_val[len(is_val) - len(docs):].tolist(), dtype
+        yield docs, is_val[n_seen - len(docs): n_seen].tolist(), dtype
 
 
 def _n_cpus() -> int:
@@ -303,24 +307,28 @@ class TokenDataset:
         if index.get("version") != FORMAT_VERSION:
             raise DataError(f"dataset format {index.get('version')} is not {FORMAT_VERSION}: {self.data_dir}")
         self.index = index
-        self.dtype = np.dtype(index["dtype"])
-        self.vocab_size: int = index["vocab_size"]
-        self.eos_id: int = index["eos_id"]
+        try:
+            self.dtype = np.dtype(index["dtype"])
+            self.vocab_size: int = index["vocab_size"]
+            self.eos_id: int = index["eos_id"]
+            info = index["splits"][split]
+            self.n_documents: int = info["n_documents"]
+            shards = [(sh["file"], int(sh["n_tokens"])) for sh in info["shards"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"malformed index.json in {self.data_dir}: {e!r}") from None
         self.tokenizer_path = self.data_dir / "tokenizer.json"
-        info = index["splits"][split]
-        self.n_documents: int = info["n_documents"]
         self.shards: list[np.memmap] = []
-        for sh in info["shards"]:
-            path = self.data_dir / sh["file"]
-            expected = sh["n_tokens"] * self.dtype.itemsize
+        for file, n in shards:
+            path = self.data_dir / file
+            expected = n * self.dtype.itemsize
             found = path.stat().st_size if path.is_file() else None
             if found != expected:
                 raise DataError(
                     f"corrupt shard {path}: expected {expected} bytes, found "
                     f"{'no file' if found is None else found} (run prepare again)"
                 )
-            if sh["n_tokens"]:
-                self.shards.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(sh["n_tokens"],)))
+            if n:
+                self.shards.append(np.memmap(path, dtype=self.dtype, mode="r", shape=(n,)))
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # global start of each shard
         self.n_tokens: int = int(self.offsets[-1])
 
