@@ -12,6 +12,7 @@ Empty documents are skipped everywhere.
 from __future__ import annotations
 
 import gzip
+import importlib
 import importlib.metadata
 import importlib.util
 import io
@@ -77,10 +78,19 @@ def resolve_sources(sources) -> list[Path]:
     return out
 
 
+def _require(module: str, path: Path):
+    """Import an optional reader, or say which package the file needs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise DataError(f"reading {path} needs the `{package}` package: pip install 'unipool[data]'") from None
+
+
 def _open_text(path: Path) -> io.TextIOBase:
     name = path.name.lower()
     if name.endswith(".zst"):
-        import zstandard
+        zstandard = _require("zstandard", path)
 
         raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
         return io.TextIOWrapper(raw, encoding="utf-8")
@@ -91,11 +101,12 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 def _text_docs(path: Path) -> Iterator[str]:
     with _open_text(path) as f:
-        text = f.read()
-    for doc in text.split(DOC_SEPARATOR):
-        doc = doc.strip()
-        if doc:
-            yield doc
+        rest = ""
+        while block := f.read(1 << 22):  # stream: a big file of many documents is never read whole
+            *docs, rest = (rest + block).split(DOC_SEPARATOR)
+            yield from (d.strip() for d in docs if d.strip())
+        if rest.strip():
+            yield rest.strip()
 
 
 def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
@@ -114,7 +125,7 @@ def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    pq = _require("pyarrow.parquet", path)
 
     try:
         pf = pq.ParquetFile(path)
@@ -129,7 +140,7 @@ def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _hf_docs(path: Path, text_field: str) -> Iterator[str]:
-    import datasets
+    datasets = _require("datasets", path)
 
     try:
         ds = datasets.load_from_disk(str(path))
