@@ -181,16 +181,26 @@ def _resolve_model(model_or_run, tokenizer, device):
 
 def run_lm_eval(model_or_run, tokenizer=None, tasks=("arc_easy",), include_path=None, limit=None,
                 batch_size: int = 8, num_fewshot: int | None = None, device: str = "cpu",
-                log_samples: bool = False, max_gen_toks: int = 128, seed: int = 1234) -> dict:
-    """Evaluate a model (a `Unipool` or a run/checkpoint path) on lm_eval tasks; returns lm_eval's result
-    dict, e.g. result["results"]["arc_easy"]["acc,none"]. The model is evaluated as it is (eval mode),
-    and its training flag is restored afterwards."""
+                log_samples: bool = False, max_gen_toks: int = 128, bootstrap_iters: int = 1000,
+                seed: int = 1234) -> dict:
+    """Evaluate on lm_eval tasks and return lm_eval's result dict, e.g. res["results"]["arc_easy"]["acc,none"]
+    (and res["samples"] with log_samples=True).
+
+    `model_or_run` is an in-memory `Unipool` (evaluated as it is, in eval mode; its training flag is restored
+    afterwards), a run / checkpoint path, or any ready lm_eval `LM` (e.g. lm_eval's HFLM on an export).
+    `tasks` is a list or a comma-separated string; `include_path` adds local task YAML directories.
+    This is lm_eval's `simple_evaluate` minus its environment report (collect_env costs seconds per call,
+    which adds up over the many evaluations of a routing probe). Seeds python, numpy and torch like it.
+    """
     _require_lm_eval()
-    from lm_eval import simple_evaluate
+    import random
+
+    import numpy as np
+    from lm_eval.api.model import LM
+    from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
 
-    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    model, tokenizer = _resolve_model(model_or_run, tokenizer, device)
+    tasks = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
     paths = [str(p) for p in include_path] if isinstance(include_path, (list, tuple)) else \
         ([str(include_path)] if include_path else None)
     # Indexing lm_eval's thousands of built-in task YAMLs takes tens of seconds: skip it when the local
@@ -201,15 +211,35 @@ def run_lm_eval(model_or_run, tokenizer=None, tasks=("arc_easy",), include_path=
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise LMEvalError(f"unknown lm_eval task(s): {', '.join(unknown)} (add --include-path for local YAML tasks)")
-    lm = make_lm(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
-    was_training = model.training
-    model.eval()
+
+    if isinstance(model_or_run, LM):
+        lm, model = model_or_run, None
+    else:
+        model, tokenizer = _resolve_model(model_or_run, tokenizer, device)
+        lm = make_lm(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    loaded = manager.load(tasks)
+    for task in loaded["tasks"].values():
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=seed)
+
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
     try:
-        return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                               log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-                               torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0 if limit else 1000)
+        res = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=log_samples)
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
+    res["config"] = {"model": type(lm).__name__, "limit": limit, "batch_size": batch_size,
+                     "num_fewshot": num_fewshot, "seed": seed, "bootstrap_iters": bootstrap_iters}
+    return res
 
 
 def add_lm_eval_args(parser) -> None:
