@@ -2,11 +2,11 @@
 
 import json
 import math
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 import torch.nn.functional as F
-from pydoc_data.topics import topics
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from test_eval import make_run, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
 from unipool.cli import main
 from unipool.generate import filter_logits, generate, generate_ids
 from unipool.tokenizer import Tokenizer

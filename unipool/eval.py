@@ -257,6 +257,3 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"ppl {result['ppl']:.2f}  over {result['tokens']:,} tokens")
     return 0
 
-
-__all__ = ["EvalError", "LoadedRun", "evaluate", "eval_batches_for", "load_run",
-           "window_batches", "text_tokens"]

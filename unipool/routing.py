@@ -99,7 +99,6 @@ def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshol
 
     counts_LE = np.stack([np.bincount(ids_LTK[l].ravel(), minlength=n_experts) for l in range(n_layers)])
     share_LE = counts_LE / slots
-    rel_LE = share_LE * n_experts  # 1.0 = the uniform share
 
     # Global view: pool p's expert e is column p * E + e.
     gid_LTK = ids_LTK + (pool_L * n_experts)[:, None, None]
