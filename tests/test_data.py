@@ -296,8 +296,10 @@ def test_rank_striding_rule(prepared):
         x, y = single.next_batch()
         parts = [s.next_batch() for s in ranks]
         assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="outside world_size"):
         WindowSampler(ds, 2, 16, rank=3, world_size=3)
+    with pytest.raises(DataError, match="seed must be >= 0"):
+        WindowSampler(ds, 2, 16, seed=-1)
 
 
 def test_sampler_rejects_too_short_split(prepared):

@@ -6,7 +6,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pydoc_data.topics
 
+import numpy as np
 import pytest
+import torch
 
 from unipool.tokenizer import EOD_TOKEN, Tokenizer, TokenizerError, get_tokenizer, gpt2_tokenizer, train_bpe
 
@@ -46,6 +48,9 @@ def test_gpt2_round_trip(gpt2):
         ids = gpt2.encode(text)
         assert gpt2.decode(ids) == text
     assert gpt2.encode_batch(ENGLISH[:4]) == [gpt2.encode(t) for t in ENGLISH[:4]]
+    # ids as a tensor or a numpy array of another integer type decode the same
+    ids = gpt2.encode(ENGLISH[0])
+    assert gpt2.decode(torch.tensor(ids)) == gpt2.decode(np.array(ids, dtype=np.uint16)) == ENGLISH[0]
 
 
 def test_train_bpe_round_trip(corpus_file):

@@ -187,6 +187,8 @@ def prepare(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if seed < 0:
+        raise DataError(f"the split seed must be >= 0, got {seed}")
     out_dir = Path(out_dir)
     paths = resolve_sources(sources)
     src_fp = _source_fingerprint(paths, text_field, val_fraction, seed)
@@ -380,6 +382,8 @@ class WindowSampler:
             )
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
+        if seed < 0:
+            raise DataError(f"the sampler seed must be >= 0, got {seed}")
         self.dataset, self.batch_size, self.seq_len = dataset, batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.step = 0
