@@ -194,9 +194,13 @@ def plot_routing(stats: dict, out_dir: str | Path) -> list[Path]:
         written.append(out_dir / name)
 
     rel_LE = np.asarray(stats["usage_LE"]) * n_experts
-    fig, ax = plt.subplots(figsize=(min(3 + 0.12 * n_experts, 24), 1.5 + 0.3 * n_layers))
+    fig, ax = plt.subplots(figsize=(min(max(5.0, 3 + 0.12 * n_experts), 24), 2 + 0.3 * n_layers))
     im = ax.imshow(rel_LE, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="load / uniform share")
+    if mode == "grouped":  # rows of different group pools index different experts
+        for layer in range(1, n_layers):
+            if stats["pool_of_layer"][layer] != stats["pool_of_layer"][layer - 1]:
+                ax.axhline(layer - 0.5, color="w", lw=1.5)
     ax.set(xlabel=column, ylabel="layer", title=f"expert utilisation ({mode}, {stats['tokens']:,} tokens)")
     ax.xaxis.set_major_locator(integer())
     ax.yaxis.set_major_locator(integer())
