@@ -235,7 +235,7 @@ def plot_routing(stats: dict, out_dir: str | Path) -> list[Path]:
     ax.legend()
     save(fig, "unique_experts.png")
 
-    fig, ax = plt.subplots(figsize=(2.5 + 0.3 * n_layers, 2 + 0.3 * n_layers))
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.5 + 0.3 * n_layers), max(3.0, 2 + 0.3 * n_layers)))
     im = ax.imshow(np.asarray(stats["layer_overlap_jaccard"]), vmin=0, vmax=1, cmap="magma", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="Jaccard of used experts")
     ax.set(xlabel="layer", ylabel="layer", title="expert overlap between layers")
