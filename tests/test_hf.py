@@ -8,15 +8,15 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from unipool import cli  # noqa: E402
-from unipool.checkpoint import load_model, save_model  # noqa: E402
-from unipool.config import get_preset  # noqa: E402
-from unipool.hf import HFError, export_hf, import_hf  # noqa: E402
-from unipool.model import build_model  # noqa: E402
-from unipool.tokenizer import train_bpe  # noqa: E402
+from unipool import cli
+from unipool.checkpoint import load_model, save_model
+from unipool.config import get_preset
+from unipool.hf import HFError, export_hf, import_hf
+from unipool.model import build_model
+from unipool.tokenizer import train_bpe
 
 TEXT = [
     "The while statement is used for repeated execution as long as an expression is true.",
@@ -84,7 +84,7 @@ def test_export_matches_our_logits_and_keeps_pools_shared(name, tokenizer, tmp_p
     # Same parameters, and each pool exists once: on disk and as one tensor whichever layer calls it.
     assert sum(p.numel() for p in hf.parameters()) == ours.param_counts()["total"]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert sum("gate_up_proj" in k for k in f.keys()) == cfg.n_pools
+        assert sum("gate_up_proj" in k for k in f.keys()) == cfg.n_pools  # noqa: SIM118
     seen = []
     for pool in hf.model.experts:
         pool.register_forward_hook(lambda mod, args, res: seen.append(mod.gate_up_proj.data_ptr()))

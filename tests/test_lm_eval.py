@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("lm_eval")
-from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.instance import Instance
 
-from unipool import cli  # noqa: E402
-from unipool.checkpoint import save_model  # noqa: E402
-from unipool.config import get_preset  # noqa: E402
-from unipool.lm_eval import LMEvalError, make_lm, run_lm_eval  # noqa: E402
-from unipool.model import build_model  # noqa: E402
-from unipool.tokenizer import train_bpe  # noqa: E402
+from unipool import cli
+from unipool.checkpoint import save_model
+from unipool.config import get_preset
+from unipool.lm_eval import LMEvalError, make_lm, run_lm_eval
+from unipool.model import build_model
+from unipool.tokenizer import train_bpe
 
 TASK = "unipool_tiny_mc"
 ITEMS = [
@@ -53,9 +53,8 @@ def setup(tmp_path_factory):
     tok = train_bpe([corpus], 512)
     tasks = root / "tasks"
     tasks.mkdir()
-    with open(tasks / "mc.jsonl", "w") as f:
-        for q, choices, answer in ITEMS:
-            f.write(json.dumps({"question": q, "choices": choices, "answer": answer}) + "\n")
+    (tasks / "mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                            for q, c, a in ITEMS))
     (tasks / "mc.yaml").write_text(f"""task: {TASK}
 dataset_path: json
 dataset_kwargs:

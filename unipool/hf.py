@@ -168,7 +168,7 @@ def _load_tokenizers(tokenizer):
         raise HFError(f"no tokenizer at {path}")
     try:
         return HFTokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+    except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception on malformed JSON)
         raise HFError(f"cannot read tokenizer {path}: {e}") from None
 
 
