@@ -103,6 +103,7 @@ def as_sets(ids_TK: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", sorted(HF_FAMILIES))
 def test_hf_probe_changes_only_the_chosen_layer(family, tokens):
+    tokens = tokens[:4]  # 512 tokens
     target = wrap_model(tiny_hf(family))
     moe = list(target.routers)
     chosen = moe[len(moe) // 2]
@@ -133,6 +134,7 @@ def test_hf_probe_changes_only_the_chosen_layer(family, tokens):
 
 @pytest.mark.parametrize("family", sorted(HF_FAMILIES))
 def test_hf_random_choices_are_uniform_and_gated_like_the_family(family, tokens):
+    tokens = tokens[:4]  # 512 tokens, 1024 picks
     target = wrap_model(tiny_hf(family))
     chosen = target.deep_layers[-1]
     router = target.routers[chosen]
@@ -143,7 +145,6 @@ def test_hf_random_choices_are_uniform_and_gated_like_the_family(family, tokens)
     with torch.no_grad(), RandomRouting(target, [chosen], "uniform", torch.Generator().manual_seed(1)), \
             RoutingRecorder(target) as rand:
         target.model(tokens)
-        target.model(tokens)  # 2048 tokens x 2 picks
     # uniform over experts; the test can fail: the learned router on the same tokens is far from uniform
     assert chi_square(learned.counts(chosen)) > CRITICAL
     assert chi_square(rand.counts(chosen)) < CRITICAL
@@ -279,6 +280,56 @@ def test_cli_end_to_end_on_unipool_checkpoint(tmp_path, bpe, text_file):
     assert sorted(report["candidates"]) == ["0", "1"] and all(len(c) == 8 for c in report["candidates"].values())
     assert [r["layer"] for r in report["rows"] if r["metric"] == "loss"] == ["0", "1", "all chosen"]
     assert (out / "probe.png").is_file()
+
+
+TASK_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.mark.parametrize("kind", ["hf", "unipool"])
+def test_cli_zero_shot_tasks(kind, tmp_path, bpe, text_file):
+    """--tasks: accuracy rows from a local lm-eval task; the baseline equals a direct lm-eval run."""
+    pytest.importorskip("lm_eval")
+    from unipool.probe import lm_eval_results, load_target
+
+    topics_list = sorted(topics)
+    with open(tmp_path / "mc.jsonl", "w") as f:
+        for i in range(6):
+            a, b, c = topics_list[3 * i: 3 * i + 3]
+            f.write(json.dumps({"question": f"See also the section on {a} and", "choices": [b, c, a],
+                                "answer": 2}) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tmp_path / "mc.jsonl"))
+    if kind == "hf":
+        model_dir = save_hf(tmp_path, "qwen3_moe", bpe)
+    else:
+        model_dir = tmp_path / "ckpt"
+        save_model(tiny_unipool(), model_dir, {"step": 0})
+        bpe.save(model_dir)
+    out = tmp_path / "out"
+    rc = main(["probe", str(model_dir), "--data", str(text_file), "--max-tokens", "128", "--seq-len", "64",
+               "--seeds", "0", "--layers", "3" if kind == "hf" else "1", "--tasks", "tiny_mc",
+               "--include-path", str(tmp_path / "tasks"), "--limit", "6", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    report = json.loads((out / "probe.json").read_text())
+    rows = {r["metric"]: r for r in report["rows"]}
+    assert set(rows) == {"loss", "ppl", "tiny_mc/acc"}
+    direct = lm_eval_results(load_target(model_dir), ["tiny_mc"], str(tmp_path / "tasks"), 6)  # no hooks
+    assert rows["tiny_mc/acc"]["baseline"] == pytest.approx(100 * direct["results"]["tiny_mc"]["acc,none"])
+    assert 0 <= rows["tiny_mc/acc"]["randomized_mean"] <= 100
 
 
 def test_cli_errors_are_one_line(tmp_path, bpe, text_file, capsys):

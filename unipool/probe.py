@@ -349,35 +349,21 @@ def task_metrics(results: dict) -> dict[str, float]:
     return out
 
 
-def hf_lm_eval(target: ProbeTarget, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-               num_fewshot: int | None = None, batch_size: int = 8) -> dict:
-    """lm-eval on the in-memory (possibly hooked) HF model."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+def lm_eval_results(target: ProbeTarget, tasks: list[str], include_path: str | None = None,
+                    limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
+                    device: str | torch.device = "cpu") -> dict:
+    """lm-eval on the in-memory (possibly hooked) model: HF models through lm_eval's HFLM, unipool
+    models through `unipool.lm_eval`. Returns lm_eval's result dict."""
+    from .lm_eval import run_lm_eval
 
-    lm = HFLM(pretrained=target.model, tokenizer=target.tokenizer, batch_size=batch_size)
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                   num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
+    if target.is_hf:
+        from lm_eval.models.huggingface import HFLM
 
-
-def _require_unipool_lm_eval():
-    try:
-        from .lm_eval import run_lm_eval
-    except ImportError:
-        raise ProbeError("zero-shot tasks for unipool models need unipool.lm_eval.run_lm_eval, "
-                         "which is not available in this installation; run without --tasks") from None
-    return run_lm_eval
-
-
-def unipool_lm_eval(target: ProbeTarget, tasks: list[str], include_path: str | None = None,
-                    limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8) -> dict:
-    run_lm_eval = _require_unipool_lm_eval()
-    kwargs = {"include_path": include_path, "limit": limit}
-    if num_fewshot is not None:
-        kwargs["num_fewshot"] = num_fewshot
-    return run_lm_eval(target.model, target.run.tokenizer(), tasks, **kwargs)
+        model_or_lm, tokenizer = HFLM(pretrained=target.model, tokenizer=target.tokenizer, batch_size=batch_size), None
+    else:
+        model_or_lm, tokenizer = target.model, target.run.tokenizer()
+    return run_lm_eval(model_or_lm, tokenizer, tasks, include_path=include_path, limit=limit, batch_size=batch_size,
+                       num_fewshot=num_fewshot, device=str(device))
 
 
 @dataclass
@@ -472,6 +458,7 @@ def plot_report(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metrics = ["loss"] + (["avg/acc"] if any(r["metric"] == "avg/acc" for r in report["rows"]) else [])
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
@@ -484,6 +471,7 @@ def plot_report(report: dict, path: Path) -> None:
             if len(r["layers"]) > 1:
                 ax.axhline(r["delta"], color="C3", ls="--", label=f"{r['layer']} together")
         ax.axhline(0.0, color="gray", lw=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f"layer (of {report['n_layers']})")
         ax.set_ylabel(f"delta {metric} (random - learned)")
         ax.set_title(f"{Path(report['model']).name or report['model']}: {metric}")
@@ -594,7 +582,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if not 1 <= seq_len <= max_pos:
             raise ProbeError(f"--seq-len must be between 1 and max_position_embeddings={max_pos}")
         batches = hf_text_batches(target.tokenizer, data, args.batch_size, seq_len, args.max_tokens, args.text_field)
-        task_fn = hf_lm_eval
     else:
         from .eval import check_data_args, eval_batches_for
 
@@ -604,12 +591,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
         batches = list(batches)
         if args.dtype in ("bfloat16", "float16"):
             autocast_dtype = _hf_dtype(args.dtype)
-        task_fn = unipool_lm_eval
-        if tasks:
-            _require_unipool_lm_eval()  # fail before the (long) baseline pass
+
+    if tasks:
+        from .lm_eval import _require_lm_eval
+
+        _require_lm_eval()  # fail before the (long) baseline pass
 
     def run_tasks(t: ProbeTarget) -> dict:
-        return task_fn(t, tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size)
+        return lm_eval_results(t, tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size, device)
 
     cfg = ProbeConfig(layers, not args.no_combined, label, args.gates, seeds, args.restrict_top, tasks)
     report = run_probe(target, batches, cfg, device=device, autocast_dtype=autocast_dtype,
