@@ -179,10 +179,10 @@ def _tiny_hf(family, **overrides):
     return getattr(transformers, model_cls)(config).eval()
 
 
-def _assert_same_logits(hf, ours):
+def _assert_same_logits(hf, other):
     ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected, got = hf(ids).logits, ours.eval()(ids).logits
+        expected, got = hf(ids).logits, other.eval()(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -198,6 +198,8 @@ def test_import_matches_transformers(family, tmp_path):
     assert ours.config.moe_mode == "layerwise" and ours.config.padded_vocab_size == TINY["vocab_size"]
     assert ours.param_counts()["total"] == sum(p.numel() for p in hf.parameters())
     _assert_same_logits(hf, ours)
+    # and back out through our own export: same logits again under transformers
+    _assert_same_logits(hf, _load_hf(export_hf(ours, None, tmp_path / "export")))
 
 
 def test_import_reads_fused_expert_tensors(tmp_path):

@@ -265,9 +265,11 @@ def _check_supported(hf_cfg, model_type: str) -> None:
         problems.append("tied input/output embeddings (tie_word_embeddings=true)")
     if getattr(hf_cfg, "hidden_act", "silu") != "silu":
         problems.append(f"activation {hf_cfg.hidden_act!r} (only SwiGLU with silu)")
-    rope = getattr(hf_cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"RoPE scaling (rope_type={rope['rope_type']!r})")
+    # transformers 5 keeps RoPE settings in rope_parameters, 4.x in rope_scaling (type or rope_type)
+    rope = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"RoPE scaling (rope_type={rope_type!r})")
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         problems.append("partial rotary embeddings")
     if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
