@@ -345,6 +345,8 @@ def test_cli_errors_are_one_line(tmp_path, bpe, text_file, capsys):
 def test_parse_layers_and_task_metrics():
     target = wrap_model(tiny_hf("deepseek_v2"))
     assert target.deep_layers == [2, 3]  # 4 layers: l >= 2; layer 0 is dense
+    assert any("shared experts" in n for n in target.notes()) and any("group limit" in n for n in target.notes())
+    assert not any("group limit" in n for n in wrap_model(tiny_hf("qwen3_moe")).notes())
     assert parse_layers("deep", target) == ([2, 3], "all deep")
     assert parse_layers("all", target) == ([1, 2, 3], "all")
     assert parse_layers("1,3", target) == ([1, 3], "all chosen")

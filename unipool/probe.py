@@ -108,7 +108,10 @@ class ProbeTarget:
         notes = []
         if self.is_hf and self.rule.shared_experts:
             notes.append("shared experts keep running; only the routed experts are randomised")
-        if self.is_hf and self.rule.group_limited:
+        router = next(iter(self.routers.values()))
+        limited = getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy" and \
+            getattr(router, "topk_group", 1) < getattr(router, "num_group", 1)
+        if self.is_hf and self.rule.group_limited and limited:
             notes.append("random experts are drawn over all routed experts (the group limit is not applied)")
         return notes
 
@@ -244,9 +247,10 @@ class RandomRouting:
 class RoutingRecorder:
     """Context manager recording, per MoE layer, the (expert_ids_TK, weights_TK) the experts ran with."""
 
-    def __init__(self, target: ProbeTarget):
-        self.target = target
+    def __init__(self, target: ProbeTarget, keep: bool = True):
+        self.target, self.keep = target, keep  # keep=False: only count (no per-token tensors kept)
         self.calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in target.routers}
+        self._counts: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
     def __enter__(self) -> Self:
@@ -263,16 +267,22 @@ class RoutingRecorder:
             h.remove()
         self._handles.clear()
 
+    def _record(self, layer: int, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
+        if self.keep:
+            self.calls[layer].append((ids_TK.detach(), weights_TK.detach()))
+        counts_E = torch.bincount(ids_TK.flatten(), minlength=self.target.n_experts).float()
+        self._counts[layer] = self._counts[layer] + counts_E if layer in self._counts else counts_E
+
     def _hf_hook(self, layer: int):
         def hook(module, args, kwargs):
             ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
             weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
-            self.calls[layer].append((ids.detach(), weights.detach()))
+            self._record(layer, ids, weights)
         return hook
 
     def _unipool_hook(self, layer: int):
         def hook(module, args, output):
-            self.calls[layer].append((output.expert_ids_TK.detach(), output.weights_TK.detach()))
+            self._record(layer, output.expert_ids_TK, output.weights_TK)
         return hook
 
     def ids(self, layer: int) -> torch.Tensor:
@@ -282,14 +292,16 @@ class RoutingRecorder:
         return torch.cat([w for _, w in self.calls[layer]])
 
     def counts(self, layer: int) -> torch.Tensor:
-        ids = self.ids(layer).flatten().cpu()
-        return torch.bincount(ids, minlength=self.target.n_experts).float()
+        """Picks per expert over everything recorded (float, on the CPU)."""
+        if layer not in self._counts:
+            return torch.zeros(self.target.n_experts)
+        return self._counts[layer].cpu()
 
 
 @torch.no_grad()
 def expert_usage(target: ProbeTarget, batches: Sequence[Batch], device: str | torch.device) -> dict[int, torch.Tensor]:
     """Tokens routed to each expert per MoE layer under learned routing (for Random-dagger)."""
-    with RoutingRecorder(target) as rec:
+    with RoutingRecorder(target, keep=False) as rec:
         for inputs, _ in batches:
             target.model(inputs.to(device))
     return {i: rec.counts(i) for i in target.routers}
