@@ -173,6 +173,7 @@ def _load_hf(path: Path, model_type: str, device: str, dtype: str) -> ProbeTarge
     except (OSError, ValueError) as e:
         raise ProbeError(f"cannot load {path} with transformers: {str(e).splitlines()[0]}") from None
     model.eval()
+    model.config.use_cache = False  # scoring only: no KV cache to allocate per forward
     return wrap_model(model, name=str(path), tokenizer=tokenizer)
 
 
