@@ -59,17 +59,23 @@ def test_compare_two_runs(tmp_path, capsys):
 
 
 def test_gaps_are_noted_not_fatal(tmp_path):
-    bare = write_run(tmp_path / "bare", "debug")  # no metrics.jsonl at all
+    bare = write_run(tmp_path / "bare", "debug")  # no metrics.jsonl at all, but a checkpoint
+    ckpt = bare / "checkpoints" / "step_000003"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    (ckpt / "meta.json").write_text(json.dumps({"step": 3, "tokens": 6144}))
+    (bare / "checkpoints" / "LATEST").write_text("step_000003")
     empty = write_run(tmp_path / "empty", "debug", [])
     broken = write_run(tmp_path / "broken", "debug", curve(6, 7.0))
     with open(broken / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "tokens": 35')  # a line cut off mid-write
     runs, table = compare([bare, empty, broken], tmp_path / "report")
     assert runs[0]["notes"] == ["no metrics.jsonl"] and runs[0]["val_loss"] is None
-    assert runs[1]["notes"] == ["metrics.jsonl has no metrics"]
+    assert (runs[0]["tokens"], runs[0]["steps"]) == (6144, 3)  # from the newest checkpoint
+    assert runs[1]["notes"] == ["metrics.jsonl has no metrics"] and runs[1]["tokens"] is None
     assert runs[2]["notes"] == ["metrics.jsonl: skipped unreadable line(s) 8"]
     assert runs[2]["tokens"] == 6 * 512 and runs[2]["val_loss"] == pytest.approx(7.0 - 0.45)
-    assert "| bare | pool | 1 × 8 | 1 |" in table and table.count("| — | — | — |") == 2
+    assert "| bare | pool | 1 × 8 | 1 |" in table and "| 6.1k | — | — |" in table and "| — | — | — |" in table
     assert "- bare: no metrics.jsonl" in table and "- broken: metrics.jsonl: skipped" in table
     assert (tmp_path / "report" / "val_loss.png").read_bytes()[:8] == PNG
 

@@ -52,6 +52,15 @@ def _curve(records: list[dict], key: str) -> list[tuple[float, float]]:
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
+def _latest_meta(run_dir: Path) -> dict:
+    from .checkpoint import CheckpointError, read_meta, resolve_checkpoint
+
+    try:
+        return read_meta(resolve_checkpoint(run_dir))
+    except CheckpointError:
+        return {}
+
+
 def summarize_run(run_dir: str | Path) -> dict:
     """Everything `compare` shows about one run, as JSON-ready values."""
     run_dir = Path(run_dir)
@@ -75,6 +84,11 @@ def summarize_run(run_dir: str | Path) -> dict:
             summary = json.loads((run_dir / "summary.json").read_text())
         except json.JSONDecodeError:
             notes.append("summary.json is not valid JSON")
+    tokens = max((r["tokens"] for r in records), default=None)
+    steps = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
+    if tokens is None:  # no metrics: the newest checkpoint still knows how far training got
+        meta = _latest_meta(run_dir)
+        tokens, steps = summary.get("tokens", meta.get("tokens")), summary.get("step", meta.get("step"))
     val_loss = summary.get("val_loss")
     if not isinstance(val_loss, (int, float)):
         val_loss = val[-1][1] if val else None
@@ -94,8 +108,8 @@ def summarize_run(run_dir: str | Path) -> dict:
         "params_active": params["active"],
         "params_experts": params["experts"],
         "expert_budget_vs_matched_vanilla": params["expert_budget_vs_matched_vanilla"],
-        "tokens": max((r["tokens"] for r in records), default=None),
-        "steps": max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None),
+        "tokens": tokens,
+        "steps": steps,
         "final_train_loss": train[-1][1] if train else None,
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss) if val_loss is not None else None,
