@@ -122,6 +122,12 @@ def test_cli_eval_raw_text_and_jsonl(run, text_file, tmp_path, capsys):
     expected = evaluate(model, window_batches(tokens, 2, 64, 300))
     assert out["loss"] == pytest.approx(expected["loss"], rel=1e-6)
 
+    # bf16 autocast: the same tokens, a loss within bf16 rounding of the fp32 one
+    assert main(["eval", str(root), "--data", str(text_file), "--max-tokens", "300", "--batch-size", "2",
+                 "--json", "--bf16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert bf16["tokens"] == 300 and bf16["loss"] == pytest.approx(out["loss"], abs=0.05)
+
     # the same documents as JSON lines (one per line) give the same tokens and loss
     jsonl = tmp_path / "held_out.jsonl"
     jsonl.write_text("".join(json.dumps({"body": doc}) + "\n" for doc in text_file.read_text().split("\f")))
