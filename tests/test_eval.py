@@ -2,52 +2,16 @@
 
 import json
 import math
-from pydoc_data.topics import topics
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from unipool.checkpoint import save_model
 from unipool.cli import main
-from unipool.config import get_preset
 from unipool.eval import evaluate, load_run, text_tokens, window_batches
-from unipool.model import build_model
 from unipool.tokenizer import Tokenizer
 
-TEXTS = [topics[k] for k in sorted(topics)]
-
-
-def make_run(root, preset="debug", vocab_size=512, data_dir=""):
-    """A run directory as `unipool train` writes it: config, tokenizer, one checkpoint."""
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    root.mkdir(parents=True, exist_ok=True)
-    tok.save(str(root / "tokenizer.json"))
-    cfg = get_preset(preset).replace(vocab_size=tok.get_vocab_size())
-    model = build_model(cfg)
-    save_model(model, root / "checkpoints" / "step_000010", {"step": 10})
-    (root / "checkpoints" / "LATEST").write_text("step_000010")
-    (root / "config.json").write_text(json.dumps({
-        "model": cfg.to_dict(), "train": {"seq_len": 64, "batch_size": 4},
-        "data": {"sources": [], "tokenizer": "bpe:512", "data_dir": data_dir}}))
-    return root, model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: one thread is faster than two when other processes share the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from helpers import TEXTS, make_run  # noqa: F401
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

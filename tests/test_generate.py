@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_eval import make_run, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from helpers import make_run
 
 from unipool.cli import main
 from unipool.generate import filter_logits, generate, generate_ids

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_eval import TEXTS, make_run, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from helpers import TEXTS, make_run
 
 from unipool.cli import main
 from unipool.routing import RoutingTrace, collect_routing, routing_stats, score_entropy_T
