@@ -261,6 +261,19 @@ def resume_incompatibilities(saved: RunConfig, new: RunConfig) -> list[str]:
 
 # ---- command-line flags ----------------------------------------------------------------------------
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """The `# ...` comment after each field in the class source: the flag's help text."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """--preset/--config/--set/--resume, plus one flag per dataclass field (--section.field-name)."""
     p.add_argument("--preset", help=f"model preset (default: {DEFAULT_PRESET}); the CPU presets also set a "
@@ -270,7 +283,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one field, e.g. --set model.num_experts=64 --set train.lr=3e-4 (repeatable)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in directory RUN from its latest checkpoint")
     for section, cls in SECTIONS.items():
-        group = p.add_argument_group(f"{section} fields (see {cls.__name__})")
+        note = " model.vocab_size is always taken from the tokenizer." if section == "model" else ""
+        group = p.add_argument_group(f"{section} fields (see {cls.__name__})", f"Defaults before --preset.{note}")
+        comments = _field_comments(cls)
         for f in dataclasses.fields(cls):
             kebab, dotted = f"--{section}.{f.name.replace('_', '-')}", f"--{section}.{f.name}"
             names = [kebab] if kebab == dotted else [kebab, dotted]
@@ -278,7 +293,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             group.add_argument(*names, dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
                                nargs="+" if is_list else None, metavar="VALUE",
-                               help=f"{section}.{f.name} (default {default!r})")
+                               help=f"{comments.get(f.name, f.name)} (default: {default!r})")
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
