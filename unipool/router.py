@@ -154,7 +154,7 @@ class Router(nn.Module):
             select_TE = scores_TE + self.expert_bias if self.kind == "sigmoid" else scores_TE
             ids_TK = select_TE.topk(self.top_k, dim=-1).indices
             weights_TK = scores_TE.gather(1, ids_TK)
-        if self.renormalize and self.kind in ("softmax", "sigmoid") and self.random_gates is None:
+        if self.renormalize and self.kind in ("softmax", "sigmoid") and self.random_gates != "uniform":
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
 
         # Counting by scatter_add keeps the count on the device (no host sync, unlike bincount).
