@@ -4,15 +4,15 @@ import json
 import os
 import random
 import shutil
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
 import torch
-from pydoc_data.topics import topics
 
 from unipool import checkpoint as ckpt
 from unipool import cli
-from unipool.checkpoint import CheckpointError, load_model, resolve_checkpoint
+from unipool.checkpoint import load_model, resolve_checkpoint
 from unipool.data import TokenDataset, WindowSampler, prepare
 from unipool.distributed import DistInfo
 from unipool.model import build_model

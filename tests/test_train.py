@@ -5,16 +5,16 @@ import json
 import os
 import signal
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
 
 from unipool import cli
 from unipool.checkpoint import load_model
 from unipool.config import ModelConfig
 from unipool.data import WindowSampler
-from unipool.train import lr_at, param_groups, routing_stats, train
+from unipool.train import lr_at, param_groups, routing_stats
 from unipool.train_config import ConfigError, DataConfig, apply_override, preset_config
 
 

@@ -191,7 +191,7 @@ def load_torch(path: Path) -> dict:
         raise CheckpointError(f"missing {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types; all mean a corrupt file
+    except Exception as e:  # noqa: BLE001 -- pickle/zip/EOF errors come in many types; all mean a corrupt file
         raise CheckpointError(f"corrupt {path}: {str(e).splitlines()[0][:200]}") from None
 
 

@@ -41,9 +41,15 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import ConfigError, ModelConfig
 from .model import ModelOutput, Unipool, build_model
-from .train_config import (RunConfig, add_config_args, apply_dict, default_config, load_config_file, resolve_config,
-                           resume_incompatibilities)
-
+from .train_config import (
+    RunConfig,
+    add_config_args,
+    apply_dict,
+    default_config,
+    load_config_file,
+    resolve_config,
+    resume_incompatibilities,
+)
 
 # ---- pieces the loop calls ---------------------------------------------------------------------------
 
@@ -179,8 +185,11 @@ def save_checkpoint(run_dir: Path, step: int, tokens: int, model: Unipool, optim
     rank's RNG, sampler position and routing buffers."""
     root = run_dir / "checkpoints"
     if mode == "fsdp" and info.enabled:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(model, options=opts)
@@ -195,7 +204,8 @@ def save_checkpoint(run_dir: Path, step: int, tokens: int, model: Unipool, optim
         meta = {"step": step, "tokens": tokens, "world_size": info.world_size, "dist_mode": mode}
         ckpt.save_weights(model_state, model.config, tmp, meta)
         ckpt.save_torch(optim_state, tmp / "optimizer.pt")
-    buffers = {k: v.detach().cpu().clone() for k, v in model.named_buffers() if k in _persistent_buffers(model)}
+    persistent = model.state_dict().keys()  # routing statistics, not the RoPE tables
+    buffers = {k: v.detach().cpu().clone() for k, v in model.named_buffers() if k in persistent}
     ckpt.save_torch({"rng": ckpt.rng_state(), "sampler": sampler.state_dict(), "buffers": buffers},
                     tmp / f"state_rank{info.rank}.pt")
     dist.barrier()
@@ -204,15 +214,6 @@ def save_checkpoint(run_dir: Path, step: int, tokens: int, model: Unipool, optim
         final = ckpt.commit_checkpoint(root, step, run.train.keep_last, run.train.keep_every)
     dist.barrier()
     return final
-
-
-def _persistent_buffers(model: nn.Module) -> set[str]:
-    names = set()
-    for mod_name, mod in model.named_modules():
-        for b in mod._buffers:
-            if b not in mod._non_persistent_buffers_set:
-                names.add(f"{mod_name}.{b}" if mod_name else b)
-    return names
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -316,7 +317,11 @@ def train(run: RunConfig, resume: str | Path | None = None) -> dict:
     torch.manual_seed(tc.seed)
     model = build_model(run.model, device, init=resume_dir is None)
     if resume_dir is not None:
-        model.load_state_dict({k: v.to(device) for k, v in ckpt.load_weights(resume_dir).items()})
+        try:
+            model.load_state_dict({k: v.to(device) for k, v in ckpt.load_weights(resume_dir).items()})
+        except RuntimeError as e:  # weights that do not match their own meta.json
+            raise ckpt.CheckpointError(f"{resume_dir}: weights do not match the config: "
+                                       f"{str(e).splitlines()[-1].strip()}") from None
     model.activation_checkpointing = tc.activation_checkpointing
     wrapped = dist.wrap(model, mode, device)
     step_fn = torch.compile(wrapped) if tc.compile else wrapped
@@ -427,6 +432,8 @@ def train(run: RunConfig, resume: str | Path | None = None) -> dict:
                "interrupted": stopped, "wall_time_s": round(time.time() - t_start, 2),
                "train_time_s": round(train_time, 2)}
     if not stopped:
+        if val_loss is None:  # resumed a run that had already finished
+            val_loss = evaluate(wrapped, val_ds, micro_bsz, tc.seq_len, tc.eval_tokens or None, autocast, info, device)
         unigram = unigram_loss(train_ds, val_ds)
         tok_s = tokens_per_step * (step - start_step) / max(train_time, 1e-9)
         usage = resource.getrusage(resource.RUSAGE_SELF)
