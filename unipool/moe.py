@@ -152,6 +152,18 @@ class _DeferredWGradSink(torch.autograd.Function):
         return dw13, dw2, None, None
 
 
+# With a deferred weight gradient the backward has a side effect (the stash) that a traced graph
+# would run once at trace time: under torch.compile these two calls run eagerly (graph breaks).
+@torch.compiler.disable
+def _experts_deferred(*args):
+    return _Experts.apply(*args)
+
+
+@torch.compiler.disable
+def _sink(w13_EFD, w2_EDF, deferred, dtype):
+    return _DeferredWGradSink.apply(w13_EFD, w2_EDF, deferred, dtype)
+
+
 def _sorted_into_experts(offs_LE: torch.Tensor, n_rows: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Destination rows that merge L expert-sorted row blocks into one, ordered by (expert, layer).
 
@@ -180,7 +192,7 @@ class DeferredWGrad:
     def __init__(self, pool: "ExpertPool", dtype: torch.dtype):
         self.pool = pool
         self.stash: list[tuple[torch.Tensor, ...]] = []
-        self.w13_EFD, self.w2_EDF = _DeferredWGradSink.apply(pool.w13_EFD, pool.w2_EDF, self, dtype)
+        self.w13_EFD, self.w2_EDF = _sink(pool.w13_EFD, pool.w2_EDF, self, dtype)
 
     def __call__(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         return self.pool(x_TD, expert_ids_TK, weights_TK, deferred=self)
@@ -229,8 +241,8 @@ def moe_dispatch(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: to
         0, flat_ids_N, torch.ones_like(flat_ids_N, dtype=torch.int32))
     offs_E = counts_E.cumsum(0, dtype=torch.int32)
 
-    y_ND = _Experts.apply(x_TD.to(dtype), w13_EFD.to(dtype), w2_EDF.to(dtype), order_N, offs_E, top_k,
-                          use_gmm, deferred)
+    experts = _Experts.apply if deferred is None else _experts_deferred
+    y_ND = experts(x_TD.to(dtype), w13_EFD.to(dtype), w2_EDF.to(dtype), order_N, offs_E, top_k, use_gmm, deferred)
     gates_TK = weights_TK.to(dtype)
     if top_k == 1:
         return y_ND * gates_TK
