@@ -104,9 +104,10 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def write_json(path: Path | None, name: str, device: torch.device, payload: dict) -> Path:
+def write_json(path: Path | None, name: str, device: torch.device, payload: dict, quiet: bool = False) -> Path:
     path = path or Path(__file__).parent / "results" / f"{name}_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
     return path

@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["ours_vs_best_hf"] = row["ours_tf"] / row[f"{row['best_hf']}_tf"]
             row["ours_spread"] = row["ours"]["spread"]
         rows.append(row)
-        print(f"done d={d} f={f} E={e} k={k}: " + ", ".join(f"{v} {row[v + '_tf']:.3f}" for v in variants), flush=True)
+        print(f"done d={d} f={f} E={e} k={k}: " + ", ".join(f"{v} {row[v + '_tf']:.4f}" for v in variants), flush=True)
+        write_json(args.json, "moe_layer", device, {"meta": meta(device, dtype, args), "rows": rows}, quiet=True)
 
     print(f"\nMoE layer fwd+bwd, {tokens} tokens, {dtype}, TFLOP/s (median of {args.rounds} x {args.repeats})")
     cols = [("label", "shape", "s"), ("d", "d", "d"), ("f", "f", "d"), ("E", "E", "d"), ("k", "k", "d")]
