@@ -45,11 +45,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def test_cli_end_to_end(corpus, data_dir, tmp_path, capsys):
     rc = cli.main(debug_args(corpus, data_dir, tmp_path, "e2e", "--train.steps", "4", "--train.log-interval", "2",
-                             "--train.eval-interval", "2", "--train.routing-interval", "2"))
+                             "--train.eval-interval", "2", "--train.routing-interval", "2",
+                             "--train.tensorboard", "true"))
     assert rc == 0
     run = tmp_path / "e2e"
-    out = capsys.readouterr().out
-    assert "val loss" in out and "unigram baseline" in out and f"run directory: {run}" in out
+    captured = capsys.readouterr()
+    assert "val loss" in captured.out and "unigram baseline" in captured.out and f"run directory: {run}" in captured.out
+    try:
+        import tensorboard  # noqa: F401
+
+        assert any((run / "tensorboard").iterdir())
+    except ImportError:  # optional extra: training goes on with metrics.jsonl only
+        assert "tensorboard is not installed" in captured.err
 
     cfg = json.loads((run / "config.json").read_text())
     model_cfg = ModelConfig.from_dict(cfg["model"])

@@ -118,11 +118,12 @@ class DataConfig:
 
 # Short training recipes for the small CPU presets (the paper's recipe would barely start in minutes).
 # demo: 150 steps x 2048 tokens. Measured on a shared 2-core AVX2 EPYC (fp32: no native bf16 there):
-# 2.1-2.3 CPU-seconds per step on one thread, i.e. about 1.3 s per step on two idle cores, so
-# ~3.5 minutes in all; val loss ~5.5 at step 150 against a unigram baseline of 6.31.
+# `unipool train`, 1 thread, load ~8: 491 s wall, 331 CPU-s in all (~2.1 CPU-s per step), val loss 5.52
+# vs unigram 6.31. On two idle cores this is estimated (not measured) at ~1.3 s per step, ~3.5 minutes.
 RECIPES: dict[str, dict[str, Any]] = {
     "demo": dict(steps=150, batch_size=16, seq_len=128, lr=2e-3, min_lr=2e-4, warmup_frac=0.05,
-                 eval_interval=0, eval_tokens=32768, log_interval=10, routing_interval=50, ckpt_interval=50),
+                 eval_interval=0, eval_tokens=32768, log_interval=10, routing_interval=50, ckpt_interval=50,
+                 keep_last=1),  # a checkpoint with its optimizer state is ~280 MB
     "debug": dict(steps=20, batch_size=8, seq_len=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.1,
                   eval_interval=10, eval_tokens=4096, log_interval=5, routing_interval=10, ckpt_interval=10,
                   sample_tokens=8, precision="fp32"),
