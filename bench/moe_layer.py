@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_common_args, meta, peak_bytes, print_table, reset_peak, resolve,  # noqa: E402
-                    summarize, time_fn, write_json)
+from common import add_common_args, meta, peak_bytes, print_table, reset_peak, resolve, summarize, time_fn, write_json  # noqa: E402
 
 from unipool.moe import moe_dispatch, moe_reference  # noqa: E402
 

@@ -26,8 +26,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_common_args, meta, peak_bytes, print_table, process_peak_rss, reset_peak,  # noqa: E402
-                    resolve, summarize, sync, time_fn, write_json)
+from common import (  # noqa: E402
+    add_common_args,
+    meta,
+    peak_bytes,
+    print_table,
+    process_peak_rss,
+    reset_peak,
+    resolve,
+    summarize,
+    time_fn,
+    write_json,
+)
 
 from unipool.config import get_preset  # noqa: E402
 from unipool.model import build_model  # noqa: E402

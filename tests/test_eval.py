@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TEXTS, make_run  # noqa: F401
 
 from unipool.cli import main
 from unipool.eval import evaluate, load_run, text_tokens, window_batches
 from unipool.tokenizer import Tokenizer
 
-from helpers import TEXTS, make_run  # noqa: F401
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
