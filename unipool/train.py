@@ -273,6 +273,10 @@ def train(run: RunConfig, resume: str | Path | None = None) -> dict:
     info = dist.init("cuda" if tc.device.startswith("cuda") or (tc.device == "auto" and torch.cuda.is_available())
                      else "cpu")
     mode = tc.distributed if tc.distributed != "none" or not info.enabled else "ddp"
+    if mode == "fsdp" and run.model.fused_pool_wgrad:
+        # The deferred weight gradient reads the pool's weights outside the pool's own forward, where
+        # FSDP2 has them sharded: not supported until that is handled.
+        raise ConfigError("model.fused_pool_wgrad: not supported with train.distributed=fsdp yet")
     device = resolve_device(tc.device, info.local_rank)
     if tc.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size: {tc.batch_size} is not divisible by {info.world_size} ranks")
