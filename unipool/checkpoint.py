@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .errors import UnipoolError
+from .errors import UnipoolError, read_json
 from .model import Unipool, build_model
 
 
@@ -58,13 +58,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(ckpt_dir: Path) -> dict:
-    meta_path = ckpt_dir / "meta.json"
-    try:
-        return json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"missing {meta_path}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupt {meta_path}: {e}") from None
+    return read_json(ckpt_dir / "meta.json", CheckpointError)
 
 
 def save_model(model: Unipool, ckpt_dir: str | Path, meta: dict | None = None) -> None:

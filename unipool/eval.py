@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import errors
 from .checkpoint import load_model, resolve_checkpoint
 from .errors import UnipoolError
 from .model import Unipool
@@ -74,12 +75,7 @@ def find_run_dir(ckpt_dir: Path) -> Path | None:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EvalError(f"missing {path}") from None
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path} is not valid JSON: {e}") from None
+    return errors.read_json(path, EvalError)
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:

@@ -36,7 +36,7 @@ import torch
 
 from .checkpoint import load_model, resolve_checkpoint, save_model
 from .config import ModelConfig
-from .errors import UnipoolError
+from .errors import UnipoolError, read_json
 from .model import Unipool, build_model
 
 REMOTE_DIR = Path(__file__).parent / "hf_remote"
@@ -228,12 +228,7 @@ def find_run_tokenizer(run: str | Path) -> Path | None:
 # ------------------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HFError(f"missing {path}") from None
-    except json.JSONDecodeError as e:
-        raise HFError(f"corrupt {path}: {e}") from None
+    return read_json(path, HFError)
 
 
 def _load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
