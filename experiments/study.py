@@ -1,6 +1,6 @@
 """Run a whole reproduction study: every variant x every seed, then one results table.
 
-    python experiments/study.py experiments/cpu.yaml            # runs, resumes, skips finished runs
+    python experiments/study.py experiments/cpu.yaml --jobs 2   # runs, resumes, skips finished runs
     python experiments/study.py experiments/cpu.yaml --report   # only (re)build the table and plots
     python experiments/study.py experiments/cpu.yaml --steps 20 --out runs/smoke   # a quick smoke run
 
@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -51,7 +52,7 @@ def run_config(study: dict, variant: str, seed: int, steps: int | None) -> dict:
     return cfg
 
 
-def run_one(out: Path, name: str, cfg: dict) -> str:
+def run_one(out: Path, name: str, cfg: dict, threads: int | None = None) -> str:
     run_dir = out / name
     if (run_dir / "summary.json").is_file():
         return "done"
@@ -72,9 +73,12 @@ def run_one(out: Path, name: str, cfg: dict) -> str:
         state = "trained"
     t0 = time.time()
     log = (out / f"{name}.log").open("a")
-    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:  # parallel runs: split the cores instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        sys.exit(f"error: run {name} failed (exit {proc.returncode}); see {out / (name + '.log')}")
+        raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see {out / (name + '.log')}")
     return f"{state} in {time.time() - t0:.0f} s"
 
 
@@ -133,6 +137,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="override the step count of every run (smoke test)")
     p.add_argument("--only", nargs="+", help="run only these variants")
     p.add_argument("--report", action="store_true", help="do not train; rebuild the report from finished runs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each with cores/jobs threads (small models use cores better this way)")
     args = p.parse_args()
     if not args.study.is_file():
         sys.exit(f"error: study file not found: {args.study}")
@@ -142,14 +148,33 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown variant(s) {', '.join(sorted(unknown))}")
     if not args.report:
+        if args.jobs < 1:
+            sys.exit("error: --jobs must be >= 1")
+        threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+        # seed-major: a partial study already has every variant once
+        names = [(f"{v}-s{seed}", v, seed) for seed in study["seeds"] for v in study["variants"]
+                 if not args.only or v in args.only]
         t0 = time.time()
-        for seed in study["seeds"]:  # seed-major: a partial study already has every variant once
-            for variant in study["variants"]:
-                if args.only and variant not in args.only:
-                    continue
-                name = f"{variant}-s{seed}"
-                print(f"[{time.time() - t0:7.0f} s] {name}: ", end="", flush=True)
-                print(run_one(out, name, run_config(study, variant, seed, args.steps)), flush=True)
+        if names:  # tokenize once here, so parallel runs never prepare the same data directory together
+            from unipool.distributed import DistInfo
+            from unipool.train import prepare_data
+            from unipool.train_config import apply_dict, default_config
+
+            prepare_data(apply_dict(default_config(), run_config(study, names[0][1], names[0][2], args.steps)),
+                         DistInfo())
+
+        def launch(item: tuple[str, str, int]) -> None:
+            name, variant, seed = item
+            result = run_one(out, name, run_config(study, variant, seed, args.steps), threads)
+            print(f"[{time.time() - t0:7.0f} s] {name}: {result}", flush=True)
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            try:
+                for fut in [pool.submit(launch, item) for item in names]:
+                    fut.result()
+            except RuntimeError as e:
+                pool.shutdown(cancel_futures=True)
+                sys.exit(f"error: {e}")
         print(f"study finished in {time.time() - t0:.0f} s")
     print(report(study, out))
     print(f"\nreport: {out / 'results.md'}, plots in {out / 'report'}")
