@@ -9,6 +9,8 @@ import torch
 from helpers import TEXTS, make_run
 
 from unipool.cli import main
+from unipool.config import PRESETS
+from unipool.model import build_model
 from unipool.routing import RoutingTrace, collect_routing, routing_stats, score_entropy_T
 
 
@@ -131,3 +133,25 @@ def test_cli_routing_end_to_end(runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["routing", str(pool_run), "--data", str(text), "--dead-threshold", "-1"]) == 2
     assert "dead-threshold" in capsys.readouterr().err
+
+
+def test_zero_gate_fraction_counts_tokens_with_every_normrouter_score_zero():
+    # All router rows equal: every logit of a token has the same sign, so the NormRouter row is all
+    # zero exactly for the tokens whose (shared) logit is negative; count those from the router's input.
+    cfg = PRESETS["debug"]
+    model = build_model(cfg)
+    torch.manual_seed(0)
+    negative_L, hooks = [], []
+    for block in model.layers:
+        with torch.no_grad():
+            block.router.gate.weight.copy_(torch.randn(1, cfg.d_model).expand_as(block.router.gate.weight))
+        hooks.append(block.router.gate.register_forward_hook(
+            lambda mod, inp, out: negative_L.append((out[:, 0] < 0).double().mean().item())))
+    x = torch.randint(0, cfg.vocab_size, (4, 32))
+    trace = collect_routing(model, [(x, None)])
+    for h in hooks:
+        h.remove()
+    assert trace.zero_gate_L.tolist() == pytest.approx(negative_L)
+    assert all(0 < z < 1 for z in negative_L)  # the check has both kinds of tokens
+    stats = routing_stats(trace)
+    assert stats["per_layer"]["zero_gate_fraction"] == pytest.approx(negative_L)

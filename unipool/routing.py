@@ -47,6 +47,9 @@ class RoutingTrace:
     n_experts: int  # E, experts per pool
     pool_of_layer: list[int]
     moe_mode: str = "pool"
+    # Fraction of tokens whose picked gates are all zero, per layer: the MoE adds nothing for them and
+    # no gradient reaches their router (NormRouter when every logit is negative). None: not recorded.
+    zero_gate_L: np.ndarray | None = None
 
     @property
     def n_pools(self) -> int:
@@ -71,7 +74,8 @@ def collect_routing(model: Unipool, batches: Iterable[Batch], max_tokens: int | 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    ids, ent_sum, n_tokens = [], torch.zeros(cfg.n_layers, dtype=torch.float64), 0
+    ids, n_tokens = [], 0
+    ent_sum, zero_sum = torch.zeros(cfg.n_layers, dtype=torch.float64), torch.zeros(cfg.n_layers, dtype=torch.float64)
     try:
         for inputs, _ in batches:
             if max_tokens is not None and n_tokens >= max_tokens:
@@ -80,13 +84,15 @@ def collect_routing(model: Unipool, batches: Iterable[Batch], max_tokens: int | 
             keep = inputs.numel() if max_tokens is None else min(inputs.numel(), max_tokens - n_tokens)
             ids.append(torch.stack([r.expert_ids_TK[:keep] for r in routing]).cpu())  # (L, T, K)
             ent_sum += torch.stack([score_entropy_T(r.scores_TE[:keep]).double().sum() for r in routing]).cpu()
+            zero_sum += torch.stack([(r.weights_TK[:keep] == 0).all(-1).double().sum() for r in routing]).cpu()
             n_tokens += keep
     finally:
         model.train(was_training)
     if n_tokens == 0:
         raise RoutingError("no tokens to analyse")
     return RoutingTrace(torch.cat(ids, dim=1).numpy().astype(np.int64), (ent_sum / n_tokens).numpy(),
-                        cfg.n_routed_experts, [cfg.pool_of_layer(i) for i in range(cfg.n_layers)], cfg.moe_mode)
+                        cfg.n_routed_experts, [cfg.pool_of_layer(i) for i in range(cfg.n_layers)], cfg.moe_mode,
+                        (zero_sum / n_tokens).numpy())
 
 
 def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshold: float = 0.1) -> dict:
@@ -146,6 +152,8 @@ def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshol
             "load_entropy_norm": (entropy_L / math.log(n_experts) if n_experts > 1 else entropy_L * 0).tolist(),
             "score_entropy": np.asarray(trace.score_entropy_L, dtype=np.float64).tolist(),
             "balance_cv": (counts_LE.std(1) / np.where(mean_L > 0, mean_L, 1)).tolist(),
+            "zero_gate_fraction": (None if trace.zero_gate_L is None
+                                   else np.asarray(trace.zero_gate_L, dtype=np.float64).tolist()),
         },
         "unique_experts_per_token": {
             "mean": float(unique_T.mean()),
@@ -294,5 +302,6 @@ def cmd_routing(args: argparse.Namespace) -> int:
           f"{len(stats['nearly_dead_experts'])}")
     print("  per layer: experts used " + " ".join(str(n) for n in per_layer["experts_used"]))
     print("  load entropy / log E: " + " ".join(f"{h:.2f}" for h in per_layer["load_entropy_norm"]))
+    print("  tokens with all gates 0: " + " ".join(f"{100 * z:.0f}%" for z in per_layer["zero_gate_fraction"]))
     print(f"  wrote {out}/routing.json, layer_overlap.json and plots")
     return 0
