@@ -39,7 +39,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, get_preset
 from .model import ModelOutput, Unipool, build_model
 from .train_config import (
     RunConfig,
@@ -357,13 +357,20 @@ def train(run: RunConfig, resume: str | Path | None = None) -> dict:
         ckpt.set_rng_state(state["rng"])
         dist.print0(f"resumed {run_dir} at step {step}")
 
-    use_bf16 = tc.precision == "bf16" and bf16_supported(device)
-    if tc.precision == "bf16" and not use_bf16:
+    # auto: fp32 on CPU, where even native bf16 (AVX512-BF16, Zen 4) measured slower than fp32 at
+    # the small shapes CPU runs use (1.22x slower tokens/s on the CPU study's model).
+    want_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    use_bf16 = want_bf16 and bf16_supported(device)
+    if want_bf16 and not use_bf16:
         dist.print0(f"note: {device} has no native bf16 matmul; training in fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     metrics = Metrics(run_dir, info.is_main, tc.tensorboard, step if resume_dir is not None else None)
     counts = model.param_counts()
-    dist.print0(f"run {run_dir}: {run.preset} {run.model.moe_mode}, {counts['total'] / 1e6:.1f}M params "
+    try:  # name the preset only when the model is exactly that preset
+        label = run.preset if run.model == get_preset(run.preset) else "custom"
+    except ConfigError:
+        label = "custom"
+    dist.print0(f"run {run_dir}: {label} {run.model.moe_mode}, {counts['total'] / 1e6:.1f}M params "
                 f"({counts['active'] / 1e6:.1f}M active), {train_ds.n_tokens:,} train tokens, {total_steps} steps "
                 f"x {tokens_per_step:,} tokens, {device}" + (f", {mode} x{info.world_size}" if info.enabled else ""))
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from .config import ConfigError, ModelConfig, get_preset
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 DIST_MODES = ("none", "ddp", "fsdp")
 
 
@@ -48,7 +48,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # on parameters with >= 2 dims only (Megatron: none on 1-D params)
     grad_clip: float = 1.0  # 0 disables clipping
     # --- execution ---
-    precision: str = "bf16"  # bf16 autocast where supported, else fp32
+    precision: str = "auto"  # auto: bf16 autocast on a GPU that has it, fp32 on CPU | bf16 | fp32
     compile: bool = False  # torch.compile the model (slow first step, faster after)
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
