@@ -10,9 +10,11 @@ run in OUT/<variant>-s<seed>, launched as its own process. A run with a summary.
 and skipped; a run with checkpoints but no summary is resumed from its latest checkpoint, so the
 study can be interrupted (Ctrl-C) and started again with the same command.
 
-The report (OUT/results.md, OUT/results.json, loss curves, routing plots of seed 0) gives, per
-variant, mean +- std over seeds of the final validation loss and perplexity, with the expert budget
-relative to the matched vanilla model.
+The report (OUT/results.md, OUT/results.json, OUT/report/curves.png and zero_gate.png, and each
+run's routing analysis in RUN/routing/) gives, per variant, mean +- std over seeds of the final
+validation loss and perplexity, the loss difference to vanilla paired by seed, the expert budget
+relative to the matched vanilla model, and routing statistics on the validation split: tokens whose
+picked gates are all zero, distinct experts per token U(x) over the layers, dead experts.
 """
 
 from __future__ import annotations
@@ -86,47 +88,137 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def fmt(ms: tuple[float, float] | None, digits: int = 4, scale: float = 1.0, sign: bool = False) -> str:
+    if ms is None:
+        return "–"
+    return f"{scale * ms[0]:{'+' if sign else ''}.{digits}f} ± {scale * ms[1]:.{digits}f}"
+
+
+def routing_summary(run_dir: Path, max_tokens: int = 16384) -> dict:
+    """Routing statistics of a finished run on its own validation split, cached in RUN/routing/."""
+    path = run_dir / "routing" / "routing.json"
+    if not path.is_file():
+        from unipool.eval import eval_batches_for, load_run
+        from unipool.routing import analyse
+
+        run = load_run(run_dir)
+        batches, _ = eval_batches_for(run, None, "val", 16, run.train_seq_len, max_tokens)
+        analyse(run.model, batches, path.parent, max_tokens=max_tokens)  # writes routing.json and the plots
+    stats = json.loads(path.read_text())
+    zero_L = stats["per_layer"]["zero_gate_fraction"]
+    return {"u_fraction": stats["unique_experts_per_token"]["fraction_of_layers"],
+            "dead_experts": len(stats["dead_experts"]), "zero_gate_L": zero_L,
+            "zero_gate": statistics.fmean(zero_L), "load_entropy_norm": statistics.fmean(
+                stats["per_layer"]["load_entropy_norm"])}
+
+
+def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    train, val = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            train.append((rec["tokens"], rec["loss"]))
+        if "val_loss" in rec:
+            val.append((rec["tokens"], rec["val_loss"]))
+    return train, val
+
+
+def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None:
+    """curves.png (seed-mean training and validation loss per variant) and zero_gate.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (variant, dirs) in enumerate(runs.items()):
+        if not dirs:
+            continue
+        curves = [read_curves(d) for d in dirs]
+        n = min(len(c[0]) for c in curves)
+        xs = [x for x, _ in curves[0][0][:n]]
+        ys = [statistics.fmean(c[0][j][1] for c in curves) for j in range(n)]
+        ax_t.plot(xs, ys, color=f"C{i}", label=variant)
+        m = min(len(c[1]) for c in curves)
+        vx = [x for x, _ in curves[0][1][:m]]
+        vs = [mean_std([c[1][j][1] for c in curves]) for j in range(m)]
+        ax_v.errorbar(vx, [v[0] for v in vs], yerr=[v[1] for v in vs], color=f"C{i}", marker="o", ms=3,
+                      capsize=3, label=variant)
+    tail = [y for line in ax_t.get_lines() for y in line.get_ydata()[len(line.get_ydata()) // 2:]]
+    if tail:  # the interesting part is the end: zoom there
+        ax_t.set_ylim(min(tail) - 0.05, max(tail) + 0.05)
+    ax_t.set(xlabel="tokens", ylabel="training loss (nats/token)", title="training loss, mean over seeds")
+    ax_v.set(xlabel="tokens", ylabel="validation loss (nats/token)", title="validation loss, mean ± std over seeds")
+    for ax in (ax_t, ax_v):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(rows):
+        if r.get("zero_gate_L"):
+            ax.plot(range(len(r["zero_gate_L"])), [100 * z for z in r["zero_gate_L"]], color=f"C{i}", marker="o",
+                    ms=3, label=r["variant"])
+    ax.set(xlabel="layer", ylabel="% of tokens", title="tokens whose picked gates are all zero (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "zero_gate.png", dpi=120)
+    plt.close(fig)
+
+
 def report(study: dict, out: Path) -> str:
-    rows, curves = [], []
+    rows, runs = [], {}
     for variant, overrides in study["variants"].items():
-        summaries = []
+        summaries, routing, runs[variant] = {}, [], []
         for seed in study["seeds"]:
-            path = out / f"{variant}-s{seed}" / "summary.json"
-            if path.is_file():
-                summaries.append(json.loads(path.read_text()))
-                curves.append(out / f"{variant}-s{seed}")
+            run_dir = out / f"{variant}-s{seed}"
+            if (run_dir / "summary.json").is_file():
+                summary = json.loads((run_dir / "summary.json").read_text())
+                if summary.get("val_loss") is not None:
+                    summaries[seed] = summary
+                    runs[variant].append(run_dir)
+                    routing.append(routing_summary(run_dir))
         cfg = ModelConfig.from_dict({**study["base"].get("model", {}), **overrides})
         params = param_report(cfg)
-        losses = [s["val_loss"] for s in summaries if s.get("val_loss") is not None]
-        row = {"variant": variant, "seeds": len(losses), "moe_mode": cfg.moe_mode, "router": cfg.router,
+        losses = {seed: s["val_loss"] for seed, s in summaries.items()}
+        row = {"variant": variant, "seeds": sorted(losses), "moe_mode": cfg.moe_mode, "router": cfg.router,
                "experts_per_pool": cfg.n_routed_experts, "n_pools": cfg.n_pools,
                "expert_budget": params["expert_budget_vs_matched_vanilla"], "total_params": params["total"],
-               "active_params": params["active"], "tokens": summaries[0]["tokens"] if summaries else None,
-               "wall_time_s": sum(s.get("wall_time_s", 0) for s in summaries)}
+               "active_params": params["active"],
+               "tokens": next(iter(summaries.values()))["tokens"] if summaries else None,
+               "wall_time_s": sum(s.get("wall_time_s", 0) for s in summaries.values()), "val_losses": losses}
         if losses:
-            row["val_loss_mean"], row["val_loss_std"] = mean_std(losses)
-            row["val_ppl_mean"], row["val_ppl_std"] = mean_std([math.exp(x) for x in losses])
-            row["val_losses"] = losses
+            row["val_loss"] = mean_std(list(losses.values()))
+            row["val_ppl"] = mean_std([math.exp(x) for x in losses.values()])
+            row["zero_gate"] = mean_std([r["zero_gate"] for r in routing])
+            row["zero_gate_L"] = [statistics.fmean(z) for z in zip(*(r["zero_gate_L"] for r in routing))]
+            row["u_fraction"] = mean_std([r["u_fraction"] for r in routing])
+            row["dead_experts"] = mean_std([r["dead_experts"] for r in routing])
         rows.append(row)
-    base = next((r for r in rows if r["variant"] == "vanilla" and "val_loss_mean" in r), None)
-    lines = ["| variant | mode | router | experts/pool x pools | expert budget | seeds | val loss (mean ± std) "
-             "| Δ vs vanilla | val ppl (mean ± std) |", "|---|---|---|---|---|---|---|---|---|"]
+    base = next((r for r in rows if r["variant"] == "vanilla" and "val_loss" in r), None)
+    for r in rows:  # paired by seed: the same seed means the same data order
+        common = sorted(set(r["val_losses"]) & set(base["val_losses"])) if base and "val_loss" in r else []
+        if common:
+            r["delta_paired"] = mean_std([r["val_losses"][s] - base["val_losses"][s] for s in common])
+    lines = ["| variant | router | experts/pool x pools | expert budget | seeds | val loss | Δ vs vanilla (paired) "
+             "| val ppl | zero-gate tokens | U(x)/L | dead experts |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "val_loss_mean" in r:
-            delta = f"{r['val_loss_mean'] - base['val_loss_mean']:+.4f}" if base else "–"
-            loss = f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}"
-            ppl = f"{r['val_ppl_mean']:.2f} ± {r['val_ppl_std']:.2f}"
-        else:
-            delta = loss = ppl = "not run"
-        lines.append(f"| {r['variant']} | {r['moe_mode']} | {r['router']} | {r['experts_per_pool']} x {r['n_pools']} "
-                     f"| {100 * r['expert_budget']:.1f}% | {r['seeds']} | {loss} | {delta} | {ppl} |")
+        ok = "val_loss" in r
+        lines.append(
+            f"| {r['variant']} | {r['router']} | {r['experts_per_pool']} x {r['n_pools']} | "
+            f"{100 * r['expert_budget']:.1f}% | {len(r['seeds'])} | {fmt(r.get('val_loss')) if ok else 'not run'} | "
+            f"{fmt(r.get('delta_paired'), sign=True)} | {fmt(r.get('val_ppl'), 1)} | "
+            f"{fmt(r.get('zero_gate'), 1, 100) + '%' if ok else '–'} | {fmt(r.get('u_fraction'), 3)} | "
+            f"{fmt(r.get('dead_experts'), 1)} |")
     table = "\n".join(lines)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "results.md").write_text(table + "\n")
-    if curves:
-        from unipool.report import compare
-
-        compare(curves, out / "report")
+    if any(runs.values()):
+        plot_study(rows, runs, out / "report")
     return table
 
 

@@ -1,0 +1,68 @@
+"""experiments/study.py end to end: parallel runs, skip on rerun, the paired table and the routing columns."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import TEXTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "study.py"), str(tmp_path / "study.yaml"),
+                           *args], capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_study_runs_skips_and_reports(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\f".join(t.strip() for t in TEXTS[:40]))
+    small = dict(vocab_multiple=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
+                 max_seq_len=32, top_k=1)
+    train = dict(steps=4, batch_size=2, seq_len=32, lr=3e-3, eval_interval=2, eval_tokens=256, ckpt_interval=2,
+                 routing_interval=2, sample_tokens=0, log_interval=1, precision="fp32")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({
+        "out_dir": str(tmp_path / "out"), "seeds": [0, 1],
+        "base": {"model": small, "train": train,
+                 "data": {"sources": [str(corpus)], "tokenizer": "bpe:320", "data_dir": str(tmp_path / "data")}},
+        "variants": {"vanilla": {"moe_mode": "layerwise", "num_experts": 4, "router": "softmax",
+                                 "switch_loss_coef": 0.01, "pool_loss_coef": 0.0},
+                     "unipool": {"moe_mode": "pool", "num_experts": 8, "router": "norm", "pool_loss_coef": 0.01}}},
+        sort_keys=False))
+
+    first = study(tmp_path, "--jobs", "2")
+    assert first.returncode == 0, first.stderr + first.stdout
+    assert first.stdout.count("trained in") == 4
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
+    for name in ("vanilla", "unipool"):
+        summaries = [json.loads((tmp_path / "out" / f"{name}-s{s}" / "summary.json").read_text()) for s in (0, 1)]
+        assert rows[name]["val_losses"] == {str(s): summaries[s]["val_loss"] for s in (0, 1)}
+        assert rows[name]["val_loss"][0] == pytest.approx((summaries[0]["val_loss"] + summaries[1]["val_loss"]) / 2)
+        assert (tmp_path / "out" / f"{name}-s0" / "routing" / "utilisation_heatmap.png").is_file()
+    paired = [rows["unipool"]["val_losses"][s] - rows["vanilla"]["val_losses"][s] for s in ("0", "1")]
+    assert rows["unipool"]["delta_paired"][0] == pytest.approx(sum(paired) / 2)
+    assert rows["vanilla"]["delta_paired"] == [0.0, 0.0]
+    assert rows["vanilla"]["u_fraction"][0] == 1.0  # private experts: every layer is a new expert
+    assert rows["vanilla"]["zero_gate"][0] == 0.0  # softmax gates are never zero
+    assert rows["unipool"]["expert_budget"] == 0.5  # 8 experts vs 8 per layer x 2 layers
+    assert rows["vanilla"]["n_pools"] == 2
+    for png in ("curves.png", "zero_gate.png"):
+        assert (tmp_path / "out" / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+    again = study(tmp_path)  # finished runs are skipped, the table is the same
+    assert again.returncode == 0 and "trained in" not in again.stdout
+    rerun = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["variant"] for r in rerun] == ["vanilla", "unipool"]  # the study file's order
+    assert rerun == list(rows.values())
+
+
+def test_study_bad_input(tmp_path):
+    (tmp_path / "study.yaml").write_text("seeds: [0]\n")
+    r = study(tmp_path)
+    assert r.returncode != 0 and "no 'base' section" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "study.py"), str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "study file not found" in r.stderr
