@@ -51,6 +51,22 @@ def test_layerwise_experts_are_never_shared():
     assert s["reuse_histogram"] == [4, 4, 0]
 
 
+def test_zero_gate_picks_are_not_uses():
+    # -1 marks a pick whose gate was 0 (NormRouter row all zero): counted nowhere, not even in U(x).
+    s = routing_stats(trace([[0, -1, 0, -1], [1, 1, -1, -1]], 4, [0, 0]))
+    assert s["usage_LE"] == [[0.5, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0]]  # rows sum to 1 - zero share
+    assert s["dead_experts"] == [2, 3]
+    assert s["layers_per_expert"] == [1, 1, 0, 0]
+    # tokens: {0, 1}, {1}, {0}, {} -> 2, 1, 1, 0 distinct experts
+    u = s["unique_experts_per_token"]
+    assert u["mean"] == 1.0 and (u["min"], u["max"]) == (0, 2) and u["histogram"] == [1, 2, 1]
+    # top-2 with one zero-gate slot: the other slot still counts
+    ids = np.array([[[3, -1], [-1, -1]], [[3, 2], [0, -1]]])
+    s = routing_stats(trace(ids, 4, [0, 0]))
+    assert s["usage_LE"] == [[0.0, 0.0, 0.0, 0.25], [0.25, 0.0, 0.25, 0.25]]
+    assert s["unique_experts_per_token"]["histogram"] == [0, 1, 1, 0, 0]  # {3, 2} -> 2, {0} -> 1
+
+
 def test_grouped_top2_unique_counts():
     # 4 layers, 2 group pools of 3 experts (layers 0-1 -> pool 0, layers 2-3 -> pool 1), top-2, 2 tokens.
     ids = np.array([
@@ -120,8 +136,10 @@ def test_cli_routing_end_to_end(runs, tmp_path, capsys):
     assert pool["tokens"] == vanilla["tokens"] == 500 and pool["step"] == 10
     cfg = pool_model.config
     assert np.asarray(pool["usage_LE"]).shape == (cfg.n_layers, cfg.n_routed_experts)
-    assert np.asarray(pool["usage_LE"]).sum(1) == pytest.approx(np.ones(cfg.n_layers))
-    assert 1 <= pool["unique_experts_per_token"]["mean"] <= cfg.n_layers
+    # each layer's slots: the used share plus the zero-gate share (top-1: a zero-gate token is a zero-gate slot)
+    used_L = np.asarray(pool["usage_LE"]).sum(1) + np.asarray(pool["per_layer"]["zero_gate_fraction"])
+    assert used_L == pytest.approx(np.ones(cfg.n_layers))
+    assert 0 < pool["unique_experts_per_token"]["mean"] <= cfg.n_layers
     assert vanilla["unique_experts_per_token"]["mean"] == vanilla["n_layers"] * vanilla["top_k"]
     assert vanilla["layer_overlap_jaccard"][0][1] == 0.0
     assert len(vanilla["aggregate_usage"]) == vanilla["n_pools"] * vanilla["experts_per_pool"]
@@ -153,5 +171,7 @@ def test_zero_gate_fraction_counts_tokens_with_every_normrouter_score_zero():
         h.remove()
     assert trace.zero_gate_L.tolist() == pytest.approx(negative_L)
     assert all(0 < z < 1 for z in negative_L)  # the check has both kinds of tokens
+    # top-1: a token with no nonzero gate is exactly a token whose pick is recorded as -1
+    assert (trace.expert_ids_LTK == -1).mean(axis=(1, 2)).tolist() == pytest.approx(negative_L)
     stats = routing_stats(trace)
     assert stats["per_layer"]["zero_gate_fraction"] == pytest.approx(negative_L)

@@ -17,6 +17,12 @@ Statistics (all in routing.json, computed by `routing_stats` from a `RoutingTrac
   of each token's router scores normalised to a distribution.
 - U(x) (UniPool Table 9): distinct experts a token touches over all L layers. Vanilla MoE always
   gives L * K (every layer has its own experts); the paper reports its mean over L for top-1.
+
+A pick whose gate is exactly zero is not a use of its expert: NormRouter zeroes every score of a
+token whose logits are all negative, top-k then picks tied zeros (expert 0 first) and the FFN adds
+nothing. Such picks are recorded as -1 and left out of every count above (so a layer's usage_LE row
+sums to 1 minus its zero-gate share, and U(x) can be below L); per_layer.zero_gate_fraction reports
+how many tokens had no nonzero gate at all. Softmax gates are never exactly zero.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class RoutingError(UnipoolError):
 
 @dataclass
 class RoutingTrace:
-    expert_ids_LTK: np.ndarray  # int64, indices into each layer's own pool
+    expert_ids_LTK: np.ndarray  # int64, indices into each layer's own pool; -1 where the gate was 0
     score_entropy_L: np.ndarray  # mean over tokens of the entropy of normalised router scores
     n_experts: int  # E, experts per pool
     pool_of_layer: list[int]
@@ -82,7 +88,8 @@ def collect_routing(model: Unipool, batches: Iterable[Batch], max_tokens: int | 
                 break
             routing = model(inputs.to(device)).routing
             keep = inputs.numel() if max_tokens is None else min(inputs.numel(), max_tokens - n_tokens)
-            ids.append(torch.stack([r.expert_ids_TK[:keep] for r in routing]).cpu())  # (L, T, K)
+            ids.append(torch.stack([r.expert_ids_TK[:keep].masked_fill(r.weights_TK[:keep] == 0, -1)
+                                    for r in routing]).cpu())  # (L, T, K)
             ent_sum += torch.stack([score_entropy_T(r.scores_TE[:keep]).double().sum() for r in routing]).cpu()
             zero_sum += torch.stack([(r.weights_TK[:keep] == 0).all(-1).double().sum() for r in routing]).cpu()
             n_tokens += keep
@@ -103,11 +110,12 @@ def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshol
     pool_L = np.asarray(trace.pool_of_layer)
     slots = n_tokens * top_k  # routed (token, expert) pairs per layer
 
-    counts_LE = np.stack([np.bincount(ids_LTK[l].ravel(), minlength=n_experts) for l in range(n_layers)])
+    valid_LTK = ids_LTK >= 0  # -1: a pick with gate 0, not a use of any expert
+    counts_LE = np.stack([np.bincount(ids_LTK[l][valid_LTK[l]], minlength=n_experts) for l in range(n_layers)])
     share_LE = counts_LE / slots
 
     # Global view: pool p's expert e is column p * E + e.
-    gid_LTK = ids_LTK + (pool_L * n_experts)[:, None, None]
+    gid_LTK = np.where(valid_LTK, ids_LTK + (pool_L * n_experts)[:, None, None], -1)
     n_global = n_pools * n_experts
     counts_LG = np.zeros((n_layers, n_global), dtype=np.int64)
     for l in range(n_layers):
@@ -120,9 +128,10 @@ def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshol
     entropy_L = -(share_LE * np.log(np.where(share_LE > 0, share_LE, 1.0))).sum(1)
     mean_L = counts_LE.mean(1)
 
-    # U(x): distinct global experts over the L * K picks of each token.
+    # U(x): distinct global experts over the L * K picks of each token (zero-gate picks excluded).
     picks_TN = np.sort(gid_LTK.transpose(1, 0, 2).reshape(n_tokens, n_layers * top_k), axis=1)
-    unique_T = 1 + (np.diff(picks_TN, axis=1) != 0).sum(1)
+    first_TN = np.concatenate([np.ones((n_tokens, 1), bool), np.diff(picks_TN, axis=1) != 0], axis=1)
+    unique_T = (first_TN & (picks_TN >= 0)).sum(1)
 
     inter_LL = used_LG.astype(np.int64) @ used_LG.T.astype(np.int64)
     size_L = used_LG.sum(1)
@@ -209,7 +218,11 @@ def plot_routing(stats: dict, out_dir: str | Path) -> list[Path]:
         for layer in range(1, n_layers):
             if stats["pool_of_layer"][layer] != stats["pool_of_layer"][layer - 1]:
                 ax.axhline(layer - 0.5, color="w", lw=1.5)
-    ax.set(xlabel=column, ylabel="layer", title=f"expert utilisation ({mode}, {stats['tokens']:,} tokens)")
+    title = f"expert utilisation ({mode}, {stats['tokens']:,} tokens)"
+    zero_share = 1 - float(np.asarray(stats["usage_LE"]).sum(1).mean())
+    if zero_share > 0.005:
+        title += f"\n{100 * zero_share:.0f}% of picks had gate 0 and are left out"
+    ax.set(xlabel=column, ylabel="layer", title=title)
     ax.xaxis.set_major_locator(integer())
     ax.yaxis.set_major_locator(integer())
     save(fig, "utilisation_heatmap.png")
