@@ -14,7 +14,8 @@ The report (OUT/results.md, OUT/results.json, OUT/report/curves.png and zero_gat
 run's routing analysis in RUN/routing/) gives, per variant, mean +- std over seeds of the final
 validation loss and perplexity, the loss difference to vanilla paired by seed, the expert budget
 relative to the matched vanilla model, and routing statistics on the validation split: tokens whose
-picked gates are all zero, distinct experts per token U(x) over the layers, dead experts.
+picked gates are all zero, the mean sum of picked gates (how strongly the MoE output is scaled),
+distinct experts per token U(x) over the layers (zero-gate picks left out), dead experts.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def routing_summary(run_dir: Path, max_tokens: int = 16384) -> dict:
     zero_L = stats["per_layer"]["zero_gate_fraction"]
     return {"u_fraction": stats["unique_experts_per_token"]["fraction_of_layers"],
             "dead_experts": len(stats["dead_experts"]), "zero_gate_L": zero_L,
-            "zero_gate": statistics.fmean(zero_L), "load_entropy_norm": statistics.fmean(
+            "zero_gate": statistics.fmean(zero_L), "gate_sum": statistics.fmean(stats["per_layer"]["mean_gate_sum"]),
+            "load_entropy_norm": statistics.fmean(
                 stats["per_layer"]["load_entropy_norm"])}
 
 
@@ -196,6 +198,7 @@ def report(study: dict, out: Path) -> str:
             row["val_ppl"] = mean_std([math.exp(x) for x in losses.values()])
             row["zero_gate"] = mean_std([r["zero_gate"] for r in routing])
             row["zero_gate_L"] = [statistics.fmean(z) for z in zip(*(r["zero_gate_L"] for r in routing))]
+            row["gate_sum"] = mean_std([r["gate_sum"] for r in routing])
             row["u_fraction"] = mean_std([r["u_fraction"] for r in routing])
             row["dead_experts"] = mean_std([r["dead_experts"] for r in routing])
         rows.append(row)
@@ -205,15 +208,16 @@ def report(study: dict, out: Path) -> str:
         if common:
             r["delta_paired"] = mean_std([r["val_losses"][s] - base["val_losses"][s] for s in common])
     header = ("| variant | router | experts/pool x pools | expert budget | seeds | val loss | Δ vs vanilla (paired) "
-              "| val ppl | zero-gate tokens | U(x)/L | dead experts |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| val ppl | zero-gate tokens | gate sum | U(x)/L | dead experts |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = "val_loss" in r
         lines.append(
             f"| {r['variant']} | {r['router']} | {r['experts_per_pool']} x {r['n_pools']} | "
             f"{100 * r['expert_budget']:.1f}% | {len(r['seeds'])} | {fmt(r.get('val_loss')) if ok else 'not run'} | "
             f"{fmt(r.get('delta_paired'), sign=True)} | {fmt(r.get('val_ppl'), 1)} | "
-            f"{fmt(r.get('zero_gate'), 1, 100) + '%' if ok else '–'} | {fmt(r.get('u_fraction'), 3)} | "
+            f"{fmt(r.get('zero_gate'), 1, 100) + '%' if ok else '–'} | {fmt(r.get('gate_sum'), 3)} | "
+            f"{fmt(r.get('u_fraction'), 3)} | "
             f"{fmt(r.get('dead_experts'), 1)} |")
     table = "\n".join(lines)
     (out / "results.json").write_text(json.dumps(rows, indent=2))

@@ -119,7 +119,9 @@ def test_collect_routing_records_the_models_picks(runs):
     tr = collect_routing(model, [(x[:2], None), (x[2:], None)], max_tokens=50)
     assert tr.expert_ids_LTK.shape == (2, 50, 1)
     for layer, r in enumerate(routing):
-        assert tr.expert_ids_LTK[layer].tolist() == r.expert_ids_TK[:50].tolist()
+        picks_TK = r.expert_ids_TK[:50].masked_fill(r.weights_TK[:50] == 0, -1)  # gate 0: not a use
+        assert tr.expert_ids_LTK[layer].tolist() == picks_TK.tolist()
+        assert tr.gate_sum_L[layer] == pytest.approx(r.weights_TK[:50].sum(-1).mean().item(), rel=1e-5)
         assert tr.score_entropy_L[layer] == pytest.approx(score_entropy_T(r.scores_TE[:50]).mean().item(), rel=1e-5)
 
 

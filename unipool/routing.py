@@ -56,6 +56,9 @@ class RoutingTrace:
     # Fraction of tokens whose picked gates are all zero, per layer: the MoE adds nothing for them and
     # no gradient reaches their router (NormRouter when every logit is negative). None: not recorded.
     zero_gate_L: np.ndarray | None = None
+    # Mean over tokens of the sum of the picked gates, per layer: how strongly the MoE output is scaled
+    # (softmax top-1 without renormalisation: the top probability; NormRouter: about sigma at init).
+    gate_sum_L: np.ndarray | None = None
 
     @property
     def n_pools(self) -> int:
@@ -81,7 +84,7 @@ def collect_routing(model: Unipool, batches: Iterable[Batch], max_tokens: int | 
     was_training = model.training
     model.eval()
     ids, n_tokens = [], 0
-    ent_sum, zero_sum = torch.zeros(cfg.n_layers, dtype=torch.float64), torch.zeros(cfg.n_layers, dtype=torch.float64)
+    ent_sum, zero_sum, gate_sum = (torch.zeros(cfg.n_layers, dtype=torch.float64) for _ in range(3))
     try:
         for inputs, _ in batches:
             if max_tokens is not None and n_tokens >= max_tokens:
@@ -92,6 +95,7 @@ def collect_routing(model: Unipool, batches: Iterable[Batch], max_tokens: int | 
                                     for r in routing]).cpu())  # (L, T, K)
             ent_sum += torch.stack([score_entropy_T(r.scores_TE[:keep]).double().sum() for r in routing]).cpu()
             zero_sum += torch.stack([(r.weights_TK[:keep] == 0).all(-1).double().sum() for r in routing]).cpu()
+            gate_sum += torch.stack([r.weights_TK[:keep].double().sum() for r in routing]).cpu()
             n_tokens += keep
     finally:
         model.train(was_training)
@@ -99,7 +103,7 @@ def collect_routing(model: Unipool, batches: Iterable[Batch], max_tokens: int | 
         raise RoutingError("no tokens to analyse")
     return RoutingTrace(torch.cat(ids, dim=1).numpy().astype(np.int64), (ent_sum / n_tokens).numpy(),
                         cfg.n_routed_experts, [cfg.pool_of_layer(i) for i in range(cfg.n_layers)], cfg.moe_mode,
-                        (zero_sum / n_tokens).numpy())
+                        (zero_sum / n_tokens).numpy(), (gate_sum / n_tokens).numpy())
 
 
 def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshold: float = 0.1) -> dict:
@@ -163,6 +167,8 @@ def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshol
             "balance_cv": (counts_LE.std(1) / np.where(mean_L > 0, mean_L, 1)).tolist(),
             "zero_gate_fraction": (None if trace.zero_gate_L is None
                                    else np.asarray(trace.zero_gate_L, dtype=np.float64).tolist()),
+            "mean_gate_sum": (None if trace.gate_sum_L is None
+                              else np.asarray(trace.gate_sum_L, dtype=np.float64).tolist()),
         },
         "unique_experts_per_token": {
             "mean": float(unique_T.mean()),
@@ -316,5 +322,6 @@ def cmd_routing(args: argparse.Namespace) -> int:
     print("  per layer: experts used " + " ".join(str(n) for n in per_layer["experts_used"]))
     print("  load entropy / log E: " + " ".join(f"{h:.2f}" for h in per_layer["load_entropy_norm"]))
     print("  tokens with all gates 0: " + " ".join(f"{100 * z:.0f}%" for z in per_layer["zero_gate_fraction"]))
+    print("  mean sum of picked gates: " + " ".join(f"{g:.2f}" for g in per_layer["mean_gate_sum"]))
     print(f"  wrote {out}/routing.json, layer_overlap.json and plots")
     return 0
