@@ -134,6 +134,7 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
 
     out.mkdir(parents=True, exist_ok=True)
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
+    smooth = 5
     for i, (variant, dirs) in enumerate(runs.items()):
         if not dirs:
             continue
@@ -141,6 +142,8 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
         n = min(len(c[0]) for c in curves)
         xs = [x for x, _ in curves[0][0][:n]]
         ys = [statistics.fmean(c[0][j][1] for c in curves) for j in range(n)]
+        # one logged batch per point is noisy (and the same batches for every variant of a seed): smooth
+        ys = [statistics.fmean(ys[max(0, j - smooth + 1):j + 1]) for j in range(n)]
         ax_t.plot(xs, ys, color=f"C{i}", label=variant)
         m = min(len(c[1]) for c in curves)
         vx = [x for x, _ in curves[0][1][:m]]
@@ -150,7 +153,7 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
     tail = [y for line in ax_t.get_lines() for y in line.get_ydata()[len(line.get_ydata()) // 2:]]
     if tail:  # the interesting part is the end: zoom there
         ax_t.set_ylim(min(tail) - 0.05, max(tail) + 0.05)
-    ax_t.set(xlabel="tokens", ylabel="training loss (nats/token)", title="training loss, mean over seeds")
+    ax_t.set(xlabel="tokens", ylabel="training loss (nats/token)", title=f"training loss, mean over seeds (running mean of {smooth} logs)")
     ax_v.set(xlabel="tokens", ylabel="validation loss (nats/token)", title="validation loss, mean ± std over seeds")
     for ax in (ax_t, ax_v):
         ax.grid(alpha=0.3)
