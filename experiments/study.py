@@ -192,8 +192,10 @@ def report(study: dict, out: Path) -> str:
         losses = {seed: s["val_loss"] for seed, s in summaries.items()}
         row = {"variant": variant, "seeds": sorted(losses), "moe_mode": cfg.moe_mode, "router": cfg.router,
                "experts_per_pool": cfg.n_routed_experts, "n_pools": cfg.n_pools,
-               "expert_budget": params["expert_budget_vs_matched_vanilla"], "total_params": params["total"],
-               "active_params": params["active"],
+               "expert_budget": params["expert_budget_vs_matched_vanilla"],
+               # from the runs themselves: the vocabulary (hence the embeddings) is set by the tokenizer
+               "total_params": next(iter(summaries.values()))["params"] if summaries else None,
+               "active_params": next(iter(summaries.values()))["active_params"] if summaries else None,
                "tokens": next(iter(summaries.values()))["tokens"] if summaries else None,
                "wall_time_s": sum(s.get("wall_time_s", 0) for s in summaries.values()), "val_losses": losses}
         if losses:
