@@ -35,6 +35,7 @@ import yaml
 
 from unipool.config import ModelConfig
 from unipool.params import param_report
+from unipool.report import smooth, summarize_run
 
 
 def load_study(path: Path) -> dict:
@@ -109,20 +110,7 @@ def routing_summary(run_dir: Path, max_tokens: int = 16384) -> dict:
     zero_L = stats["per_layer"]["zero_gate_fraction"]
     return {"u_fraction": stats["unique_experts_per_token"]["fraction_of_layers"],
             "dead_experts": len(stats["dead_experts"]), "zero_gate_L": zero_L,
-            "zero_gate": statistics.fmean(zero_L), "gate_sum": statistics.fmean(stats["per_layer"]["mean_gate_sum"]),
-            "load_entropy_norm": statistics.fmean(
-                stats["per_layer"]["load_entropy_norm"])}
-
-
-def read_curves(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    train, val = [], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            train.append((rec["tokens"], rec["loss"]))
-        if "val_loss" in rec:
-            val.append((rec["tokens"], rec["val_loss"]))
-    return train, val
+            "zero_gate": statistics.fmean(zero_L), "gate_sum": statistics.fmean(stats["per_layer"]["mean_gate_sum"])}
 
 
 def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None:
@@ -134,16 +122,15 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
 
     out.mkdir(parents=True, exist_ok=True)
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
-    smooth = 5
+    window = 5
     for i, (variant, dirs) in enumerate(runs.items()):
         if not dirs:
             continue
-        curves = [read_curves(d) for d in dirs]
+        curves = [(r["train_curve"], r["val_curve"]) for r in map(summarize_run, dirs)]
         n = min(len(c[0]) for c in curves)
         xs = [x for x, _ in curves[0][0][:n]]
-        ys = [statistics.fmean(c[0][j][1] for c in curves) for j in range(n)]
         # one logged batch per point is noisy (and the same batches for every variant of a seed): smooth
-        ys = [statistics.fmean(ys[max(0, j - smooth + 1):j + 1]) for j in range(n)]
+        ys = smooth([statistics.fmean(c[0][j][1] for c in curves) for j in range(n)], window)
         ax_t.plot(xs, ys, color=f"C{i}", label=variant)
         m = min(len(c[1]) for c in curves)
         vx = [x for x, _ in curves[0][1][:m]]
@@ -153,7 +140,8 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
     tail = [y for line in ax_t.get_lines() for y in line.get_ydata()[len(line.get_ydata()) // 2:]]
     if tail:  # the interesting part is the end: zoom there
         ax_t.set_ylim(min(tail) - 0.05, max(tail) + 0.05)
-    ax_t.set(xlabel="tokens", ylabel="training loss (nats/token)", title=f"training loss, mean over seeds (running mean of {smooth} logs)")
+    ax_t.set(xlabel="tokens", ylabel="training loss (nats/token)",
+             title=f"training loss, mean over seeds (running mean of {window} logs)")
     ax_v.set(xlabel="tokens", ylabel="validation loss (nats/token)", title="validation loss, mean ± std over seeds")
     for ax in (ax_t, ax_v):
         ax.grid(alpha=0.3)
@@ -190,13 +178,13 @@ def report(study: dict, out: Path) -> str:
         cfg = ModelConfig.from_dict({**study["base"].get("model", {}), **overrides})
         params = param_report(cfg)
         losses = {seed: s["val_loss"] for seed, s in summaries.items()}
+        first = next(iter(summaries.values()), {})
         row = {"variant": variant, "seeds": sorted(losses), "moe_mode": cfg.moe_mode, "router": cfg.router,
                "experts_per_pool": cfg.n_routed_experts, "n_pools": cfg.n_pools,
                "expert_budget": params["expert_budget_vs_matched_vanilla"],
                # from the runs themselves: the vocabulary (hence the embeddings) is set by the tokenizer
-               "total_params": next(iter(summaries.values()))["params"] if summaries else None,
-               "active_params": next(iter(summaries.values()))["active_params"] if summaries else None,
-               "tokens": next(iter(summaries.values()))["tokens"] if summaries else None,
+               "total_params": first.get("params"), "active_params": first.get("active_params"),
+               "tokens": first.get("tokens"),
                "wall_time_s": sum(s.get("wall_time_s", 0) for s in summaries.values()), "val_losses": losses}
         if losses:
             row["val_loss"] = mean_std(list(losses.values()))

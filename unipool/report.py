@@ -146,7 +146,7 @@ def markdown_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _smooth(ys: list[float], window: int) -> list[float]:
+def smooth(ys: list[float], window: int) -> list[float]:
     """Trailing moving average (the first points average what exists so far)."""
     out, acc = [], 0.0
     for i, y in enumerate(ys):
@@ -175,7 +175,7 @@ def plot_curves(runs: list[dict], out_dir: Path) -> list[Path]:
             color = f"C{i % 10}"
             if key == "train_curve" and len(ys) > 20:
                 ax.plot(xs, ys, color=color, alpha=0.25, lw=0.8)
-                ys = _smooth(list(ys), max(2, len(ys) // 50))
+                ys = smooth(list(ys), max(2, len(ys) // 50))
             ax.plot(xs, ys, color=color, marker="o" if key == "val_curve" else None, ms=3, label=r["name"])
             if key == "val_curve" and isinstance(r.get("unigram_loss"), (int, float)):
                 # the context-free baseline: a model must get below it to have learned anything
