@@ -3,6 +3,7 @@ KV cache, ship a working tokenizer; imported Mixtral / OLMoE / Qwen3-MoE models 
 
 import json
 import pydoc_data.topics
+import sys
 
 import pytest
 import torch
@@ -105,9 +106,16 @@ def _greedy(model, ids, n):
     return ids
 
 
-def test_export_generate_with_and_without_cache(tokenizer, tmp_path):
+def _set_kernel(hf, kernel):
+    for pool in hf.model.experts:
+        pool.kernel = kernel
+
+
+@pytest.mark.parametrize("kernel", ["auto", "loop"])
+def test_export_generate_with_and_without_cache(kernel, tokenizer, tmp_path):
     ours = _perturbed(_config("pool-norm", tokenizer.vocab_size))
     hf = _load_hf(export_hf(ours, tokenizer, tmp_path / "hf"))
+    _set_kernel(hf, kernel)
     prompt = tokenizer.encode(TEXT[0])[:10]
     expected = _greedy(ours, prompt, 8)
     x = torch.tensor([prompt])
@@ -115,23 +123,95 @@ def test_export_generate_with_and_without_cache(tokenizer, tmp_path):
     assert hf.generate(x, **kw)[0].tolist() == expected
     assert hf.generate(x, use_cache=False, **kw)[0].tolist() == expected
 
-    # A left-padded batch: every row generates what it generates alone.
+    # A left-padded batch: every row generates what it generates alone, with and without the cache.
     short = tokenizer.encode(TEXT[1])[:6]
     batch = torch.tensor([prompt, [tokenizer.eos_id] * 4 + short])
     mask = torch.tensor([[1] * 10, [0] * 4 + [1] * 6])
-    got = hf.generate(batch, attention_mask=mask, **kw)
-    assert got[0].tolist() == expected
-    assert got[1, 4:].tolist() == _greedy(ours, short, 8)
+    for use_cache in (True, False):
+        got = hf.generate(batch, attention_mask=mask, use_cache=use_cache, **kw)
+        assert got[0].tolist() == expected
+        assert got[1, 4:].tolist() == _greedy(ours, short, 8)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_export_grouped_gemm_experts_match_the_loop(name, tokenizer, tmp_path):
+    # The exported experts run as grouped GEMMs where torch._grouped_mm takes the shapes; the per-expert
+    # loop stays as the fallback. Both give our logits, and the config can force either.
+    ours = _perturbed(_config(name, tokenizer.vocab_size))
+    hf = _load_hf(export_hf(ours, tokenizer, tmp_path / "hf"))
+    ids = torch.tensor([tokenizer.encode(t)[:16] for t in TEXT])
+    x_TD = torch.randn(32, ours.config.d_model)
+    assert all(pool._grouped_mm_fits(x_TD) for pool in hf.model.experts) == hasattr(torch, "_grouped_mm")
+    logits = {}
+    for kernel in ("grouped_mm", "loop"):
+        _set_kernel(hf, kernel)
+        with torch.no_grad():
+            logits[kernel] = hf(ids).logits
+    torch.testing.assert_close(logits["grouped_mm"], logits["loop"], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(logits["grouped_mm"], ours(ids).logits, atol=1e-5, rtol=1e-5)
+
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["expert_kernel"] == "auto"
+    loop = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True,
+                                                             expert_kernel="loop")
+    assert {pool.kernel for pool in loop.model.experts} == {"loop"}
 
 
 def test_export_tokenizer_round_trips(tokenizer, tmp_path):
     out = export_hf(_perturbed(_config("pool-norm", tokenizer.vocab_size)), tokenizer, tmp_path / "hf")
     text = "Mixture-of-Experts: «every layer» routes into one pool.\n\n  def f(x):\n\treturn x ** 2  # ✓"
-    for trust in (False, True):  # plain AutoTokenizer works too (transformers falls back to a base config)
-        hf_tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=trust)
+    loaders = [lambda: transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=False),
+               lambda: transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True),
+               lambda: transformers.PreTrainedTokenizerFast.from_pretrained(str(out))]
+    for load in loaders:
+        hf_tok = load()
         assert hf_tok(text)["input_ids"] == tokenizer.encode(text)
         assert hf_tok.decode(tokenizer.encode(text)) == text
         assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == tokenizer.eos_id
+
+
+def test_export_tokenizer_loads_at_a_terminal_without_remote_code(tokenizer, tmp_path):
+    # At a terminal transformers asks "[y/N]" before it runs remote code. The tokenizer is a plain
+    # tokenizers file: loading it with trust_remote_code=False asks nothing and imports none of the
+    # export's code (checked in a child process whose stdin is a pseudo-terminal).
+    out = export_hf(_perturbed(_config("pool-norm", tokenizer.vocab_size)), tokenizer, tmp_path / "hf")
+    script = ("import sys, transformers\n"
+              f"tok = transformers.AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=False)\n"
+              "remote = sorted(m for m in sys.modules if m.startswith('transformers_modules'))\n"
+              "print('LOADED', tok('one pool')['input_ids'], 'REMOTE', remote)\n")
+    text = _run_in_pty([sys.executable, "-c", script])
+    assert "[y/N]" not in text
+    assert f"LOADED {tokenizer.encode('one pool')} REMOTE []" in text
+
+
+def _run_in_pty(argv, timeout=120) -> str:
+    """Run argv with a pseudo-terminal as stdin/stdout (answering nothing) and return what it printed."""
+    import os
+    import pty
+    import select
+    import subprocess
+
+    parent, child = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=child, stdout=child, stderr=child, close_fds=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.close(child)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([parent], [], [], timeout)
+        if not ready:  # a question waiting for an answer
+            proc.kill()
+            break
+        try:
+            data = os.read(parent, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=30)
+    os.close(parent)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def test_cli_export_then_import_restores_the_model(tokenizer, tmp_path, capsys):
@@ -198,8 +278,17 @@ def test_import_matches_transformers(family, tmp_path):
     assert ours.config.moe_mode == "layerwise" and ours.config.padded_vocab_size == TINY["vocab_size"]
     assert ours.param_counts()["total"] == sum(p.numel() for p in hf.parameters())
     _assert_same_logits(hf, ours)
-    # and back out through our own export: same logits again under transformers
-    _assert_same_logits(hf, _load_hf(export_hf(ours, None, tmp_path / "export")))
+    # and back out through our own export: same logits again under transformers, and the same greedy text
+    # as the original model, with the cache, for a single prompt and a left-padded batch
+    export = _load_hf(export_hf(ours, None, tmp_path / "export"))
+    _assert_same_logits(hf, export)
+    ids = torch.randint(3, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = TINY["pad_token_id"], 0
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=TINY["pad_token_id"])
+    for batch, attention_mask in ((ids[:1], mask[:1]), (ids, mask)):
+        expected = hf.generate(batch, attention_mask=attention_mask, **kw)
+        assert export.generate(batch, attention_mask=attention_mask, **kw).tolist() == expected.tolist()
 
 
 def test_import_reads_fused_expert_tensors(tmp_path):
@@ -249,3 +338,64 @@ def test_import_refuses_shared_experts_and_other_families(tmp_path):
     _tiny_hf("mixtral").config.save_pretrained(str(tmp_path / "noweights"))
     with pytest.raises(HFError, match="no model.safetensors"):
         import_hf(tmp_path / "noweights")
+
+
+def test_refusals_name_the_missing_features(tmp_path, capsys):
+    deepseek = transformers.DeepseekV3Config(**TINY, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+                                             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, n_group=2,
+                                             topk_group=1, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    deepseek.save_pretrained(str(tmp_path / "deepseek"))
+    assert cli.main(["import", str(tmp_path / "deepseek"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model_type 'deepseek_v3'" in err
+    for feature in ("shared experts (n_shared_experts=1)", "dense FFN layers", "first_k_dense_replace=1",
+                    "multi-head latent attention (MLA", "group-limited routing (n_group=2"):
+        assert feature in err
+    transformers.LlamaConfig(**TINY).save_pretrained(str(tmp_path / "llama"))
+    with pytest.raises(HFError, match=r"model_type 'llama': it has dense FFNs only \(no mixture-of-experts layers\)"):
+        import_hf(tmp_path / "llama")
+
+
+def _safetensors_dtypes(paths):
+    """The floating-point dtypes stored in safetensors files (flags and counters left out)."""
+    dtypes = set()
+    for path in paths:
+        with safe_open(str(path), "pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    return {d for d in dtypes if d.startswith(("F", "BF"))}
+
+
+def test_bf16_import_and_export_keep_the_dtype_and_shard(tmp_path, capsys):
+    hf = _tiny_hf("olmoe").to(torch.bfloat16)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    assert cli.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    assert "bfloat16" in capsys.readouterr().out
+    assert _safetensors_dtypes((tmp_path / "run" / "checkpoints").glob("*/model.safetensors")) == {"BF16"}
+
+    # export keeps bf16 and, above --max-shard-size, writes shards and an index as save_pretrained does
+    assert cli.main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "out"), "--max-shard-size", "100KB"]) == 0
+    out = tmp_path / "out"
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    assert all(p.stat().st_size <= 100_000 + 10_000 for p in shards)  # one tensor is never split; headers add a little
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [p.name for p in shards]
+    assert _safetensors_dtypes(shards) == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    exported = _load_hf(out)
+    assert exported.dtype == torch.bfloat16
+    with torch.no_grad():  # the same bf16 weights: the same logits up to bf16 rounding in the two codes
+        ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(exported(ids).logits.float(), hf(ids).logits.float(), atol=0.1, rtol=0.05)
+    # and the sharded export imports again, to the same weights
+    back = import_hf(out)
+    ours, _ = load_model(tmp_path / "run")
+    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    # --dtype overrides; a bad size is one line
+    assert cli.main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "fp32"), "--dtype", "float32"]) == 0
+    assert _safetensors_dtypes([tmp_path / "fp32" / "model.safetensors"]) == {"F32"}
+    assert not (tmp_path / "fp32" / "model.safetensors.index.json").exists()
+    assert cli.main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "x"), "--max-shard-size", "lots"]) == 2
+    assert "not a size: 'lots'" in capsys.readouterr().err

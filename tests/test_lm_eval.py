@@ -186,3 +186,20 @@ def test_cli_lm_eval_writes_json(setup, tmp_path, capsys):
 
     with pytest.raises(LMEvalError, match="needs a tokenizer"):
         run_lm_eval(model, None, TASK, include_path=tasks)
+
+
+def test_hf_backend_on_an_export_generates_like_our_wrapper(setup, tmp_path):
+    # generate_until batches contexts of different lengths (left-padded) and decodes with the KV cache:
+    # the stock HF backend on an export must produce our wrapper's text item for item.
+    pytest.importorskip("transformers")
+    from lm_eval.models.huggingface import HFLM
+
+    from unipool.hf import export_hf
+
+    model, tok, _ = setup
+    export_hf(model, tok, tmp_path / "hf")
+    hflm = HFLM(pretrained=str(tmp_path / "hf"), trust_remote_code=True, dtype="float32", batch_size=5, device="cpu")
+    ours = make_lm(model, tok, batch_size=5)
+    reqs = [Instance("generate_until", {}, (q, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), i)
+            for i, (q, _, _) in enumerate(ITEMS[:10])]
+    assert hflm.generate_until(reqs) == ours.generate_until(reqs)

@@ -34,6 +34,7 @@ class UnipoolConfig(PretrainedConfig):
         norm_router_c=1.0,  # the NormRouter constant c, as a number
         norm_router_eps=1e-8,
         random_gates="uniform",
+        expert_kernel="auto",  # auto (grouped GEMMs where torch._grouped_mm takes the shapes) | grouped_mm | loop
         initializer_range=0.02,
         use_cache=True,
         unipool=None,
@@ -60,6 +61,9 @@ class UnipoolConfig(PretrainedConfig):
         self.norm_router_c = norm_router_c
         self.norm_router_eps = norm_router_eps
         self.random_gates = random_gates
+        if expert_kernel not in ("auto", "grouped_mm", "loop"):
+            raise ValueError(f"expert_kernel must be auto, grouped_mm or loop, not {expert_kernel!r}")
+        self.expert_kernel = expert_kernel
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.unipool = unipool
