@@ -39,6 +39,10 @@ class CheckpointError(UnipoolError):
     pass
 
 
+# dtype names as checkpoints, exports and the command line spell them
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory, a checkpoint directory or a model.safetensors file -> the checkpoint directory."""
     p = Path(path)
@@ -61,21 +65,36 @@ def read_meta(ckpt_dir: Path) -> dict:
     return read_json(ckpt_dir / "meta.json", CheckpointError)
 
 
-def save_model(model: Unipool, ckpt_dir: str | Path, meta: dict | None = None) -> None:
+def main_dtype(tensors) -> torch.dtype:
+    """The floating-point dtype that holds most of the elements (float32 if there is none)."""
+    numel: dict[torch.dtype, int] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            numel[t.dtype] = numel.get(t.dtype, 0) + t.numel()
+    return max(numel, key=numel.get) if numel else torch.float32
+
+
+def save_model(model: Unipool, ckpt_dir: str | Path, meta: dict | None = None,
+               dtype: torch.dtype | None = None) -> None:
     """Weights as safetensors and the model config in meta.json (not atomic: see save_checkpoint)."""
-    save_weights(model.state_dict(), model.config, ckpt_dir, meta)
+    save_weights(model.state_dict(), model.config, ckpt_dir, meta, dtype)
 
 
 def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, ckpt_dir: str | Path,
-                 meta: dict | None = None) -> None:
-    """A full (unsharded) model state dict as model.safetensors, and meta.json with the model config."""
+                 meta: dict | None = None, dtype: torch.dtype | None = None) -> None:
+    """A full (unsharded) model state dict as model.safetensors, and meta.json with the model config and
+    the dtype the weights are stored in (`dtype`: cast floating-point weights to it first)."""
     from safetensors.torch import save_file
 
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    stored = main_dtype(state.values())
     save_file(state, str(ckpt_dir / "model.safetensors"))
-    (ckpt_dir / "meta.json").write_text(json.dumps({**(meta or {}), "model": cfg.to_dict()}, indent=2))
+    meta = {**(meta or {}), "dtype": str(stored).removeprefix("torch."), "model": cfg.to_dict()}
+    (ckpt_dir / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Unipool, dict]:

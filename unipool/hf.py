@@ -2,11 +2,13 @@
 
 Export (`export_hf`, `unipool export RUN --hf DIR`) writes a transformers directory with remote code:
     config.json            model_type "unipool", auto_map -> configuration_unipool / modeling_unipool
-    model.safetensors      HF names; each expert pool stored ONCE (model.experts.{p}.gate_up_proj/down_proj)
+    model.safetensors      HF names; each expert pool stored ONCE (model.experts.{p}.gate_up_proj/down_proj);
+                           above --max-shard-size: model-0000i-of-0000n.safetensors + model.safetensors.index.json
     configuration_unipool.py, modeling_unipool.py   self-contained copies of unipool/hf_remote/
     tokenizer.json, tokenizer_config.json, generation_config.json
 Load it with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and AutoTokenizer.from_pretrained(DIR).
 The shared pool stays shared: a UniPool export has one pool parameter set that every layer calls.
+Weights are written in the dtype they are stored in (an imported bf16 model stays bf16) unless --dtype says otherwise.
 
 Import (`import_hf`, `unipool import HF_DIR --out RUN`) maps a Mixtral, OLMoE or Qwen3-MoE checkpoint onto a
 `layerwise` unipool model with identical math, and refuses (naming the feature) anything that does not map:
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model, resolve_checkpoint, save_model
+from .checkpoint import DTYPES, load_model, main_dtype, resolve_checkpoint, save_model
 from .config import ModelConfig
 from .errors import UnipoolError, read_json
 from .model import Unipool, build_model
@@ -120,10 +122,10 @@ def hf_config_dict(model: Unipool, eos_id: int | None = None) -> dict:
         "norm_router_c": _norm_router_c(model),
         "norm_router_eps": cfg.norm_router_eps,
         "random_gates": cfg.random_gates,
+        "expert_kernel": "auto",
         "initializer_range": cfg.init_std,
         "tie_word_embeddings": False,
         "use_cache": True,
-        "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
         "unipool": cfg.to_dict(),
     }
     if eos_id is not None:
@@ -190,19 +192,67 @@ def save_hf_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int) -> 
     return tok.token_to_id(eos) if eos else None
 
 
-def export_hf(model: Unipool, tokenizer, out_dir: str | Path) -> Path:
-    """Write `model` (and `tokenizer`: a tokenizer.json path, a Tokenizer, or None) as a transformers
-    directory loadable with trust_remote_code=True. Returns out_dir."""
+def parse_size(text: str | int) -> int:
+    """Bytes from an int or a size like "5GB", "500MB", "2GiB" (decimal units as in transformers)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise HFError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise HFError(f"shard size must be positive, not {text!r}")
+    return size
+
+
+def save_sharded(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:
+    """state as model.safetensors, or, above max_shard_bytes, as model-0000i-of-0000n.safetensors shards
+    (tensors in order, a tensor never split) with model.safetensors.index.json, as save_pretrained writes
+    them. Returns the file names written."""
     from safetensors.torch import save_file
 
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    for stale in [*out.glob("model-*-of-*.safetensors"), out / "model.safetensors", out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # a previous export with another shard count
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return [*names, "model.safetensors.index.json"]
+
+
+def export_hf(model: Unipool, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None,
+              max_shard_size: str | int = "5GB") -> Path:
+    """Write `model` (and `tokenizer`: a tokenizer.json path, a Tokenizer, or None) as a transformers
+    directory loadable with trust_remote_code=True, its floating-point weights in `dtype` (default: the
+    model's). Weights above `max_shard_size` are split into shards. Returns out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or model.tok_embeddings.weight.dtype
     eos_id = None
     if tokenizer is not None:
         eos_id = save_hf_tokenizer(tokenizer, out, model.config.max_seq_len)
-    state = hf_state_dict(model)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config_dict(model, eos_id), indent=2) + "\n")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_state_dict(model).items()}
+    save_sharded(state, out, parse_size(max_shard_size))
+    config = hf_config_dict(model, eos_id)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"do_sample": False} if eos_id is None else {"bos_token_id": eos_id, "eos_token_id": eos_id,
                                                         "pad_token_id": eos_id, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -231,26 +281,52 @@ def _read_json(path: Path) -> dict:
     return read_json(path, HFError)
 
 
+def _weight_files(hf_dir: Path) -> list[Path]:
+    """model.safetensors, or the shards named by model.safetensors.index.json."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HFError(f"{index} has no weight_map")
+        return [hf_dir / name for name in sorted(set(weight_map.values()))]
+    if (hf_dir / "model.safetensors").is_file():
+        return [hf_dir / "model.safetensors"]
+    if any(hf_dir.glob("*.bin")):
+        raise HFError(f"{hf_dir}: only safetensors checkpoints can be imported (found *.bin)")
+    raise HFError(f"{hf_dir}: no model.safetensors")
+
+
 def _load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
-    elif (hf_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    elif any(hf_dir.glob("*.bin")):
-        raise HFError(f"{hf_dir}: only safetensors checkpoints can be imported (found *.bin)")
-    else:
-        raise HFError(f"{hf_dir}: no model.safetensors")
     state = {}
-    for name in files:
+    for path in _weight_files(hf_dir):
         try:
-            state.update(load_file(str(hf_dir / name)))
+            state.update(load_file(str(path)))
         except (SafetensorError, OSError) as e:
-            raise HFError(f"corrupt weights {hf_dir / name}: {e}") from None
+            raise HFError(f"corrupt weights {path}: {e}") from None
     return state
+
+
+def source_dtype(hf_dir: str | Path) -> torch.dtype:
+    """The dtype a Hugging Face checkpoint stores its weights in (read from the safetensors headers)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes_dtypes = []
+    for path in _weight_files(Path(hf_dir)):
+        try:
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    sl = f.get_slice(key)
+                    shapes_dtypes.append(torch.empty(sl.get_shape(), dtype=_SAFETENSORS_DTYPES.get(
+                        sl.get_dtype(), torch.uint8), device="meta"))
+        except (SafetensorError, OSError) as e:
+            raise HFError(f"corrupt weights {path}: {e}") from None
+    return main_dtype(shapes_dtypes)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def _check_supported(hf_cfg, model_type: str) -> None:
@@ -284,6 +360,30 @@ def _check_supported(hf_cfg, model_type: str) -> None:
             problems.append("OLMoE with head_dim * num_attention_heads != hidden_size")
     if problems:
         raise HFError(f"cannot import this {model_type} model: unsupported " + "; ".join(problems))
+
+
+def _features_we_lack(raw: dict) -> list[str]:
+    """What a config.json of another family describes that a unipool model has no equivalent for. Read
+    from the fields themselves, so that a family is refused for what it has, not for its name."""
+    found = []
+    if not any(raw.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")):
+        found.append("dense FFNs only (no mixture-of-experts layers)")
+    shared = {k: raw[k] for k in ("n_shared_experts", "num_shared_experts", "shared_expert_intermediate_size")
+              if raw.get(k)}
+    if shared:
+        found.append("shared experts (" + ", ".join(f"{k}={v}" for k, v in shared.items()) + ")")
+    dense = {k: raw[k] for k in ("first_k_dense_replace", "mlp_only_layers") if raw.get(k)}
+    dense.update({k: raw[k] for k in ("decoder_sparse_step", "moe_layer_freq") if raw.get(k, 1) not in (1, None)})
+    if dense:
+        found.append("dense FFN layers between the MoE layers (" + ", ".join(f"{k}={v}" for k, v in dense.items()) + ")")
+    mla = {k: raw[k] for k in ("kv_lora_rank", "q_lora_rank") if raw.get(k)}
+    if mla:
+        found.append("multi-head latent attention (MLA: " + ", ".join(f"{k}={v}" for k, v in mla.items()) + ")")
+    if (raw.get("n_group") or 1) > 1:
+        found.append(f"group-limited routing (n_group={raw['n_group']}, topk_group={raw.get('topk_group')})")
+    if raw.get("routed_scaling_factor") not in (None, 1, 1.0):
+        found.append(f"scaled routed outputs (routed_scaling_factor={raw['routed_scaling_factor']})")
+    return found
 
 
 def _unipool_config_from_hf(hf_cfg, model_type: str) -> ModelConfig:
@@ -372,10 +472,10 @@ def import_hf(hf_dir: str | Path) -> Unipool:
         raise HFError(f"no such directory: {hf_dir}")
     raw = _read_json(hf_dir / "config.json")
     model_type = raw.get("model_type")
-    if model_type == "qwen2_moe":
-        raise HFError("cannot import qwen2_moe: unsupported shared experts (Qwen2-MoE)")
     if model_type not in SUPPORTED:
-        raise HFError(f"cannot import model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
+        missing = _features_we_lack(raw)
+        what = f": it has {'; '.join(missing)}" if missing else ""
+        raise HFError(f"cannot import model_type {model_type!r}{what} (importable: {', '.join(SUPPORTED)})")
 
     if model_type == "unipool":
         if "unipool" not in raw:
@@ -401,11 +501,13 @@ def import_hf(hf_dir: str | Path) -> Unipool:
     return model
 
 
-def write_run(model: Unipool, out_dir: str | Path, tokenizer_json: Path | None = None, source: str = "") -> Path:
-    """A run directory that every unipool command accepts: config.json, tokenizer.json, checkpoints/step_000000."""
+def write_run(model: Unipool, out_dir: str | Path, tokenizer_json: Path | None = None, source: str = "",
+              dtype: torch.dtype | None = None) -> Path:
+    """A run directory that every unipool command accepts: config.json, tokenizer.json, checkpoints/step_000000
+    (weights stored in `dtype`, default the model's)."""
     out = Path(out_dir)
     ckpt = out / "checkpoints" / "step_000000"
-    save_model(model, ckpt, {"step": 0, "source": source})
+    save_model(model, ckpt, {"step": 0, "source": source}, dtype)
     (out / "checkpoints" / "LATEST").write_text(ckpt.name + "\n")
     (out / "config.json").write_text(json.dumps({"model": model.config.to_dict(), "source": source}, indent=2) + "\n")
     if tokenizer_json is not None and tokenizer_json.is_file():
@@ -417,20 +519,30 @@ def write_run(model: Unipool, out_dir: str | Path, tokenizer_json: Path | None =
 # Command line
 # ------------------------------------------------------------------------------------------------
 
+def _add_dtype_arg(parser, auto: str) -> None:
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help=f"dtype of the written weights (auto: {auto})")
+
+
 def add_export_args(parser) -> None:
     parser.add_argument("run", help="run directory, checkpoint directory or model.safetensors")
     parser.add_argument("--hf", required=True, metavar="DIR", help="output transformers directory")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.json to ship (default: the run's tokenizer.json)")
+    _add_dtype_arg(parser, "the dtype the checkpoint stores")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="split the weights into safetensors shards of at most this size, as save_pretrained does")
 
 
 def cmd_export(args) -> int:
-    model, _ = load_model(args.run)
+    max_shard = parse_size(args.max_shard_size)
+    model, meta = load_model(args.run)
+    dtype = DTYPES[meta.get("dtype", "float32") if args.dtype == "auto" else args.dtype]
     tok = Path(args.tokenizer) if args.tokenizer else find_run_tokenizer(args.run)
     if tok is None:
         print("warning: no tokenizer.json found next to the run; exporting the model only")
-    out = export_hf(model, tok, args.hf)
-    print(f"exported {model.param_counts()['total']:,} parameters to {out} "
+    out = export_hf(model, tok, args.hf, dtype, max_shard)
+    print(f"exported {model.param_counts()['total']:,} parameters ({str(dtype).removeprefix('torch.')}) to {out} "
           f"(load with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True))")
     return 0
 
@@ -438,12 +550,15 @@ def cmd_export(args) -> int:
 def add_import_args(parser) -> None:
     parser.add_argument("hf_dir", help="Hugging Face model directory (Mixtral, OLMoE, Qwen3-MoE or a unipool export)")
     parser.add_argument("--out", required=True, help="output run directory (config.json, tokenizer.json, checkpoints/)")
+    _add_dtype_arg(parser, "the dtype the Hugging Face checkpoint stores")
 
 
 def cmd_import(args) -> int:
     model = import_hf(args.hf_dir)
-    out = write_run(model, args.out, Path(args.hf_dir) / "tokenizer.json", source=str(Path(args.hf_dir).resolve()))
+    dtype = source_dtype(args.hf_dir) if args.dtype == "auto" else DTYPES[args.dtype]
+    out = write_run(model, args.out, Path(args.hf_dir) / "tokenizer.json", source=str(Path(args.hf_dir).resolve()),
+                    dtype=dtype)
     c = model.config
     print(f"imported {model.param_counts()['total']:,} parameters ({c.n_layers} layers, {c.num_experts} experts, "
-          f"top-{c.top_k}) into {out}")
+          f"top-{c.top_k}, {str(dtype).removeprefix('torch.')}) into {out}")
     return 0
