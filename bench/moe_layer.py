@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, meta, peak_bytes, print_table, reset_peak, resolve, summarize, time_fn, write_json  # noqa: E402
 
-from unipool.moe import moe_dispatch, moe_reference  # noqa: E402
+from unipool.model.moe import moe_dispatch, moe_reference  # noqa: E402
 
 # (d_model, d_ff per expert, experts seen by the layer, top-k, label)
 SHAPES = {

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import yaml
 
-from unipool.config import ModelConfig
-from unipool.params import param_report
-from unipool.report import smooth, summarize_run
+from unipool.analysis.report import smooth, summarize_run
+from unipool.model.config import ModelConfig
+from unipool.model.params import param_report
 
 
 def load_study(path: Path) -> dict:
@@ -100,8 +100,8 @@ def routing_summary(run_dir: Path, max_tokens: int = 16384) -> dict:
     """Routing statistics of a finished run on its own validation split, cached in RUN/routing/."""
     path = run_dir / "routing" / "routing.json"
     if not path.is_file():
-        from unipool.eval import eval_batches_for, load_run
-        from unipool.routing import analyse
+        from unipool.analysis.eval import eval_batches_for, load_run
+        from unipool.analysis.routing import analyse
 
         run = load_run(run_dir)
         batches, _ = eval_batches_for(run, None, "val", 16, run.train_seq_len, max_tokens)
@@ -246,9 +246,9 @@ def main() -> None:
                  if not args.only or v in args.only]
         t0 = time.time()
         if names:  # tokenize once here, so parallel runs never prepare the same data directory together
-            from unipool.distributed import DistInfo
-            from unipool.train import prepare_data
-            from unipool.train_config import apply_dict, default_config
+            from unipool.train.config import apply_dict, default_config
+            from unipool.train.distributed import DistInfo
+            from unipool.train.loop import prepare_data
 
             prepare_data(apply_dict(default_config(), run_config(study, names[0][1], names[0][2], args.steps)),
                          DistInfo())

@@ -6,9 +6,9 @@ from pydoc_data.topics import topics
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from unipool.checkpoint import save_model
-from unipool.config import get_preset
-from unipool.model import build_model
+from unipool.model.config import get_preset
+from unipool.model.model import build_model
+from unipool.train.checkpoint import save_model
 
 TEXTS = [topics[k] for k in sorted(topics)]
 

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from unipool import checkpoint as ckpt
 from unipool import cli
-from unipool.checkpoint import load_model, resolve_checkpoint
-from unipool.data import TokenDataset, WindowSampler, prepare
-from unipool.distributed import DistInfo
-from unipool.model import build_model
-from unipool.tokenizer import train_bpe
-from unipool.train import param_groups, save_checkpoint
-from unipool.train_config import preset_config
+from unipool.data.dataset import TokenDataset, WindowSampler, prepare
+from unipool.data.tokenizer import train_bpe
+from unipool.model.model import build_model
+from unipool.train import checkpoint as ckpt
+from unipool.train.checkpoint import load_model, resolve_checkpoint
+from unipool.train.config import preset_config
+from unipool.train.distributed import DistInfo
+from unipool.train.loop import param_groups, save_checkpoint
 
 
 @pytest.fixture(scope="module")

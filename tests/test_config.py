@@ -3,7 +3,7 @@ import json
 import pytest
 
 from unipool.cli import main
-from unipool.config import PRESETS, ConfigError, ModelConfig, get_preset
+from unipool.model.config import PRESETS, ConfigError, ModelConfig, get_preset
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from unipool import data as data_mod
-from unipool.corpus import markdown_to_scenes
-from unipool.data import (
+from unipool.data import dataset as data_mod
+from unipool.data.corpus import markdown_to_scenes
+from unipool.data.dataset import (
     DataError,
     TokenDataset,
     WindowSampler,
@@ -26,8 +26,8 @@ from unipool.data import (
     token_dtype,
     unigram_loss,
 )
+from unipool.data.tokenizer import EOD_TOKEN, Tokenizer, gpt2_tokenizer, train_bpe
 from unipool.errors import UnipoolError
-from unipool.tokenizer import EOD_TOKEN, Tokenizer, gpt2_tokenizer, train_bpe
 
 # real English documents, all distinct, with surrounding whitespace removed (as plain-text sources do)
 DOCS = sorted({t.strip() for t in pydoc_data.topics.topics.values() if t.strip()})
@@ -413,7 +413,7 @@ def test_concurrent_prepares_share_one_result(tmp_path, tok):
 def test_prepare_command(tmp_path, tok, capsys):
     import argparse
 
-    from unipool.data import add_prepare_args, cmd_prepare
+    from unipool.data.dataset import add_prepare_args, cmd_prepare
 
     parser = argparse.ArgumentParser()
     add_prepare_args(parser)
@@ -439,7 +439,7 @@ def test_malformed_index(tmp_path):
 
 
 def test_text_documents_split_across_read_blocks(tmp_path):
-    from unipool.corpus import iter_documents
+    from unipool.data.corpus import iter_documents
 
     block = 1 << 22  # the reader's block size: separators land on and around block boundaries
     docs = ["x" * (block - 1), "y", "z" * block, "w " * 999 + "w"]

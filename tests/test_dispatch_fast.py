@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from unipool.moe import _Experts, moe_dispatch, moe_reference
+from unipool.model.moe import _Experts, moe_dispatch, moe_reference
 
 
 def make_case(n_tokens, n_experts, top_k, d=16, f=24, load="uniform", empty=(), seed=0):

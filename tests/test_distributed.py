@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from unipool import cli
-from unipool.checkpoint import load_model
+from unipool.train.checkpoint import load_model
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 

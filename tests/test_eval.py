@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from helpers import TEXTS, make_run  # noqa: F401
 
+from unipool.analysis.eval import evaluate, load_run, text_tokens, window_batches
 from unipool.cli import main
-from unipool.eval import evaluate, load_run, text_tokens, window_batches
-from unipool.tokenizer import Tokenizer
+from unipool.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_cli_eval_raw_text_and_jsonl(run, text_file, tmp_path, capsys):
 
 
 def test_cli_eval_prepared_dir_is_the_default(tmp_path, text_file, capsys):
-    from unipool.data import TokenDataset, eval_batches, prepare
+    from unipool.data.dataset import TokenDataset, eval_batches, prepare
 
     tok = Tokenizer.load(make_run(tmp_path / "tok")[0])
     data_dir = prepare([text_file], tmp_path / "data", tok, val_fraction=0.25)

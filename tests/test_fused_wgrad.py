@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from unipool.config import get_preset
-from unipool.model import build_model
-from unipool.moe import ExpertPool, _sorted_into_experts
+from unipool.model.config import get_preset
+from unipool.model.model import build_model
+from unipool.model.moe import ExpertPool, _sorted_into_experts
 
 
 def tiny_config(mode: str, top_k: int, **kw):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from helpers import make_run
 
+from unipool.analysis.generate import filter_logits, generate, generate_ids
 from unipool.cli import main
-from unipool.generate import filter_logits, generate, generate_ids
-from unipool.tokenizer import Tokenizer
+from unipool.data.tokenizer import Tokenizer
 
 PROBS = torch.tensor([0.1, 0.5, 0.05, 0.3, 0.05])
 

@@ -13,11 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from unipool import cli
-from unipool.checkpoint import load_model, save_model
-from unipool.config import get_preset
-from unipool.hf import HFError, export_hf, import_hf
-from unipool.model import build_model
-from unipool.tokenizer import train_bpe
+from unipool.data.tokenizer import train_bpe
+from unipool.interop.hf import HFError, export_hf, import_hf
+from unipool.model.config import get_preset
+from unipool.model.model import build_model
+from unipool.train.checkpoint import load_model, save_model
 
 TEXT = [
     "The while statement is used for repeated execution as long as an expression is true.",

@@ -13,11 +13,11 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance
 
 from unipool import cli
-from unipool.checkpoint import save_model
-from unipool.config import get_preset
-from unipool.lm_eval import LMEvalError, make_lm, run_lm_eval
-from unipool.model import build_model
-from unipool.tokenizer import train_bpe
+from unipool.data.tokenizer import train_bpe
+from unipool.interop.lm_eval import LMEvalError, make_lm, run_lm_eval
+from unipool.model.config import get_preset
+from unipool.model.model import build_model
+from unipool.train.checkpoint import save_model
 
 TASK = "unipool_tiny_mc"
 ITEMS = [
@@ -157,7 +157,7 @@ def test_hf_backend_on_an_export_scores_like_our_wrapper(setup, tmp_path):
     pytest.importorskip("transformers")
     from lm_eval.models.huggingface import HFLM
 
-    from unipool.hf import export_hf
+    from unipool.interop.hf import export_hf
 
     model, tok, tasks = setup
     export_hf(model, tok, tmp_path / "hf")
@@ -194,7 +194,7 @@ def test_hf_backend_on_an_export_generates_like_our_wrapper(setup, tmp_path):
     pytest.importorskip("transformers")
     from lm_eval.models.huggingface import HFLM
 
-    from unipool.hf import export_hf
+    from unipool.interop.hf import export_hf
 
     model, tok, _ = setup
     export_hf(model, tok, tmp_path / "hf")

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unipool.config import get_preset
-from unipool.model import Attention, apply_rope, build_model, rope_tables
-from unipool.moe import ExpertPool
-from unipool.router import pool_loss
+from unipool.model.config import get_preset
+from unipool.model.model import Attention, apply_rope, build_model, rope_tables
+from unipool.model.moe import ExpertPool
+from unipool.model.router import pool_loss
 
 MODES = {
     "pool": dict(),

@@ -11,11 +11,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from unipool.checkpoint import save_model
-from unipool.cli import main
-from unipool.config import get_preset
-from unipool.model import build_model
-from unipool.probe import (
+from unipool.analysis.probe import (
     HF_FAMILIES,
     RandomRouting,
     RoutingRecorder,
@@ -25,7 +21,11 @@ from unipool.probe import (
     top_used,
     wrap_model,
 )
-from unipool.tokenizer import train_bpe
+from unipool.cli import main
+from unipool.data.tokenizer import train_bpe
+from unipool.model.config import get_preset
+from unipool.model.model import build_model
+from unipool.train.checkpoint import save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -303,7 +303,7 @@ metric_list:
 def test_cli_zero_shot_tasks(kind, tmp_path, bpe, text_file):
     """--tasks: accuracy rows from a local lm-eval task; the baseline equals a direct lm-eval run."""
     pytest.importorskip("lm_eval")
-    from unipool.probe import lm_eval_results, load_target
+    from unipool.analysis.probe import lm_eval_results, load_target
 
     topics_list = sorted(topics)
     with open(tmp_path / "mc.jsonl", "w") as f:

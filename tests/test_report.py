@@ -5,10 +5,10 @@ import math
 
 import pytest
 
+from unipool.analysis.report import compare, markdown_table, summarize_run
 from unipool.cli import main
-from unipool.config import get_preset
-from unipool.params import param_report
-from unipool.report import compare, markdown_table, summarize_run
+from unipool.model.config import get_preset
+from unipool.model.params import param_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

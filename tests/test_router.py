@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from unipool.router import Router, norm_router_constant, pool_loss, random_topk, switch_loss
+from unipool.model.router import Router, norm_router_constant, pool_loss, random_topk, switch_loss
 
 
 @pytest.mark.parametrize("m, k, c", [(96, 1, 4.016), (64, 1, 3.499), (48, 1, 3.190), (128, 1, 4.448), (192, 2, 3.848)])

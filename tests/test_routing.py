@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import TEXTS, make_run
 
+from unipool.analysis.routing import RoutingTrace, collect_routing, routing_stats, score_entropy_T
 from unipool.cli import main
-from unipool.config import PRESETS
-from unipool.model import build_model
-from unipool.routing import RoutingTrace, collect_routing, routing_stats, score_entropy_T
+from unipool.model.config import PRESETS
+from unipool.model.model import build_model
 
 
 def trace(ids_LT, n_experts, pool_of_layer, mode="pool"):

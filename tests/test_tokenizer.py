@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from unipool.tokenizer import EOD_TOKEN, Tokenizer, TokenizerError, get_tokenizer, gpt2_tokenizer, train_bpe
+from unipool.data.tokenizer import EOD_TOKEN, Tokenizer, TokenizerError, get_tokenizer, gpt2_tokenizer, train_bpe
 
 ENGLISH = sorted(set(pydoc_data.topics.topics.values()))  # real English prose, ships with Python
 ODD_TEXT = "Ünïcödé — 日本語 🙂\n\ttabs  and   spaces\r\n<|endoftext|>after EOD\x00\n"

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from unipool import cli
-from unipool.checkpoint import load_model
-from unipool.config import ModelConfig
-from unipool.data import WindowSampler
-from unipool.train import lr_at, param_groups, routing_stats
-from unipool.train_config import ConfigError, DataConfig, apply_override, preset_config
+from unipool.data.dataset import WindowSampler
+from unipool.model.config import ModelConfig
+from unipool.train.checkpoint import load_model
+from unipool.train.config import ConfigError, DataConfig, apply_override, preset_config
+from unipool.train.loop import lr_at, param_groups, routing_stats
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_config_resolution_and_overrides(tmp_path):
     # a YAML file shaped like config.json, partial, through the CLI parser
     (tmp_path / "c.yaml").write_text("model: {num_experts: 12}\ntrain: {warmup_frac: 0.2, compile: true}\n")
     parser = cli.build_parser()
-    from unipool.train_config import resolve_config
+    from unipool.train.config import resolve_config
 
     args = parser.parse_args(["train", "--preset", "debug", "--config", str(tmp_path / "c.yaml"),
                               "--set", "train.warmup_frac=0.3", "--model.top-k", "2"])
@@ -171,7 +171,7 @@ def test_lr_schedule_and_param_groups():
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup over 10 steps
     assert lrs[10] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4, rel=1e-2)
     assert lrs[55] == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-6)  # cosine midpoint
-    from unipool.model import build_model
+    from unipool.model.model import build_model
 
     model = build_model(preset_config("debug").model, "meta")
     decay, no_decay = param_groups(model, 0.01)
@@ -184,7 +184,7 @@ def test_lr_schedule_and_param_groups():
 
 def test_routing_stats_by_hand():
     cfg = dataclasses.replace(preset_config("debug").model, num_experts=4)
-    from unipool.model import build_model
+    from unipool.model.model import build_model
 
     model = build_model(cfg, "meta")
     counts = torch.tensor([[4.0, 4.0, 0.0, 0.0], [8.0, 0.0, 0.0, 0.0]])

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .config import PRESETS, ConfigError, ModelConfig, get_preset
-from .model import ModelOutput, Unipool, build_model
+from unipool.model.config import PRESETS, ConfigError, ModelConfig, get_preset
+from unipool.model.model import ModelOutput, Unipool, build_model
 
 __all__ = ["ConfigError", "ModelConfig", "ModelOutput", "PRESETS", "Unipool", "build_model", "get_preset", "__version__"]

@@ -13,21 +13,21 @@ import importlib
 import os
 import sys
 
-from .errors import UnipoolError
+from unipool.errors import UnipoolError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("unipool.train", "train a model (no arguments: the demo UniPool run on Shakespeare, CPU, minutes)"),
-    "prepare": ("unipool.data", "tokenize text into memory-mapped token shards with a validation split"),
-    "params": ("unipool.params", "total / active / expert parameter counts of a preset or config"),
-    "eval": ("unipool.eval", "validation loss and perplexity of a run or checkpoint"),
-    "compare": ("unipool.report", "table and loss-curve plots comparing runs"),
-    "routing": ("unipool.routing", "expert-utilisation analysis and plots of a run or checkpoint"),
-    "generate": ("unipool.generate", "sample text from a run or checkpoint"),
-    "export": ("unipool.hf", "export a run to a Hugging Face transformers directory"),
-    "import": ("unipool.hf", "import a Mixtral / OLMoE / Qwen3-MoE checkpoint as a layerwise model"),
-    "lm-eval": ("unipool.lm_eval", "zero-shot evaluation with lm-evaluation-harness"),
-    "probe": ("unipool.probe", "routing probe: replace learned routers with random routing"),
+    "train": ("unipool.train.loop", "train a model (no arguments: the demo UniPool run on Shakespeare, CPU, minutes)"),
+    "prepare": ("unipool.data.dataset", "tokenize text into memory-mapped token shards with a validation split"),
+    "params": ("unipool.model.params", "total / active / expert parameter counts of a preset or config"),
+    "eval": ("unipool.analysis.eval", "validation loss and perplexity of a run or checkpoint"),
+    "compare": ("unipool.analysis.report", "table and loss-curve plots comparing runs"),
+    "routing": ("unipool.analysis.routing", "expert-utilisation analysis and plots of a run or checkpoint"),
+    "generate": ("unipool.analysis.generate", "sample text from a run or checkpoint"),
+    "export": ("unipool.interop.hf", "export a run to a Hugging Face transformers directory"),
+    "import": ("unipool.interop.hf", "import a Mixtral / OLMoE / Qwen3-MoE checkpoint as a layerwise model"),
+    "lm-eval": ("unipool.interop.lm_eval", "zero-shot evaluation with lm-evaluation-harness"),
+    "probe": ("unipool.analysis.probe", "routing probe: replace learned routers with random routing"),
 }
 
 
@@ -45,7 +45,7 @@ def _load(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from unipool import __version__
 
     parser = argparse.ArgumentParser(prog="unipool", description="Mixture-of-Experts LMs with a shared expert pool.")
     parser.add_argument("--version", action="version", version=f"unipool {__version__}")

@@ -38,8 +38,8 @@ try:
 except ImportError:  # Windows: no locking between concurrent prepares
     fcntl = None
 
-from .corpus import DataError, default_corpus_files, iter_documents, resolve_sources
-from .tokenizer import Tokenizer, atomic_write_text
+from unipool.data.corpus import DataError, default_corpus_files, iter_documents, resolve_sources
+from unipool.data.tokenizer import Tokenizer, atomic_write_text
 
 __all__ = [
     "DataError",
@@ -471,7 +471,7 @@ def add_prepare_args(parser) -> None:
 
 
 def cmd_prepare(args) -> int:
-    from .tokenizer import get_tokenizer
+    from unipool.data.tokenizer import get_tokenizer
 
     sources = args.sources or default_corpus_files()
     out = Path(args.out)

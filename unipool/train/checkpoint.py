@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .errors import UnipoolError, read_json
-from .model import Unipool, build_model
+from unipool.errors import UnipoolError, read_json
+from unipool.model.config import ModelConfig
+from unipool.model.model import Unipool, build_model
 
 
 class CheckpointError(UnipoolError):

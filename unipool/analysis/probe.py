@@ -43,8 +43,8 @@ from typing import Self
 import torch
 from torch import nn
 
-from .errors import UnipoolError
-from .router import random_topk
+from unipool.errors import UnipoolError
+from unipool.model.router import random_topk
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 GATES = ("uniform", "model")
@@ -118,7 +118,7 @@ class ProbeTarget:
 
 def wrap_model(model: nn.Module, *, name: str = "", tokenizer=None, run=None) -> ProbeTarget:
     """A ProbeTarget for an in-memory unipool model or a supported HF causal LM."""
-    from .model import Unipool
+    from unipool.model.model import Unipool
 
     if isinstance(model, Unipool):
         cfg = model.config
@@ -155,7 +155,7 @@ def load_target(path: str | Path, device: str = "cpu", dtype: str = "auto") -> P
             raise ProbeError(f"{hf_config} is not valid JSON: {e}") from None
         if model_type is not None:
             return _load_hf(p, model_type, device, dtype)
-    from .eval import load_run
+    from unipool.analysis.eval import load_run
 
     run = load_run(p, device)
     return wrap_model(run.model, name=str(p), run=run)
@@ -331,14 +331,14 @@ def hf_text_batches(tokenizer, path: Path, batch_size: int, seq_len: int, max_to
                     text_field: str = "text") -> list[Batch]:
     """Non-overlapping windows over raw text (txt / jsonl / parquet, as `unipool eval` reads it),
     tokenized with the model's HF tokenizer, documents joined with EOS."""
-    from .eval import text_tokens, window_batches
+    from unipool.analysis.eval import text_tokens, window_batches
 
     tokens = text_tokens(path, HFTokens(tokenizer), text_field)
     return list(window_batches(tokens, batch_size, seq_len, max_tokens))
 
 
 def loss_metrics(target: ProbeTarget, batches: Sequence[Batch], device, autocast_dtype=None) -> dict[str, float]:
-    from .eval import evaluate
+    from unipool.analysis.eval import evaluate
 
     result = evaluate(target.model, batches, device=device, autocast_dtype=autocast_dtype)
     return {"loss": result["loss"], "ppl": result["ppl"]}
@@ -366,8 +366,8 @@ def lm_eval_results(target: ProbeTarget, tasks: list[str], include_path: str | N
                     limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
                     device: str | torch.device = "cpu") -> dict:
     """lm-eval on the in-memory (possibly hooked) model: HF models through lm_eval's HFLM, unipool
-    models through `unipool.lm_eval`. Returns lm_eval's result dict."""
-    from .lm_eval import run_lm_eval
+    models through `unipool.interop.lm_eval`. Returns lm_eval's result dict."""
+    from unipool.interop.lm_eval import run_lm_eval
 
     if target.is_hf:
         from lm_eval.models.huggingface import HFLM
@@ -566,7 +566,7 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .eval import default_device
+    from unipool.analysis.eval import default_device
 
     device = args.device or default_device()
     for flag in ("max_tokens", "batch_size"):
@@ -596,7 +596,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             raise ProbeError(f"--seq-len must be between 1 and max_position_embeddings={max_pos}")
         batches = hf_text_batches(target.tokenizer, data, args.batch_size, seq_len, args.max_tokens, args.text_field)
     else:
-        from .eval import check_data_args, eval_batches_for
+        from unipool.analysis.eval import check_data_args, eval_batches_for
 
         seq_len = check_data_args(args, target.model, getattr(target.run, "train_seq_len", None))
         batches, _ = eval_batches_for(target.run, args.data, args.split, args.batch_size, seq_len,
@@ -606,7 +606,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             autocast_dtype = _hf_dtype(args.dtype)
 
     if tasks:
-        from .lm_eval import _require_lm_eval
+        from unipool.interop.lm_eval import _require_lm_eval
 
         _require_lm_eval()  # fail before the (long) baseline pass
 

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig, get_preset
-from .model import build_model
+from unipool.model.config import ConfigError, ModelConfig, get_preset
+from unipool.model.model import build_model
 
 
 def param_report(cfg: ModelConfig) -> dict:

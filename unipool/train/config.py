@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ModelConfig, get_preset
+from unipool.model.config import ConfigError, ModelConfig, get_preset
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DIST_MODES = ("none", "ddp", "fsdp")
@@ -302,7 +302,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if args.resume:
         run_config = Path(args.resume) / "config.json"
         if not run_config.is_file():
-            from .checkpoint import CheckpointError
+            from unipool.train.checkpoint import CheckpointError
 
             raise CheckpointError(f"cannot resume: {run_config} not found")
         run = apply_dict(default_config(), load_config_file(run_config), str(run_config))

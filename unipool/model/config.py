@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UnipoolError
+from unipool.errors import UnipoolError
 
 MOE_MODES = ("layerwise", "pool", "grouped")
 ROUTERS = ("softmax", "norm", "sigmoid", "random")

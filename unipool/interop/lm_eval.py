@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UnipoolError
-from .model import Unipool
+from unipool.errors import UnipoolError
+from unipool.model.model import Unipool
 
 
 class LMEvalError(UnipoolError):
@@ -40,7 +40,7 @@ class TextCodec:
     """encode / decode / eos_id over a `tokenizers.Tokenizer` (from a path, a unipool Tokenizer or itself)."""
 
     def __init__(self, tokenizer):
-        from .hf import HFError, _load_tokenizers, _special_token
+        from unipool.interop.hf import HFError, _load_tokenizers, _special_token
 
         try:
             self.tok = _load_tokenizers(tokenizer)
@@ -168,8 +168,8 @@ def _resolve_model(model_or_run, tokenizer, device):
         if tokenizer is None:
             raise LMEvalError("an in-memory model needs a tokenizer (a tokenizer.json path or a Tokenizer)")
         return model_or_run, tokenizer
-    from .checkpoint import load_model
-    from .hf import find_run_tokenizer
+    from unipool.interop.hf import find_run_tokenizer
+    from unipool.train.checkpoint import load_model
 
     model, _ = load_model(model_or_run, device)
     if tokenizer is None:

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
-from .moe import ExpertPool
-from .router import Router, RouterOutput, pool_loss
+from unipool.model.config import ModelConfig
+from unipool.model.moe import ExpertPool
+from unipool.model.router import Router, RouterOutput, pool_loss
 
 
 @dataclass

@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from . import distributed as dist
-from .config import ConfigError, ModelConfig, get_preset
-from .model import ModelOutput, Unipool, build_model
-from .train_config import (
+from unipool.model.config import ConfigError, ModelConfig, get_preset
+from unipool.model.model import ModelOutput, Unipool, build_model
+from unipool.train import checkpoint as ckpt
+from unipool.train import distributed as dist
+from unipool.train.config import (
     RunConfig,
     add_config_args,
     apply_dict,
@@ -91,7 +91,7 @@ def evaluate(model: nn.Module, val_ds, batch_size: int, seq_len: int, max_tokens
              autocast, info: dist.DistInfo, device: torch.device) -> float:
     """Mean cross-entropy over the validation tokens, split across ranks. Every rank runs the same
     number of forwards (padding with weight-0 repeats), which FSDP's collectives need."""
-    from .data import eval_batches
+    from unipool.data.dataset import eval_batches
 
     batches = list(eval_batches(val_ds, batch_size, seq_len, max_tokens, info.rank, info.world_size))
     n_calls = dist.all_reduce_max(len(batches))
@@ -110,7 +110,7 @@ def evaluate(model: nn.Module, val_ds, batch_size: int, seq_len: int, max_tokens
 
 
 def sample(model: Unipool, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
-    from .generate import generate
+    from unipool.analysis.generate import generate
 
     return generate(model, tokenizer, prompt, max_new_tokens, temperature=0.8, top_k=50, seed=seed)
 
@@ -246,8 +246,8 @@ def default_data_dir(run: RunConfig) -> Path:
 
 def prepare_data(run: RunConfig, info: dist.DistInfo):
     """Tokenizer and prepared token shards; rank 0 prepares, the others wait and reuse."""
-    from .data import TokenDataset, default_corpus_files, prepare
-    from .tokenizer import Tokenizer, get_tokenizer
+    from unipool.data.dataset import TokenDataset, default_corpus_files, prepare
+    from unipool.data.tokenizer import Tokenizer, get_tokenizer
 
     d = run.data
     data_dir = Path(d.data_dir) if d.data_dir else default_data_dir(run)
@@ -266,7 +266,7 @@ def prepare_data(run: RunConfig, info: dist.DistInfo):
 
 def train(run: RunConfig, resume: str | Path | None = None) -> dict:
     """Train as `run` says (resuming from RUN's latest checkpoint if given); returns the summary."""
-    from .data import WindowSampler, unigram_loss
+    from unipool.data.dataset import WindowSampler, unigram_loss
 
     t_start = time.time()
     tc = run.train
@@ -489,10 +489,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m unipool.train ...` (and torchrun -m unipool.train) = `unipool train ...`."""
-    from .cli import main as cli_main
+    from unipool.cli import main as cli_main
 
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

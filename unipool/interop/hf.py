@@ -4,7 +4,7 @@ Export (`export_hf`, `unipool export RUN --hf DIR`) writes a transformers direct
     config.json            model_type "unipool", auto_map -> configuration_unipool / modeling_unipool
     model.safetensors      HF names; each expert pool stored ONCE (model.experts.{p}.gate_up_proj/down_proj);
                            above --max-shard-size: model-0000i-of-0000n.safetensors + model.safetensors.index.json
-    configuration_unipool.py, modeling_unipool.py   self-contained copies of unipool/hf_remote/
+    configuration_unipool.py, modeling_unipool.py   self-contained copies of unipool/interop/hf_remote/
     tokenizer.json, tokenizer_config.json, generation_config.json
 Load it with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and AutoTokenizer.from_pretrained(DIR).
 The shared pool stays shared: a UniPool export has one pool parameter set that every layer calls.
@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPES, load_model, main_dtype, resolve_checkpoint, save_model
-from .config import ModelConfig
-from .errors import UnipoolError, read_json
-from .model import Unipool, build_model
+from unipool.errors import UnipoolError, read_json
+from unipool.model.config import ModelConfig
+from unipool.model.model import Unipool, build_model
+from unipool.train.checkpoint import DTYPES, load_model, main_dtype, resolve_checkpoint, save_model
 
 REMOTE_DIR = Path(__file__).parent / "hf_remote"
 REMOTE_FILES = ("configuration_unipool.py", "modeling_unipool.py")

@@ -14,9 +14,9 @@ import json
 import math
 from pathlib import Path
 
-from .config import ModelConfig
-from .errors import UnipoolError
-from .params import param_report
+from unipool.errors import UnipoolError
+from unipool.model.config import ModelConfig
+from unipool.model.params import param_report
 
 
 class ReportError(UnipoolError):
@@ -53,7 +53,7 @@ def _curve(records: list[dict], key: str) -> list[tuple[float, float]]:
 
 
 def _latest_meta(run_dir: Path) -> dict:
-    from .checkpoint import CheckpointError, read_meta, resolve_checkpoint
+    from unipool.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 
     try:
         return read_meta(resolve_checkpoint(run_dir))

@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UnipoolError
-from .eval import Batch, add_data_args, check_data_args, default_device, eval_batches_for, load_run
-from .model import Unipool
+from unipool.analysis.eval import Batch, add_data_args, check_data_args, default_device, eval_batches_for, load_run
+from unipool.errors import UnipoolError
+from unipool.model.model import Unipool
 
 
 class RoutingError(UnipoolError):

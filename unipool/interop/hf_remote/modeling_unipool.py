@@ -1,6 +1,6 @@
 """An exported unipool model for transformers (self-contained: imports torch and transformers only).
 
-The math is unipool's (unipool/model.py, router.py, moe.py): pre-norm LLaMA-style blocks with RoPE
+The math is unipool's (unipool/model/model.py, router.py, moe.py): pre-norm LLaMA-style blocks with RoPE
 (rotate-half, tables computed in float64), grouped-query attention, optional QK-norm, and a per-layer
 router into SwiGLU experts. Expert storage keeps unipool's layout:
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import errors
-from .checkpoint import load_model, resolve_checkpoint
-from .errors import UnipoolError
-from .model import Unipool
+from unipool import errors
+from unipool.errors import UnipoolError
+from unipool.model.model import Unipool
+from unipool.train.checkpoint import load_model, resolve_checkpoint
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, S), targets (B, S); -100 = ignored target
 
@@ -61,7 +61,7 @@ class LoadedRun:
         raise EvalError(f"no tokenizer.json in {self.ckpt_dir}" + (f" or {self.run_dir}" if self.run_dir else ""))
 
     def tokenizer(self):
-        from .tokenizer import Tokenizer
+        from unipool.data.tokenizer import Tokenizer
 
         return Tokenizer.load(self.tokenizer_path())
 
@@ -121,7 +121,7 @@ def window_batches(tokens: list[int] | torch.Tensor, batch_size: int, seq_len: i
 def text_tokens(path: str | Path, tokenizer, text_field: str = "text") -> list[int]:
     """Tokenize raw sources (text, jsonl, parquet, a folder of them) as `data.prepare` does: the same
     documents, each followed by EOS."""
-    from .corpus import iter_documents, resolve_sources
+    from unipool.data.corpus import iter_documents, resolve_sources
 
     docs = [doc for _, doc in iter_documents(resolve_sources([path]), text_field)]
     if not docs:
@@ -160,7 +160,7 @@ def eval_batches_for(run: LoadedRun, data: str | Path | None, split: str, batch_
         if not path.exists():
             raise EvalError(f"no such data file or directory: {path}")
     if (path / "index.json").is_file():
-        from .data import TokenDataset, eval_batches
+        from unipool.data.dataset import TokenDataset, eval_batches
 
         if split not in ("train", "val"):
             raise EvalError(f"--split must be 'train' or 'val', got {split!r}")

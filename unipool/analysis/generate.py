@@ -13,9 +13,9 @@ import argparse
 
 import torch
 
-from .errors import UnipoolError
-from .eval import default_device, load_run
-from .model import Unipool
+from unipool.analysis.eval import default_device, load_run
+from unipool.errors import UnipoolError
+from unipool.model.model import Unipool
 
 
 class GenerateError(UnipoolError):

@@ -1,0 +1,1 @@
+"""Reading trained models: evaluation, routing statistics, the routing probe, run comparison, sampling."""

@@ -1,0 +1,1 @@
+"""Text in: source readers, tokenizers, prepared token shards and the samplers over them."""

@@ -1,0 +1,5 @@
+import sys
+
+from unipool.train.loop import main
+
+sys.exit(main())
