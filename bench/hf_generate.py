@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, meta, print_table, resolve, summarize, time_fn, write_json  # noqa: E402
 
 from unipool.interop.hf import export_hf  # noqa: E402
-from unipool.model.config import get_preset  # noqa: E402
 from unipool.model.model import build_model  # noqa: E402
+from unipool.presets import get_preset  # noqa: E402
 
 MODELS = {  # label -> ModelConfig changes on top of the demo preset
     "demo pool M=48 (6L, d=256)": {},

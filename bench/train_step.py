@@ -39,8 +39,8 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from unipool.model.config import get_preset  # noqa: E402
 from unipool.model.model import build_model  # noqa: E402
+from unipool.presets import get_preset  # noqa: E402
 
 GPU_PEAK_BF16 = 989e12
 MODES = ("vanilla", "unipool", "unipool-fused")

@@ -33,9 +33,14 @@ from pathlib import Path
 
 import yaml
 
+from unipool.analysis.eval import eval_batches_for
 from unipool.analysis.report import smooth, summarize_run
+from unipool.analysis.routing import analyse
+from unipool.data.dataset import prepare_run_data
 from unipool.model.config import ModelConfig
 from unipool.model.params import param_report
+from unipool.run import Run
+from unipool.train.config import run_config_from_dict
 
 
 def load_study(path: Path) -> dict:
@@ -48,7 +53,7 @@ def load_study(path: Path) -> dict:
 
 def run_config(study: dict, variant: str, seed: int, steps: int | None) -> dict:
     base = study["base"]
-    cfg = {section: dict(base.get(section, {})) for section in ("model", "train", "data")}
+    cfg = {section: dict(base.get(section, {})) for section in ("model", "train", "data", "exec")}
     cfg["model"].update(study["variants"][variant])
     cfg["train"]["seed"] = seed
     if steps is not None:  # smoke runs: same study, fewer steps
@@ -100,12 +105,9 @@ def routing_summary(run_dir: Path, max_tokens: int = 16384) -> dict:
     """Routing statistics of a finished run on its own validation split, cached in RUN/routing/."""
     path = run_dir / "routing" / "routing.json"
     if not path.is_file():
-        from unipool.analysis.eval import eval_batches_for, load_run
-        from unipool.analysis.routing import analyse
-
-        run = load_run(run_dir)
+        run = Run.open(run_dir)
         batches, _ = eval_batches_for(run, None, "val", 16, run.train_seq_len, max_tokens)
-        analyse(run.model, batches, path.parent, max_tokens=max_tokens)  # writes routing.json and the plots
+        analyse(run.load_model(), batches, path.parent, max_tokens=max_tokens)  # writes routing.json and the plots
     stats = json.loads(path.read_text())
     zero_L = stats["per_layer"]["zero_gate_fraction"]
     return {"u_fraction": stats["unique_experts_per_token"]["fraction_of_layers"],
@@ -170,7 +172,7 @@ def report(study: dict, out: Path) -> str:
         for seed in study["seeds"]:
             run_dir = out / f"{variant}-s{seed}"
             if (run_dir / "summary.json").is_file():
-                summary = json.loads((run_dir / "summary.json").read_text())
+                summary = Run.open(run_dir).summary() or {}
                 if summary.get("val_loss") is not None:
                     summaries[seed] = summary
                     runs[variant].append(run_dir)
@@ -246,12 +248,7 @@ def main() -> None:
                  if not args.only or v in args.only]
         t0 = time.time()
         if names:  # tokenize once here, so parallel runs never prepare the same data directory together
-            from unipool.train.config import apply_dict, default_config
-            from unipool.train.distributed import DistInfo
-            from unipool.train.loop import prepare_data
-
-            prepare_data(apply_dict(default_config(), run_config(study, names[0][1], names[0][2], args.steps)),
-                         DistInfo())
+            prepare_run_data(run_config_from_dict(run_config(study, names[0][1], names[0][2], args.steps)).data)
 
         def launch(item: tuple[str, str, int]) -> None:
             name, variant, seed = item

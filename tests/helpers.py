@@ -1,14 +1,15 @@
 """Shared test helpers: real English text and a run directory as `unipool train` writes it."""
 
-import json
 from pydoc_data.topics import topics
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from unipool.model.config import get_preset
 from unipool.model.model import build_model
+from unipool.presets import get_preset
+from unipool.run import Run
 from unipool.train.checkpoint import save_model
+from unipool.train.config import apply_dict, preset_config
 
 TEXTS = [topics[k] for k in sorted(topics)]
 
@@ -25,9 +26,9 @@ def make_run(root, preset="debug", vocab_size=512, data_dir=""):
     tok.save(str(root / "tokenizer.json"))
     cfg = get_preset(preset).replace(vocab_size=tok.get_vocab_size())
     model = build_model(cfg)
+    config = apply_dict(preset_config(preset), {"model": cfg.to_dict(), "train": {"seq_len": 64, "batch_size": 4},
+                                                "data": {"tokenizer": "bpe:512", "data_dir": data_dir}})
+    Run.create(root, config)
     save_model(model, root / "checkpoints" / "step_000010", {"step": 10})
     (root / "checkpoints" / "LATEST").write_text("step_000010")
-    (root / "config.json").write_text(json.dumps({
-        "model": cfg.to_dict(), "train": {"seq_len": 64, "batch_size": 4},
-        "data": {"sources": [], "tokenizer": "bpe:512", "data_dir": data_dir}}))
     return root, model

@@ -1,5 +1,6 @@
 """Training checkpoints: atomic under a crash, retention, RNG round trip, one-line errors for bad files."""
 
+import dataclasses
 import json
 import os
 import random
@@ -18,7 +19,7 @@ from unipool.train import checkpoint as ckpt
 from unipool.train.checkpoint import load_model, resolve_checkpoint
 from unipool.train.config import preset_config
 from unipool.train.distributed import DistInfo
-from unipool.train.loop import param_groups, save_checkpoint
+from unipool.train.loop import param_groups
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def dataset(corpus, tmp_path_factory):
 
 def make_state(dataset):
     run = preset_config("debug")
-    run.model.vocab_size = dataset.vocab_size
+    run = run.replace(model=run.model.replace(vocab_size=dataset.vocab_size))
     model = build_model(run.model)
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3)
     sampler = WindowSampler(dataset, 2, 16, seed=3)
@@ -53,7 +54,8 @@ def train_step(model, optimizer, sampler):
 
 
 def save(run_dir, step, run, model, optimizer, sampler):
-    return save_checkpoint(run_dir, step, step * 32, model, optimizer, sampler, run, "none", DistInfo())
+    return ckpt.save_checkpoint(run_dir / "checkpoints", step, step * 32, model, optimizer, sampler, "none",
+                                DistInfo(), run.train.keep_last, run.train.keep_every)
 
 
 def test_crash_during_save_keeps_previous_checkpoint(dataset, tmp_path, monkeypatch):
@@ -88,7 +90,7 @@ def test_crash_during_save_keeps_previous_checkpoint(dataset, tmp_path, monkeypa
 
 def test_retention_keeps_last_and_every_kth(dataset, tmp_path):
     run, model, optimizer, sampler = make_state(dataset)
-    run.train.keep_last, run.train.keep_every = 2, 4
+    run = run.replace(train=dataclasses.replace(run.train, keep_last=2, keep_every=4))
     for step in range(1, 10):
         save(tmp_path, step, run, model, optimizer, sampler)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [4, 8, 9]

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from unipool.cli import main
-from unipool.model.config import PRESETS, ConfigError, ModelConfig, get_preset
+from unipool.model.config import ConfigError, ModelConfig
+from unipool.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize(
@@ -36,8 +37,8 @@ def test_unknown_field_and_preset_are_one_line_errors():
 
 
 def test_config_round_trips_through_json():
-    for name, cfg in PRESETS.items():
-        assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg, name
+    for name, preset in PRESETS.items():
+        assert ModelConfig.from_dict(json.loads(preset.model.to_json())) == preset.model, name
 
 
 def test_mode_layout():

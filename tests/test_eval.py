@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from helpers import TEXTS, make_run  # noqa: F401
 
-from unipool.analysis.eval import evaluate, load_run, text_tokens, window_batches
+from unipool.analysis.eval import evaluate, text_tokens, window_batches
 from unipool.cli import main
 from unipool.data.tokenizer import Tokenizer
+from unipool.run import Run
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,6 @@ def test_cli_eval_errors_are_one_line(run, tmp_path, capsys):
 
 def test_load_run_finds_run_from_checkpoint(run):
     root, _ = run
-    loaded = load_run(root / "checkpoints" / "step_000010" / "model.safetensors")
-    assert loaded.run_dir == root and loaded.step == 10 and loaded.train_seq_len == 64
-    assert loaded.tokenizer().vocab_size == loaded.model.config.vocab_size
+    loaded = Run.open(root / "checkpoints" / "step_000010" / "model.safetensors")
+    assert loaded.path == root and loaded.step == 10 and loaded.train_seq_len == 64
+    assert loaded.tokenizer().vocab_size == loaded.load_model().config.vocab_size

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from unipool.model.config import get_preset
 from unipool.model.model import build_model
 from unipool.model.moe import ExpertPool, _sorted_into_experts
+from unipool.presets import get_preset
 
 
 def tiny_config(mode: str, top_k: int, **kw):
@@ -19,8 +19,8 @@ def tiny_config(mode: str, top_k: int, **kw):
 
 def grads_after_steps(cfg, fused: bool, checkpointing: bool, micro_batches: int = 2, autocast: bool = False):
     torch.manual_seed(0)
-    model = build_model(cfg.replace(fused_pool_wgrad=fused))
-    model.activation_checkpointing = checkpointing
+    model = build_model(cfg)
+    model.set_execution(fused_pool_wgrad=fused, activation_checkpointing=checkpointing)
     model.train()
     gen = torch.Generator().manual_seed(1)
     for _ in range(micro_batches):  # gradient accumulation; f-bar carries over between micro-batches
@@ -107,8 +107,9 @@ def test_merge_order_matches_a_global_stable_sort():
 
 
 def test_eval_and_no_grad_forwards_do_not_defer():
-    cfg = tiny_config("pool", 1, fused_pool_wgrad=True)
+    cfg = tiny_config("pool", 1)
     model = build_model(cfg)
+    model.set_execution(fused_pool_wgrad=True)
     ids = torch.randint(0, cfg.vocab_size, (1, 8))
     model.eval()
     with torch.no_grad():

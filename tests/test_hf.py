@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from unipool import cli
 from unipool.data.tokenizer import train_bpe
 from unipool.interop.hf import HFError, export_hf, import_hf
-from unipool.model.config import get_preset
 from unipool.model.model import build_model
+from unipool.presets import get_preset
 from unipool.train.checkpoint import load_model, save_model
 
 TEXT = [

@@ -15,8 +15,8 @@ from lm_eval.api.instance import Instance
 from unipool import cli
 from unipool.data.tokenizer import train_bpe
 from unipool.interop.lm_eval import LMEvalError, make_lm, run_lm_eval
-from unipool.model.config import get_preset
 from unipool.model.model import build_model
+from unipool.presets import get_preset
 from unipool.train.checkpoint import save_model
 
 TASK = "unipool_tiny_mc"

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unipool.model.config import get_preset
 from unipool.model.model import Attention, apply_rope, build_model, rope_tables
 from unipool.model.moe import ExpertPool
 from unipool.model.router import pool_loss
+from unipool.presets import get_preset
 
 MODES = {
     "pool": dict(),
@@ -118,7 +118,7 @@ def test_pool_loss_uses_previous_micro_batch_statistics():
     expected = 0.5 * pool_loss([r.scores_TE for r in out2.routing], loads)
     torch.testing.assert_close(out2.aux_loss, expected)
     # "current" uses this micro-batch's own statistics instead
-    model.config.pool_loss_stats = "current"
+    model.config = cfg.replace(pool_loss_stats="current")  # configs are frozen: the model gets a new one
     out3 = model(x2)
     torch.testing.assert_close(out3.aux_loss, 0.5 * pool_loss([r.scores_TE for r in out3.routing],
                                                               model.pool_loads(out3.routing)[0]))

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from unipool.cli import main
-from unipool.model.config import get_preset
 from unipool.model.params import param_report
+from unipool.presets import get_preset
 
 # scale: (total params as printed, dense-equivalent "active" params as printed, expert params)
 PAPER = {

@@ -23,8 +23,8 @@ from unipool.analysis.probe import (
 )
 from unipool.cli import main
 from unipool.data.tokenizer import train_bpe
-from unipool.model.config import get_preset
 from unipool.model.model import build_model
+from unipool.presets import get_preset
 from unipool.train.checkpoint import save_model
 
 transformers = pytest.importorskip("transformers")

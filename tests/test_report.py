@@ -7,15 +7,16 @@ import pytest
 
 from unipool.analysis.report import compare, markdown_table, summarize_run
 from unipool.cli import main
-from unipool.model.config import get_preset
 from unipool.model.params import param_report
+from unipool.presets import get_preset
+from unipool.run import Run
+from unipool.train.config import preset_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(root, preset, metrics=None, summary=None):
-    root.mkdir(parents=True)
-    (root / "config.json").write_text(json.dumps({"model": get_preset(preset).to_dict(), "train": {}, "data": {}}))
+    Run.create(root, preset_config(preset))
     if metrics is not None:
         (root / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     if summary is not None:

@@ -10,8 +10,8 @@ from helpers import TEXTS, make_run
 
 from unipool.analysis.routing import RoutingTrace, collect_routing, routing_stats, score_entropy_T
 from unipool.cli import main
-from unipool.model.config import PRESETS
 from unipool.model.model import build_model
+from unipool.presets import PRESETS
 
 
 def trace(ids_LT, n_experts, pool_of_layer, mode="pool"):
@@ -158,7 +158,7 @@ def test_cli_routing_end_to_end(runs, tmp_path, capsys):
 def test_zero_gate_fraction_counts_tokens_with_every_normrouter_score_zero():
     # All router rows equal: every logit of a token has the same sign, so the NormRouter row is all
     # zero exactly for the tokens whose (shared) logit is negative; count those from the router's input.
-    cfg = PRESETS["debug"]
+    cfg = PRESETS["debug"].model
     model = build_model(cfg)
     torch.manual_seed(0)
     negative_L, hooks = [], []

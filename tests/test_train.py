@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from unipool import cli
+from unipool.analysis.routing import load_stats
 from unipool.data.dataset import WindowSampler
 from unipool.model.config import ModelConfig
 from unipool.train.checkpoint import load_model
 from unipool.train.config import ConfigError, DataConfig, apply_override, preset_config
-from unipool.train.loop import lr_at, param_groups, routing_stats
+from unipool.train.loop import lr_at, param_groups
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +162,14 @@ def test_config_resolution_and_overrides(tmp_path):
 
     args = parser.parse_args(["train", "--preset", "debug", "--config", str(tmp_path / "c.yaml"),
                               "--set", "train.warmup_frac=0.3", "--model.top-k", "2"])
+    run = resolve_config(args)  # train.compile, where older configs kept it, lands in the exec section
+    assert (run.model.num_experts, run.model.top_k, run.train.warmup_frac, run.exec.compile) == (12, 2, 0.3, True)
+    args = parser.parse_args(["train", "--preset", "debug", "--exec.dispatch", "loop", "--exec.activation-checkpointing",
+                              "true"])
     run = resolve_config(args)
-    assert (run.model.num_experts, run.model.top_k, run.train.warmup_frac, run.train.compile) == (12, 2, 0.3, True)
+    assert (run.exec.dispatch, run.exec.activation_checkpointing, run.exec.compile) == ("loop", True, False)
+    with pytest.raises(ConfigError, match="exec.dispatch"):
+        apply_override(run, "exec.dispatch=fast")
     assert DataConfig().tokenizer == "bpe:8192"
 
 
@@ -184,11 +191,8 @@ def test_lr_schedule_and_param_groups():
 
 def test_routing_stats_by_hand():
     cfg = dataclasses.replace(preset_config("debug").model, num_experts=4)
-    from unipool.model.model import build_model
-
-    model = build_model(cfg, "meta")
     counts = torch.tensor([[4.0, 4.0, 0.0, 0.0], [8.0, 0.0, 0.0, 0.0]])
-    stats = routing_stats(counts, model)
+    stats = load_stats(counts, cfg.layers_per_pool)
     assert stats["load_LE"] == [[0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
     assert stats["dead_experts"] == 2  # experts 2 and 3 got nothing from either layer of the shared pool
     pool = torch.tensor([12.0, 4.0, 0.0, 0.0])

@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from unipool.model.config import PRESETS, ConfigError, ModelConfig, get_preset
+from unipool.model.config import ConfigError, ModelConfig
 from unipool.model.model import ModelOutput, Unipool, build_model
+from unipool.presets import PRESETS, get_preset
 
 __all__ = ["ConfigError", "ModelConfig", "ModelOutput", "PRESETS", "Unipool", "build_model", "get_preset", "__version__"]

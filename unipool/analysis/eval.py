@@ -8,8 +8,9 @@ Evaluation sets:
   tokenizer; every document is followed by EOS, exactly as `data.prepare` lays out training data.
 
 `evaluate` is exact: the loss is the sum of per-token cross-entropies over every target token,
-divided by the number of target tokens (no averaging of batch means), accumulated in float64.
-The helpers `load_run` / `eval_batches_for` are shared by `routing` and `generate`.
+divided by the number of target tokens (no averaging of batch means), accumulated in float64. It is
+the one evaluation of the package: training's validation calls it too, once per rank.
+`eval_batches_for` is shared by `routing` and `probe`.
 """
 
 from __future__ import annotations
@@ -18,78 +19,21 @@ import argparse
 import json
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from unipool import errors
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
-from unipool.train.checkpoint import load_model, resolve_checkpoint
+from unipool.run import Run, default_device
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, S), targets (B, S); -100 = ignored target
 
 
 class EvalError(UnipoolError):
     pass
-
-
-# ---- loading a run -----------------------------------------------------------------------------
-
-@dataclass
-class LoadedRun:
-    model: Unipool
-    meta: dict  # the checkpoint's meta.json
-    ckpt_dir: Path
-    run_dir: Path | None  # the directory holding config.json, if the checkpoint sits in a run
-    config: dict  # RUN/config.json ({} without a run directory)
-
-    @property
-    def step(self) -> int | None:
-        return self.meta.get("step")
-
-    @property
-    def train_seq_len(self) -> int | None:
-        return (self.config.get("train") or {}).get("seq_len")
-
-    def tokenizer_path(self) -> Path:
-        for d in (self.ckpt_dir, self.run_dir):
-            if d is not None and (d / "tokenizer.json").is_file():
-                return d / "tokenizer.json"
-        raise EvalError(f"no tokenizer.json in {self.ckpt_dir}" + (f" or {self.run_dir}" if self.run_dir else ""))
-
-    def tokenizer(self):
-        from unipool.data.tokenizer import Tokenizer
-
-        return Tokenizer.load(self.tokenizer_path())
-
-
-def find_run_dir(ckpt_dir: Path) -> Path | None:
-    """RUN for RUN/checkpoints/step_X (or a checkpoint that is itself a run directory)."""
-    for d in (ckpt_dir, ckpt_dir.parent, ckpt_dir.parent.parent):
-        if (d / "config.json").is_file():
-            return d
-    return None
-
-
-def read_json(path: Path) -> dict:
-    return errors.read_json(path, EvalError)
-
-
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Model, checkpoint metadata and run config from a run directory, checkpoint dir or weights file."""
-    ckpt_dir = resolve_checkpoint(path)
-    model, meta = load_model(ckpt_dir, device)
-    model.eval()
-    run_dir = find_run_dir(ckpt_dir)
-    config = read_json(run_dir / "config.json") if run_dir else {}
-    return LoadedRun(model, meta, ckpt_dir, run_dir, config)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---- batches -----------------------------------------------------------------------------------
@@ -133,28 +77,13 @@ def text_tokens(path: str | Path, tokenizer, text_field: str = "text") -> list[i
     return tokens
 
 
-def run_data_dir(run: LoadedRun) -> Path:
-    """The prepared data directory a run trained on, from RUN/config.json's data section."""
-    value = (run.config.get("data") or {}).get("data_dir")
-    if isinstance(value, str) and value:
-        # A relative data_dir is relative to where training ran: try there, then beside the run.
-        candidates = [Path(value)] + ([run.run_dir.parent / value, run.run_dir.parent.parent / value]
-                                      if run.run_dir and not Path(value).is_absolute() else [])
-        for path in candidates:
-            if (path / "index.json").is_file():
-                return path
-        raise EvalError(f"the run's data directory {value} is not there (or not prepared); pass --data")
-    where = run.run_dir / "config.json" if run.run_dir else f"{run.ckpt_dir} (not inside a run directory)"
-    raise EvalError(f"no prepared data directory found in {where}; pass --data")
-
-
-def eval_batches_for(run: LoadedRun, data: str | Path | None, split: str, batch_size: int, seq_len: int,
+def eval_batches_for(run: Run, data: str | Path | None, split: str, batch_size: int, seq_len: int,
                      max_tokens: int | None = None, text_field: str = "text") -> tuple[Iterable[Batch], str]:
     """Batches for `run` from a prepared dir, a raw text/jsonl file, or the run's own split.
 
     Returns (batches, description of the source)."""
     if data is None:
-        path = run_data_dir(run)
+        path = run.data_dir()
     else:
         path = Path(data)
         if not path.exists():
@@ -165,9 +94,10 @@ def eval_batches_for(run: LoadedRun, data: str | Path | None, split: str, batch_
         if split not in ("train", "val"):
             raise EvalError(f"--split must be 'train' or 'val', got {split!r}")
         dataset = TokenDataset(path, split)
-        if dataset.vocab_size > run.model.config.vocab_size:
+        vocab_size = run.model_config.vocab_size
+        if dataset.vocab_size > vocab_size:
             raise EvalError(f"{path} was tokenized with a vocabulary of {dataset.vocab_size}, "
-                            f"larger than the model's {run.model.config.vocab_size}")
+                            f"larger than the model's {vocab_size}")
         return eval_batches(dataset, batch_size, seq_len, max_tokens), f"{path} ({split})"
     tokens = text_tokens(path, run.tokenizer(), text_field)
     return window_batches(tokens, batch_size, seq_len, max_tokens), str(path)
@@ -176,12 +106,14 @@ def eval_batches_for(run: LoadedRun, data: str | Path | None, split: str, batch_
 # ---- evaluation --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: Unipool, batches: Iterable[Batch], *, device: str | torch.device | None = None,
-             autocast_dtype: torch.dtype | None = None) -> dict:
+def evaluate(model: nn.Module, batches: Iterable[Batch], *, device: str | torch.device | None = None,
+             autocast_dtype: torch.dtype | None = None, calls: int = 0) -> dict:
     """Mean next-token cross-entropy (nats/token) over every target token of `batches`.
 
-    Returns {"loss", "ppl", "tokens", "batches"}. Targets equal to -100 are not counted.
-    The model is put in eval mode for the duration and restored afterwards.
+    Returns {"loss", "ppl", "tokens", "batches", "loss_sum"}; targets equal to -100 are not counted.
+    `calls`: run at least this many forwards, the extra ones on a dummy token and not counted (under
+    FSDP every rank must join the same number of forwards). The model is put in eval mode for the
+    duration and restored afterwards.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -196,12 +128,15 @@ def evaluate(model: Unipool, batches: Iterable[Batch], *, device: str | torch.de
                                      ignore_index=-100, reduction="sum").double().item()
             n_tokens += int((targets != -100).sum())
             n_batches += 1
+        for _ in range(calls - n_batches):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                model(torch.zeros(1, 1, dtype=torch.long, device=device))
     finally:
         model.train(was_training)
-    if n_tokens == 0:
+    if n_tokens == 0 and not calls:
         raise EvalError("no tokens to evaluate")
-    loss = total / n_tokens
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": n_tokens, "batches": n_batches}
+    loss = total / max(n_tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n_tokens, "batches": n_batches, "loss_sum": total}
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
@@ -223,9 +158,10 @@ def add_data_args(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
 
 def check_data_args(args: argparse.Namespace, model: Unipool, train_seq_len: int | None = None) -> int:
     """Validate the shared flags against the model; returns the window length (default: training's)."""
-    seq_len = args.seq_len or min(train_seq_len or model.config.max_seq_len, model.config.max_seq_len)
-    if not 1 <= seq_len <= model.config.max_seq_len:
-        raise EvalError(f"--seq-len must be between 1 and the model's max_seq_len={model.config.max_seq_len}")
+    max_len = model.config.max_seq_len
+    if args.seq_len is not None and not 1 <= args.seq_len <= max_len:
+        raise EvalError(f"--seq-len must be between 1 and the model's max_seq_len={max_len}")
+    seq_len = args.seq_len or min(train_seq_len or max_len, max_len)
     if args.batch_size < 1:
         raise EvalError("--batch-size must be positive")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -240,16 +176,19 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    run = load_run(args.run, args.device or default_device())
-    seq_len = check_data_args(args, run.model, run.train_seq_len)
+    run = Run.open(args.run)
+    model = run.load_model(args.device or default_device())
+    seq_len = check_data_args(args, model, run.train_seq_len)
     batches, source = eval_batches_for(run, args.data, args.split, args.batch_size, seq_len,
                                        args.max_tokens, args.text_field)
-    result = evaluate(run.model, batches, autocast_dtype=torch.bfloat16 if args.bf16 else None)
-    result = {"checkpoint": str(run.ckpt_dir), "step": run.step, "data": source, "seq_len": seq_len, **result}
+    result = evaluate(model, batches, autocast_dtype=torch.bfloat16 if args.bf16 else None)
+    result.pop("loss_sum")
+    ckpt = run.latest_checkpoint()
+    result = {"checkpoint": str(ckpt), "step": run.step, "data": source, "seq_len": seq_len, **result}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{run.ckpt_dir} (step {run.step}) on {source}: loss {result['loss']:.4f}  "
+        print(f"{ckpt} (step {run.step}) on {source}: loss {result['loss']:.4f}  "
               f"ppl {result['ppl']:.2f}  over {result['tokens']:,} tokens")
     return 0
 

@@ -13,9 +13,9 @@ import argparse
 
 import torch
 
-from unipool.analysis.eval import default_device, load_run
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
+from unipool.run import Run, default_device
 
 
 class GenerateError(UnipoolError):
@@ -116,11 +116,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise GenerateError("--max-new-tokens must be >= 0 and --num-samples >= 1")
-    run = load_run(args.run, args.device or default_device())
+    run = Run.open(args.run)
+    model = run.load_model(args.device or default_device())
     tokenizer = run.tokenizer()
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        text = generate(run.model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
+        text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                         args.top_k, args.top_p, seed)
         if i:
             print("\n" + "-" * 40)

@@ -89,7 +89,7 @@ class ProbeTarget:
     top_k: int
     name: str = ""
     tokenizer: object = None  # HF tokenizer for HF models
-    run: object = None  # unipool.eval.LoadedRun for unipool models
+    run: object = None  # unipool.run.Run for unipool models
 
     @property
     def is_hf(self) -> bool:
@@ -155,10 +155,10 @@ def load_target(path: str | Path, device: str = "cpu", dtype: str = "auto") -> P
             raise ProbeError(f"{hf_config} is not valid JSON: {e}") from None
         if model_type is not None:
             return _load_hf(p, model_type, device, dtype)
-    from unipool.analysis.eval import load_run
+    from unipool.run import Run
 
-    run = load_run(p, device)
-    return wrap_model(run.model, name=str(p), run=run)
+    run = Run.open(p)
+    return wrap_model(run.load_model(device), name=str(p), run=run)
 
 
 def _load_hf(path: Path, model_type: str, device: str, dtype: str) -> ProbeTarget:
@@ -566,7 +566,7 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from unipool.analysis.eval import default_device
+    from unipool.run import default_device
 
     device = args.device or default_device()
     for flag in ("max_tokens", "batch_size"):

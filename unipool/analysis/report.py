@@ -15,36 +15,12 @@ import math
 from pathlib import Path
 
 from unipool.errors import UnipoolError
-from unipool.model.config import ModelConfig
 from unipool.model.params import param_report
+from unipool.run import Run
 
 
 class ReportError(UnipoolError):
     pass
-
-
-def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
-    """Metric records of a metrics.jsonl, and notes about what could not be read."""
-    if not path.is_file():
-        return [], [f"no {path.name}"]
-    records, bad = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(n)
-            continue
-        if isinstance(record, dict) and isinstance(record.get("tokens"), (int, float)):
-            records.append(record)
-        else:
-            bad.append(n)
-    notes = [f"{path.name}: skipped unreadable line(s) {', '.join(map(str, bad[:5]))}"
-             + ("..." if len(bad) > 5 else "")] if bad else []
-    if not records:
-        notes.append(f"{path.name} has no metrics")
-    return records, notes
 
 
 def _curve(records: list[dict], key: str) -> list[tuple[float, float]]:
@@ -52,43 +28,34 @@ def _curve(records: list[dict], key: str) -> list[tuple[float, float]]:
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
-def _latest_meta(run_dir: Path) -> dict:
-    from unipool.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
-
-    try:
-        return read_meta(resolve_checkpoint(run_dir))
-    except CheckpointError:
-        return {}
-
-
 def summarize_run(run_dir: str | Path) -> dict:
     """Everything `compare` shows about one run, as JSON-ready values."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"no such run directory: {run_dir}")
-    config_path = run_dir / "config.json"
+    if not (run_dir / "config.json").is_file():
+        raise ReportError(f"{run_dir} is not a run directory (no config.json)")
     try:
-        config = json.loads(config_path.read_text())
-        cfg = ModelConfig.from_dict(config["model"])
-    except FileNotFoundError:
-        raise ReportError(f"{run_dir} is not a run directory (no config.json)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ReportError(f"{config_path}: unreadable run config ({type(e).__name__}: {e})") from None
+        run = Run.open(run_dir)
+    except UnipoolError as e:
+        raise ReportError(f"{run_dir / 'config.json'}: unreadable run config ({e})") from None
+    cfg = run.config.model
     params = param_report(cfg)
-    records, notes = read_metrics(run_dir / "metrics.jsonl")
+    records, notes = run.metrics()
     train, val = _curve(records, "loss"), _curve(records, "val_loss")
 
-    summary = {}
-    if (run_dir / "summary.json").is_file():
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except json.JSONDecodeError:
-            notes.append("summary.json is not valid JSON")
+    try:
+        summary = run.summary() or {}
+    except UnipoolError:
+        summary = {}
+        notes.append("summary.json is not valid JSON")
     tokens = max((r["tokens"] for r in records), default=None)
     steps = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
-    if tokens is None:  # no metrics: the newest checkpoint still knows how far training got
-        meta = _latest_meta(run_dir)
+    if tokens is None and run.checkpoint is not None:  # no metrics: the newest checkpoint knows how far it got
+        meta = run.meta()
         tokens, steps = summary.get("tokens", meta.get("tokens")), summary.get("step", meta.get("step"))
+    elif tokens is None:
+        tokens, steps = summary.get("tokens"), summary.get("step")
     val_loss = summary.get("val_loss")
     if not isinstance(val_loss, (int, float)):
         val_loss = val[-1][1] if val else None

@@ -3,7 +3,8 @@
 Shape suffixes: L layers, T tokens, K experts per token, E experts per pool (router width),
 G = n_pools * E experts in the whole model ("global" ids: pool p's expert e is p * E + e).
 
-Statistics (all in routing.json, computed by `routing_stats` from a `RoutingTrace`):
+Statistics (all in routing.json, computed by `routing_stats` from a `RoutingTrace`; `load_stats` is
+the cheap subset that training logs every `routing_interval` steps from expert counts alone):
 - usage_LE: each layer's share of its routed slots per expert of its own pool (the heatmap; for
   UniPool the columns are the one shared pool, for vanilla each layer's private experts, for
   grouped sharing the layer's group pool), and the aggregate use of every expert over the layers
@@ -37,9 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unipool.analysis.eval import Batch, add_data_args, check_data_args, default_device, eval_batches_for, load_run
+from unipool.analysis.eval import Batch, add_data_args, check_data_args, eval_batches_for
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
+from unipool.run import Run, default_device
 
 
 class RoutingError(UnipoolError):
@@ -104,6 +106,23 @@ def collect_routing(model: Unipool, batches: Iterable[Batch], max_tokens: int | 
     return RoutingTrace(torch.cat(ids, dim=1).numpy().astype(np.int64), (ent_sum / n_tokens).numpy(),
                         cfg.n_routed_experts, [cfg.pool_of_layer(i) for i in range(cfg.n_layers)], cfg.moe_mode,
                         (zero_sum / n_tokens).numpy(), (gate_sum / n_tokens).numpy())
+
+
+def load_stats(counts_LE: torch.Tensor, layers_per_pool: int) -> dict:
+    """From tokens routed per layer and expert over an interval: each layer's load, dead experts (no
+    token from any layer calling their pool) and balance as the coefficient of variation of each
+    pool's load (0 = perfectly even), mean over pools and per layer."""
+    counts_LE = counts_LE.double().cpu()
+    load_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1)
+    counts_PE = counts_LE.view(-1, layers_per_pool, counts_LE.shape[-1]).sum(1)
+    cv_P = counts_PE.std(-1, unbiased=False) / counts_PE.mean(-1).clamp_min(1e-12)
+    cv_L = counts_LE.std(-1, unbiased=False) / counts_LE.mean(-1).clamp_min(1e-12)
+    return {
+        "load_LE": [[round(v, 5) for v in row] for row in load_LE.tolist()],
+        "dead_experts": int((counts_PE == 0).sum()),
+        "balance_cv": round(float(cv_P.mean()), 5),
+        "balance_cv_layer": [round(v, 5) for v in cv_L.tolist()],
+    }
 
 
 def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshold: float = 0.1) -> dict:
@@ -301,19 +320,21 @@ def cmd_routing(args: argparse.Namespace) -> int:
     for name in ("use_threshold", "dead_threshold"):
         if getattr(args, name) < 0:
             raise RoutingError(f"--{name.replace('_', '-')} must be >= 0")
-    run = load_run(args.run, args.device or default_device())
-    seq_len = check_data_args(args, run.model, run.train_seq_len)
+    run = Run.open(args.run)
+    model = run.load_model(args.device or default_device())
+    seq_len = check_data_args(args, model, run.train_seq_len)
     batches, source = eval_batches_for(run, args.data, args.split, args.batch_size, seq_len,
                                        args.max_tokens, args.text_field)
-    out = args.out or run.ckpt_dir / "routing"
-    stats = analyse(run.model, batches, out, max_tokens=args.max_tokens, use_threshold=args.use_threshold,
+    ckpt = run.latest_checkpoint()
+    out = args.out or ckpt / "routing"
+    stats = analyse(model, batches, out, max_tokens=args.max_tokens, use_threshold=args.use_threshold,
                     dead_threshold=args.dead_threshold)
     # Record where the numbers came from next to them.
-    stats = {"checkpoint": str(run.ckpt_dir), "step": run.step, "data": source, **stats}
+    stats = {"checkpoint": str(ckpt), "step": run.step, "data": source, **stats}
     (out / "routing.json").write_text(json.dumps(stats, indent=1))
 
     u, per_layer = stats["unique_experts_per_token"], stats["per_layer"]
-    print(f"{run.ckpt_dir} (step {run.step}), {stats['moe_mode']}: {stats['n_pools']} pool(s) x "
+    print(f"{ckpt} (step {run.step}), {stats['moe_mode']}: {stats['n_pools']} pool(s) x "
           f"{stats['experts_per_pool']} experts, top-{stats['top_k']}, {stats['tokens']:,} tokens from {source}")
     print(f"  distinct experts per token U(x): {u['mean']:.2f} of {stats['n_layers']} layers "
           f"({100 * u['fraction_of_layers']:.1f}%)")

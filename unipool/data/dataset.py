@@ -39,7 +39,7 @@ except ImportError:  # Windows: no locking between concurrent prepares
     fcntl = None
 
 from unipool.data.corpus import DataError, default_corpus_files, iter_documents, resolve_sources
-from unipool.data.tokenizer import Tokenizer, atomic_write_text
+from unipool.data.tokenizer import Tokenizer, atomic_write_text, get_tokenizer
 
 __all__ = [
     "DataError",
@@ -438,6 +438,31 @@ def eval_batches(dataset: TokenDataset, batch_size: int, seq_len: int, max_token
             yield _to_batch(np.stack([dataset.read(i * seq_len, seq_len + 1) for i in range(lo, hi)]))
 
 
+def default_data_dir(data) -> Path:
+    """A cache directory named after a run's sources and tokenizer (`data`: a DataConfig), shared by
+    every run on the same data: $UNIPOOL_CACHE/data/<name>-<tokenizer>-<hash>."""
+    key = json.dumps([[str(Path(s).resolve()) for s in data.sources], data.tokenizer, data.val_fraction,
+                      data.text_field])
+    name = Path(data.sources[0]).stem if data.sources else "shakespeare"
+    tok = data.tokenizer.replace(":", "") if not Path(data.tokenizer).exists() else "tok"
+    root = Path(os.environ.get("UNIPOOL_CACHE", Path.home() / ".cache" / "unipool"))
+    return root / "data" / f"{name}-{tok}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def prepare_run_data(data, tokenizer: Tokenizer | None = None) -> Path:
+    """Tokenizer and token shards for a run's data section (`data`: a DataConfig); returns the data
+    directory. `tokenizer` (a resumed run's own) is used as it is, never trained again; otherwise a
+    `bpe:N` tokenizer already trained in the data directory is reused."""
+    data_dir = Path(data.data_dir) if data.data_dir else default_data_dir(data)
+    files = data.sources or default_corpus_files()
+    if tokenizer is None:
+        cached = data_dir / "tokenizer.json"
+        tokenizer = Tokenizer.load(cached) if data.tokenizer.startswith("bpe:") and cached.is_file() \
+            else get_tokenizer(data.tokenizer, files)
+    prepare(files, data_dir, tokenizer, val_fraction=data.val_fraction, text_field=data.text_field)
+    return data_dir
+
+
 def unigram_loss(train_ds: TokenDataset, val_ds: TokenDataset) -> float:
     """Cross-entropy (nats/token) on val of the train split's add-one-smoothed unigram distribution.
 
@@ -471,8 +496,6 @@ def add_prepare_args(parser) -> None:
 
 
 def cmd_prepare(args) -> int:
-    from unipool.data.tokenizer import get_tokenizer
-
     sources = args.sources or default_corpus_files()
     out = Path(args.out)
     tok = get_tokenizer(args.tokenizer, files=sources)  # BPE training is deterministic: shards get reused

@@ -39,7 +39,9 @@ import torch
 from unipool.errors import UnipoolError, read_json
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool, build_model
-from unipool.train.checkpoint import DTYPES, load_model, main_dtype, resolve_checkpoint, save_model
+from unipool.run import Run
+from unipool.train.checkpoint import DTYPES, load_model, load_state, main_dtype, save_model
+from unipool.train.config import default_config
 
 REMOTE_DIR = Path(__file__).parent / "hf_remote"
 REMOTE_FILES = ("configuration_unipool.py", "modeling_unipool.py")
@@ -262,15 +264,11 @@ def export_hf(model: Unipool, tokenizer, out_dir: str | Path, dtype: torch.dtype
 
 
 def find_run_tokenizer(run: str | Path) -> Path | None:
-    """RUN/tokenizer.json, or the tokenizer.json of the run that holds a checkpoint directory."""
-    p = Path(run)
-    candidates = [p / "tokenizer.json", p.parent / "tokenizer.json"]
+    """The tokenizer.json of a run (or of the run holding a checkpoint), or None."""
     try:
-        ckpt = resolve_checkpoint(p)
-        candidates += [ckpt / "tokenizer.json", ckpt.parent.parent / "tokenizer.json"]
+        return Run.open(run).tokenizer_path()
     except UnipoolError:
-        pass
-    return next((c for c in candidates if c.is_file()), None)
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -491,27 +489,20 @@ def import_hf(hf_dir: str | Path) -> Unipool:
         state = _state_from_family(_load_hf_weights(hf_dir), cfg)
 
     model = build_model(cfg, "cpu", init=False)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatch
-        raise HFError(f"{hf_dir}: weights do not match the config: {str(e).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if k not in _TRAINING_BUFFERS]
-    if missing or unexpected:
-        raise HFError(f"{hf_dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_state(model, state, hf_dir, optional=_TRAINING_BUFFERS, error=HFError)
     return model
 
 
 def write_run(model: Unipool, out_dir: str | Path, tokenizer_json: Path | None = None, source: str = "",
               dtype: torch.dtype | None = None) -> Path:
     """A run directory that every unipool command accepts: config.json, tokenizer.json, checkpoints/step_000000
-    (weights stored in `dtype`, default the model's)."""
+    (weights stored in `dtype`, default the model's; `source` recorded in the checkpoint's meta.json)."""
     out = Path(out_dir)
+    tokenizer = tokenizer_json if tokenizer_json is not None and tokenizer_json.is_file() else None
+    Run.create(out, default_config().replace(model=model.config, preset="custom"), tokenizer)
     ckpt = out / "checkpoints" / "step_000000"
     save_model(model, ckpt, {"step": 0, "source": source}, dtype)
     (out / "checkpoints" / "LATEST").write_text(ckpt.name + "\n")
-    (out / "config.json").write_text(json.dumps({"model": model.config.to_dict(), "source": source}, indent=2) + "\n")
-    if tokenizer_json is not None and tokenizer_json.is_file():
-        shutil.copyfile(tokenizer_json, out / "tokenizer.json")
     return out
 
 

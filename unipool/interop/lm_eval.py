@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
+from unipool.run import Run
 
 
 class LMEvalError(UnipoolError):
@@ -168,14 +169,13 @@ def _resolve_model(model_or_run, tokenizer, device):
         if tokenizer is None:
             raise LMEvalError("an in-memory model needs a tokenizer (a tokenizer.json path or a Tokenizer)")
         return model_or_run, tokenizer
-    from unipool.interop.hf import find_run_tokenizer
-    from unipool.train.checkpoint import load_model
-
-    model, _ = load_model(model_or_run, device)
+    run = Run.open(model_or_run)
+    model = run.load_model(device)
     if tokenizer is None:
-        tokenizer = find_run_tokenizer(model_or_run)
-        if tokenizer is None:
-            raise LMEvalError(f"no tokenizer.json found for {model_or_run}; pass one with --tokenizer")
+        try:
+            tokenizer = run.tokenizer_path()
+        except UnipoolError:
+            raise LMEvalError(f"no tokenizer.json found for {model_or_run}; pass one with --tokenizer") from None
     return model, tokenizer
 
 

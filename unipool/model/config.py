@@ -9,6 +9,18 @@ Expert storage is described by three numbers that cover every mode:
 so vanilla MoE ("layerwise"), UniPool ("pool") and grouped sharing ("grouped") are one code path.
 Fine-grained experts (granularity g) split every expert into g experts of ffn_hidden // g and route
 top_k * g of num_experts * g, which keeps active FLOPs and parameters fixed.
+
+Counting words, used the same way everywhere:
+    num_experts        experts per pool as configured (full-size units)
+    n_routed_experts   experts per pool after the fine-grained split = each router's width; E (or M for
+                       a shared pool) in shape names, `n_experts` inside router.py / moe.py, and
+                       "experts_per_pool" in JSON reports
+    n_pools            pools; experts stored in all = n_pools * n_routed_experts
+    routed_top_k       experts each token picks in each layer (top_k * granularity)
+
+The config is frozen: derive a changed one with `replace(...)`. How a forward runs (expert kernels,
+the fused pool weight gradient, activation checkpointing, compile) is not part of it: see
+`Unipool.set_execution` and a run's `exec` section.
 """
 
 from __future__ import annotations
@@ -24,14 +36,16 @@ from unipool.errors import UnipoolError
 MOE_MODES = ("layerwise", "pool", "grouped")
 ROUTERS = ("softmax", "norm", "sigmoid", "random")
 POOL_LOSS_STATS = ("previous", "current")
-DISPATCH = ("auto", "grouped_mm", "loop")
+# Execution settings that earlier versions kept in the model config; from_dict drops them (a run's
+# config moves their values to its `exec` section).
+LEGACY_EXEC_FIELDS = ("dispatch", "fused_pool_wgrad")
 
 
 class ConfigError(UnipoolError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     # --- backbone (LLaMA-style) ---
     vocab_size: int = 50257  # real vocabulary; the embedding is padded (see vocab_multiple)
@@ -70,10 +84,6 @@ class ModelConfig:
     pool_loss_stats: str = "previous"  # f-bar from the previous micro-batch (paper) or "current"
     z_loss_coef: float = 0.0
 
-    # --- execution ---
-    dispatch: str = "auto"  # auto | grouped_mm | loop
-    fused_pool_wgrad: bool = False  # defer expert weight gradients of all layers to one GEMM
-
     def __post_init__(self) -> None:
         self.validate()
 
@@ -111,16 +121,6 @@ class ModelConfig:
     def expert_hidden(self) -> int:
         return self.ffn_hidden // self.granularity
 
-    @property
-    def total_experts(self) -> int:
-        """Full-size experts stored across all pools (the expert budget, in units of one FFN)."""
-        return self.n_pools * self.num_experts
-
-    @property
-    def expert_budget(self) -> float:
-        """Stored expert FFNs as a fraction of the matched vanilla model (8 experts per layer)."""
-        return self.total_experts / (8 * self.n_layers)
-
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -134,7 +134,6 @@ class ModelConfig:
         need(self.moe_mode in MOE_MODES, "moe_mode", f"must be one of {MOE_MODES}")
         need(self.router in ROUTERS, "router", f"must be one of {ROUTERS}")
         need(self.pool_loss_stats in POOL_LOSS_STATS, "pool_loss_stats", f"must be one of {POOL_LOSS_STATS}")
-        need(self.dispatch in DISPATCH, "dispatch", f"must be one of {DISPATCH}")
         need(self.random_gates in ("uniform", "model"), "random_gates", "must be 'uniform' or 'model'")
         if self.attn_head_dim is None:
             need(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}")
@@ -161,85 +160,18 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"model: expected a mapping of fields, got {type(d).__name__}")
+        d = {k: v for k, v in d.items() if k not in LEGACY_EXEC_FIELDS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"model: unknown field(s) {', '.join(unknown)}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-
-# ------------------------------------------------------------------------------------------------
-# Presets. The paper's five scales (Tables 6 and 8): 8 experts per layer for vanilla, M = 8L for
-# UniPool, top-1, 4H full-width SwiGLU experts, GPT-2 vocab padded to 51200, RoPE base 1e6.
-# ------------------------------------------------------------------------------------------------
-
-# name: (n_layers, d_model, n_heads, reduced pool sizes M tested in the paper, pool loss alpha)
-PAPER_SCALES: dict[str, tuple[int, int, int, tuple[int, ...], float]] = {
-    "182m": (12, 768, 12, (64, 48), 1e-2),
-    "469m": (24, 1024, 16, (128, 96, 64), 2e-2),
-    "650m": (36, 1024, 16, (144, 128, 96), 2e-2),
-    "830m": (48, 1024, 16, (160, 128), 2e-2),
-    "978m": (24, 1536, 16, (), 2e-2),
-}
-
-
-def _paper(n_layers: int, d_model: int, n_heads: int, **kw: Any) -> ModelConfig:
-    return ModelConfig(vocab_size=50257, vocab_multiple=1024, d_model=d_model, n_layers=n_layers,
-                       n_heads=n_heads, n_kv_heads=4, ffn_hidden=4 * d_model, max_seq_len=1024, **kw)
-
-
-def vanilla(n_layers: int, d_model: int, n_heads: int, **kw: Any) -> ModelConfig:
-    """Per-layer MoE baseline: 8 private experts per layer, softmax top-1, Switch loss 1e-2."""
-    kw = {"moe_mode": "layerwise", "num_experts": 8, "router": "softmax", "switch_loss_coef": 1e-2,
-          "pool_loss_coef": 0.0, **kw}
-    return _paper(n_layers, d_model, n_heads, **kw)
-
-
-def unipool(n_layers: int, d_model: int, n_heads: int, pool_loss_coef: float, **kw: Any) -> ModelConfig:
-    """UniPool: one pool of M = 8L experts (unless given), NormRouter, pool-level loss."""
-    kw = {"moe_mode": "pool", "num_experts": 8 * n_layers, "router": "norm", "switch_loss_coef": 0.0,
-          "pool_loss_coef": pool_loss_coef, **kw}
-    return _paper(n_layers, d_model, n_heads, **kw)
-
-
-def _build_presets() -> dict[str, ModelConfig]:
-    presets: dict[str, ModelConfig] = {}
-    for scale, (n_layers, d_model, n_heads, reduced, alpha) in PAPER_SCALES.items():
-        presets[f"vanilla-{scale}"] = vanilla(n_layers, d_model, n_heads)
-        presets[f"unipool-{scale}"] = unipool(n_layers, d_model, n_heads, alpha)
-        for m in reduced:
-            presets[f"unipool-{scale}-m{m}"] = unipool(n_layers, d_model, n_heads, alpha, num_experts=m)
-    # Sharing-scope ablation at 182M (Table 5): G pools of 8 * (12 / G) experts each (the paper
-    # does not state the group pool size; this keeps the expert budget matched).
-    for g in (2, 4, 6):
-        presets[f"unipool-182m-g{g}"] = unipool(12, 768, 12, 1e-2, moe_mode="grouped", n_groups=g,
-                                                num_experts=8 * 12 // g)
-
-    # Small CPU presets. debug: a forward+backward in milliseconds. demo: trains in minutes on 2 cores.
-    small = dict(vocab_size=512, vocab_multiple=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                 ffn_hidden=128, max_seq_len=128, rope_base=1e4, init_std=0.02)
-    presets["debug"] = ModelConfig(**small, moe_mode="pool", num_experts=8, router="norm", pool_loss_coef=1e-2)
-    presets["debug-vanilla"] = ModelConfig(**small, moe_mode="layerwise", num_experts=4, router="softmax",
-                                           switch_loss_coef=1e-2, pool_loss_coef=0.0)
-    demo = dict(vocab_size=8192, vocab_multiple=64, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2,
-                ffn_hidden=512, max_seq_len=256, rope_base=1e4, init_std=0.02)
-    presets["demo"] = ModelConfig(**demo, moe_mode="pool", num_experts=48, router="norm", pool_loss_coef=1e-2)
-    presets["demo-vanilla"] = ModelConfig(**demo, moe_mode="layerwise", num_experts=8, router="softmax",
-                                          switch_loss_coef=1e-2, pool_loss_coef=0.0)
-    return presets
-
-
-PRESETS: dict[str, ModelConfig] = _build_presets()
-
-
-def get_preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from unipool.model.config import ModelConfig
-from unipool.model.moe import ExpertPool
+from unipool.model.moe import DISPATCH, ExpertPool
 from unipool.model.router import Router, RouterOutput, pool_loss
 
 
@@ -122,12 +122,11 @@ class Block(nn.Module):
 class Unipool(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        cfg.validate()
-        self.config = cfg
+        self.config = cfg  # validated when it was built
         self.tok_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.experts = nn.ModuleList(
-            ExpertPool(cfg.n_routed_experts, cfg.d_model, cfg.expert_hidden, cfg.dispatch) for _ in range(cfg.n_pools))
+            ExpertPool(cfg.n_routed_experts, cfg.d_model, cfg.expert_hidden) for _ in range(cfg.n_pools))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
@@ -137,7 +136,23 @@ class Unipool(nn.Module):
         # first micro-batch has no pool loss).
         self.register_buffer("pool_load_PE", torch.zeros(cfg.n_pools, cfg.n_routed_experts))
         self.register_buffer("pool_load_valid", torch.zeros((), dtype=torch.bool))
+        # How the forward runs, not what it computes (a run's `exec` section; see set_execution).
         self.activation_checkpointing = False
+        self.fused_pool_wgrad = False
+
+    def set_execution(self, *, dispatch: str | None = None, fused_pool_wgrad: bool | None = None,
+                      activation_checkpointing: bool | None = None) -> None:
+        """Expert kernels (auto | grouped_mm | loop), the shared pool's weight gradient fused into one
+        grouped GEMM over all layers, and per-block activation checkpointing. None keeps a setting."""
+        if dispatch is not None:
+            if dispatch not in DISPATCH:
+                raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
+            for pool in self.experts:
+                pool.dispatch = dispatch
+        if fused_pool_wgrad is not None:
+            self.fused_pool_wgrad = fused_pool_wgrad
+        if activation_checkpointing is not None:
+            self.activation_checkpointing = activation_checkpointing
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -197,7 +212,7 @@ class Unipool(nn.Module):
         x = self.tok_embeddings(input_ids)
         routing: list[RouterOutput] = []
         pools = list(self.experts)
-        if cfg.fused_pool_wgrad and self.training and torch.is_grad_enabled():
+        if self.fused_pool_wgrad and self.training and torch.is_grad_enabled():
             # Every layer calling a pool adds to the same weight gradient: compute it once per pool
             # at the end of backward, as one grouped GEMM over all layers' rows (moe.DeferredWGrad).
             pools = [p.defer_wgrad(x) for p in pools]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+DISPATCH = ("auto", "grouped_mm", "loop")  # auto: grouped_mm where the shapes allow it, else the loop
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

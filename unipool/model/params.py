@@ -6,8 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from unipool.model.config import ConfigError, ModelConfig, get_preset
+from unipool.model.config import ConfigError, ModelConfig
 from unipool.model.model import build_model
+from unipool.presets import get_preset
 
 
 def param_report(cfg: ModelConfig) -> dict:

