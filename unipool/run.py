@@ -27,6 +27,8 @@ from unipool.model.model import Unipool
 from unipool.train.checkpoint import CheckpointError, load_model, read_meta, resolve_checkpoint
 from unipool.train.config import RunConfig, run_config_from_dict
 
+CONFIG = "config.json"
+
 
 class RunError(UnipoolError):
     pass
@@ -38,7 +40,7 @@ def _run_dir_of(ckpt_dir: Path) -> Path | None:
     if ckpt_dir.parent.name == "checkpoints":
         return ckpt_dir.parent.parent
     for d in (ckpt_dir, ckpt_dir.parent):
-        if (d / "config.json").is_file():
+        if (d / CONFIG).is_file():
             return d
     return None
 
@@ -80,13 +82,18 @@ class Run:
         self.checkpoint = checkpoint  # the checkpoint opened (the latest, for a run directory)
 
     # ---- opening and creating --------------------------------------------------------------------
+    @staticmethod
+    def holds_run(path: str | Path) -> bool:
+        """Whether `path` is a run directory (it has a config.json)."""
+        return (Path(path) / CONFIG).is_file()
+
     @classmethod
     def open(cls, path: str | Path) -> Run:
         """A run directory, a checkpoint directory or a model.safetensors file."""
         p = Path(path)
         if not p.exists():
             raise RunError(f"no such run or checkpoint: {p}")
-        if p.is_dir() and (p / "config.json").is_file() and not (p / "model.safetensors").is_file():
+        if p.is_dir() and (p / CONFIG).is_file() and not (p / "model.safetensors").is_file():
             run_dir = p
             try:
                 ckpt = resolve_checkpoint(p)
@@ -97,7 +104,7 @@ class Run:
         else:
             ckpt = resolve_checkpoint(p)
             run_dir = _run_dir_of(ckpt)
-        config = read_config(run_dir / "config.json") if run_dir and (run_dir / "config.json").is_file() else None
+        config = read_config(run_dir / CONFIG) if run_dir and cls.holds_run(run_dir) else None
         return cls(run_dir, config, ckpt)
 
     @classmethod
@@ -107,10 +114,10 @@ class Run:
         byte); `exist_ok` rewrites the config of an existing run (a resumed run records the settings it
         continues with)."""
         p = Path(path)
-        if (p / "config.json").exists() and not exist_ok:
+        if cls.holds_run(p) and not exist_ok:
             raise RunError(f"{p} already holds a run")
         p.mkdir(parents=True, exist_ok=True)
-        (p / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (p / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if isinstance(tokenizer, Path):
             shutil.copyfile(tokenizer, p / "tokenizer.json")
         elif tokenizer is not None:
@@ -195,7 +202,7 @@ class Run:
         training ran: tried there, then beside the run."""
         value = self.config.data.data_dir if self.config else ""
         if not value:
-            where = self.path / "config.json" if self.path else f"{self.checkpoint} (not inside a run directory)"
+            where = self.path / CONFIG if self.path else f"{self.checkpoint} (not inside a run directory)"
             raise RunError(f"no prepared data directory found in {where}; pass --data")
         candidates = [Path(value)]
         if not Path(value).is_absolute():

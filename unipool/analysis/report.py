@@ -33,7 +33,7 @@ def summarize_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"no such run directory: {run_dir}")
-    if not (run_dir / "config.json").is_file():
+    if not Run.holds_run(run_dir):
         raise ReportError(f"{run_dir} is not a run directory (no config.json)")
     try:
         run = Run.open(run_dir)

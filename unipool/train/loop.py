@@ -178,7 +178,7 @@ def run_directory(run: RunConfig, resume: Run | None) -> tuple[Path, Path | None
     if resume is None:
         name = run.train.run_name or f"{run.preset}-{datetime.now():%Y%m%d-%H%M%S}"
         run_dir = Path(run.train.out_dir) / dist.broadcast_object(name)
-        if (run_dir / "config.json").exists():
+        if Run.holds_run(run_dir):
             raise ConfigError(f"train.run_name: {run_dir} already holds a run; use --resume {run_dir} or another name")
         return run_dir, None
     saved_config = resume.config.replace(model=resume.model_config)  # the weights' own config decides
@@ -370,7 +370,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     resume = None
     if args.resume:
-        if not (Path(args.resume) / "config.json").is_file():
+        if not Run.holds_run(args.resume):
             raise ckpt.CheckpointError(f"cannot resume: {Path(args.resume) / 'config.json'} not found")
         resume = Run.open(args.resume)  # config.json is read here, once
     run = resolve_config(args, resume.config if resume else None)
