@@ -7,13 +7,15 @@ time over the deeper half of the network, then all deeper-half layers together.
 
 Shape suffixes: T tokens, E routed experts of a layer, K experts per token, C candidate experts.
 
-Models
-- unipool run / checkpoint directories: each layer's `Router.set_random_routing` switches it.
+One mechanism for every model: `RandomRouting` puts a forward hook on each chosen layer's router
+that replaces the router's output, and removes it on exit. The model itself holds no probe state.
+- unipool run / checkpoint directories: the hook on `layers.{i}.router` returns a new `RouterOutput`
+  (random `expert_ids_TK`, their `weights_TK` and `counts_E`; the router's own `scores_TE` and
+  `aux_loss`).
 - Hugging Face checkpoints of the families in `HF_FAMILIES` (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE,
   DeepSeek-V2, DeepSeek-V3). Their MoE blocks share one v5 interface: the router `mlp.gate` returns
   (router_logits_TE, weights_TK, expert_ids_TK) and `mlp.experts(hidden, expert_ids_TK, weights_TK)`
-  consumes the last two. The probe hooks `mlp.gate` at run time (a forward hook that replaces its
-  outputs); no modeling code is copied, and removing the hook restores the model exactly.
+  consumes the last two. The hook on `mlp.gate` returns new ones; no modeling code is copied.
 - Shared experts (Qwen2-MoE, DeepSeek) keep running: only the routed part is randomised.
 - DeepSeek group-limited routing: random experts are drawn over all routed experts, ignoring the
   group limit (which is part of the learned choice).
@@ -32,6 +34,7 @@ Gates of the randomly picked experts (`gates`):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -44,7 +47,7 @@ import torch
 from torch import nn
 
 from unipool.errors import UnipoolError
-from unipool.model.router import random_topk
+from unipool.model.router import Router, RouterOutput, expert_counts, random_topk
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 GATES = ("uniform", "model")
@@ -199,7 +202,8 @@ class RandomRouting:
 
     `generator` drives every draw (one stream shared by the layers, in call order); `candidates`
     optionally maps a layer to the experts it may draw from (UniPool's Random-dagger variant).
-    Every other layer keeps its learned routing.
+    Every other layer keeps its learned routing. Each chosen router gets a forward hook that
+    replaces its output; nothing else in the model changes, and exit removes the hooks.
     """
 
     def __init__(self, target: ProbeTarget, layers: Iterable[int], gates: str = "uniform",
@@ -211,42 +215,55 @@ class RandomRouting:
         unknown = [i for i in self.layers if i not in target.routers]
         if unknown:
             raise ProbeError(f"layer(s) {unknown} are not MoE layers; MoE layers: {list(target.routers)}")
+        for i in self.layers:  # checked here, so that a failing __enter__ never leaves hooks behind
+            n = self.candidates[i].numel() if i in self.candidates else target.n_experts
+            if n < target.top_k:
+                raise ProbeError(f"layer {i}: {n} candidate experts, fewer than top_k={target.top_k}")
         self._handles: list = []
 
     def __enter__(self) -> Self:
+        make_hook = self._hf_hook if self.target.is_hf else self._unipool_hook
         for i in self.layers:
-            router, cand = self.target.routers[i], self.candidates.get(i)
-            if cand is not None and cand.numel() < self.target.top_k:
-                raise ProbeError(f"layer {i}: {cand.numel()} candidate experts, fewer than top_k={self.target.top_k}")
-            if self.target.is_hf:
-                self._handles.append(router.register_forward_hook(self._hf_hook(cand)))
-            else:
-                router.set_random_routing(self.gates, self.generator, cand)
+            # prepend: hooks registered earlier on the same router (a RoutingRecorder entered first)
+            # still see the random picks.
+            hook = make_hook(self.candidates.get(i))
+            self._handles.append(self.target.routers[i].register_forward_hook(hook, prepend=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if not self.target.is_hf:
-            for i in self.layers:
-                self.target.routers[i].set_random_routing(None)
+
+    def _unipool_hook(self, candidates_C: torch.Tensor | None):
+        def hook(router: Router, args, out: RouterOutput) -> RouterOutput:
+            n_tokens, device = out.expert_ids_TK.shape[0], out.expert_ids_TK.device
+            ids_TK = random_topk(n_tokens, router.n_experts, router.top_k, device, self.generator, candidates_C)
+            if self.gates == "uniform":
+                weights_TK = torch.full(ids_TK.shape, 1.0 / router.top_k, device=device)
+            else:
+                weights_TK = router.weights_at(out.scores_TE, ids_TK)
+            return dataclasses.replace(out, expert_ids_TK=ids_TK, weights_TK=weights_TK,
+                                       counts_E=expert_counts(ids_TK, router.n_experts))
+
+        return hook
 
     def _hf_hook(self, candidates_C: torch.Tensor | None):
-        rule, top_k, gates = self.target.rule, self.target.top_k, self.gates
+        rule, top_k = self.target.rule, self.target.top_k
 
         def hook(router: nn.Module, args, output):
             logits_TE, weights_TK, _ = output
             n_tokens = weights_TK.shape[0]
             ids_TK = random_topk(n_tokens, router.num_experts, top_k, weights_TK.device, self.generator, candidates_C)
-            new_TK = hf_random_gates(rule, router, logits_TE, ids_TK, gates).to(weights_TK.dtype)
+            new_TK = hf_random_gates(rule, router, logits_TE, ids_TK, self.gates).to(weights_TK.dtype)
             return logits_TE, new_TK, ids_TK
 
         return hook
 
 
 class RoutingRecorder:
-    """Context manager recording, per MoE layer, the (expert_ids_TK, weights_TK) the experts ran with."""
+    """Context manager recording, per MoE layer, the (expert_ids_TK, weights_TK) the experts ran with:
+    the router's output, after any `RandomRouting` hook (those run first, whichever was entered first)."""
 
     def __init__(self, target: ProbeTarget, keep: bool = True):
         self.target, self.keep = target, keep  # keep=False: only count (no per-token tensors kept)
@@ -256,11 +273,7 @@ class RoutingRecorder:
 
     def __enter__(self) -> Self:
         for i, router in self.target.routers.items():
-            if self.target.is_hf:
-                experts = self.target.model.get_decoder().layers[i].mlp.experts
-                self._handles.append(experts.register_forward_pre_hook(self._hf_hook(i), with_kwargs=True))
-            else:
-                self._handles.append(router.register_forward_hook(self._unipool_hook(i)))
+            self._handles.append(router.register_forward_hook(self._hook(i)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -268,22 +281,16 @@ class RoutingRecorder:
             h.remove()
         self._handles.clear()
 
-    def _record(self, layer: int, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
-        if self.keep:
-            self.calls[layer].append((ids_TK.detach(), weights_TK.detach()))
-        counts_E = torch.bincount(ids_TK.flatten(), minlength=self.target.n_experts).float()
-        self._counts[layer] = self._counts[layer] + counts_E if layer in self._counts else counts_E
+    def _hook(self, layer: int):
+        def hook(router: nn.Module, args, output):
+            # HF routers return (logits_TE, weights_TK, expert_ids_TK); ours a RouterOutput
+            ids_TK, weights_TK = (output[2], output[1]) if self.target.is_hf else \
+                (output.expert_ids_TK, output.weights_TK)
+            if self.keep:
+                self.calls[layer].append((ids_TK.detach(), weights_TK.detach()))
+            counts_E = torch.bincount(ids_TK.flatten(), minlength=self.target.n_experts).float()
+            self._counts[layer] = self._counts[layer] + counts_E if layer in self._counts else counts_E
 
-    def _hf_hook(self, layer: int):
-        def hook(module, args, kwargs):
-            ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
-            self._record(layer, ids, weights)
-        return hook
-
-    def _unipool_hook(self, layer: int):
-        def hook(module, args, output):
-            self._record(layer, output.expert_ids_TK, output.weights_TK)
         return hook
 
     def ids(self, layer: int) -> torch.Tensor:
