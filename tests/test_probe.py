@@ -13,7 +13,6 @@ from scipy.stats import chi2
 
 from unipool.analysis.probe import (
     GATES,
-    HF_FAMILIES,
     ProbeError,
     RandomRouting,
     RoutingRecorder,
@@ -25,6 +24,7 @@ from unipool.analysis.probe import (
 )
 from unipool.cli import main
 from unipool.data.tokenizer import train_bpe
+from unipool.interop.hf_moe import HF_FAMILIES
 from unipool.model.config import get_preset
 from unipool.model.model import build_model
 from unipool.model.router import Router
@@ -460,6 +460,18 @@ def test_cli_errors_are_one_line(tmp_path, bpe, text_file, capsys):
     assert "need --data" in capsys.readouterr().err
     assert main(["probe", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_rejects_hf_checkpoints_it_cannot_probe(tmp_path, capsys):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["probe", str(tmp_path / "llama"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "'llama' is not supported by the probe" in err and all(f in err for f in HF_FAMILIES)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{model_type")
+    assert main(["probe", str(tmp_path / "broken"), "--device", "cpu"]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
 
 
 def test_parse_layers_and_task_metrics():

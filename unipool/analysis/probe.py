@@ -9,26 +9,17 @@ Shape suffixes: T tokens, E routed experts of a layer, K experts per token, C ca
 
 One mechanism for every model: `RandomRouting` puts a forward hook on each chosen layer's router
 that replaces the router's output, and removes it on exit. The model itself holds no probe state.
-- unipool run / checkpoint directories: the hook on `layers.{i}.router` returns a new `RouterOutput`
-  (random `expert_ids_TK`, their `weights_TK` and `counts_E`; the router's own `scores_TE` and
-  `aux_loss`).
-- Hugging Face checkpoints of the families in `HF_FAMILIES` (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE,
-  DeepSeek-V2, DeepSeek-V3). Their MoE blocks share one v5 interface: the router `mlp.gate` returns
-  (router_logits_TE, weights_TK, expert_ids_TK) and `mlp.experts(hidden, expert_ids_TK, weights_TK)`
-  consumes the last two. The hook on `mlp.gate` returns new ones; no modeling code is copied.
-- Shared experts (Qwen2-MoE, DeepSeek) keep running: only the routed part is randomised.
-- DeepSeek group-limited routing: random experts are drawn over all routed experts, ignoring the
-  group limit (which is part of the learned choice).
+- unipool models: the hook on `layers.{i}.router` returns a new `RouterOutput` (random
+  `expert_ids_TK`, their `weights_TK` and `counts_E`; the router's own `scores_TE` and `aux_loss`).
+- Hugging Face MoE families (`unipool.interop.hf_moe.HF_FAMILIES`): the hook on `mlp.gate` returns
+  new (router_logits_TE, weights_TK, expert_ids_TK). No modeling code is copied. Shared experts keep
+  running; DeepSeek's group limit is not applied (it is part of the learned choice).
 
-Gates of the randomly picked experts (`gates`):
-- "uniform" (default): every picked expert gets scale / k, where scale is the family's routed
-  scaling factor (DeepSeek's `routed_scaling_factor`; 1 elsewhere). The router's choice and its
-  weighting are both removed; the routed branch keeps a fixed total mass.
-- "model": the gates the family would give those experts: softmax probabilities (sigmoid scores for
-  DeepSeek-V3), renormalised over the picks if the family renormalises its top-k, times the routed
-  scale. For non-renormalising families (OLMoE, Qwen1.5-MoE, DeepSeek-V2) random picks get small
-  gates, so this also shrinks the routed branch; for unipool's NormRouter about half the random
-  picks get a zero gate (its scores pass through a ReLU).
+Gates of the random picks (`gates`): "uniform" (default) = scale / k, with scale the family's routed
+scaling factor (1 for unipool and most families); "model" = what the router would give those experts:
+its scores at the picks, renormalised if it renormalises its top-k, times scale. "model" shrinks the
+routed branch of non-renormalising routers, and unipool's NormRouter gives about half the random
+picks a zero gate (ReLU'd scores), hence the uniform default.
 """
 
 from __future__ import annotations
@@ -47,6 +38,15 @@ import torch
 from torch import nn
 
 from unipool.errors import UnipoolError
+from unipool.interop.hf_moe import (
+    HF_FAMILIES,
+    GateRule,
+    checkpoint_model_type,
+    family_notes,
+    hf_random_gates,
+    load_checkpoint,
+    moe_blocks,
+)
 from unipool.model.router import Router, RouterOutput, expert_counts, random_topk
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -55,28 +55,6 @@ GATES = ("uniform", "model")
 
 class ProbeError(UnipoolError):
     pass
-
-
-@dataclass(frozen=True)
-class GateRule:
-    """How a family turns router logits into the gates of its picked experts."""
-    score: str  # "softmax" | "sigmoid"
-    renormalize: bool | str  # a constant, or the router attribute that holds the flag
-    scale_attr: str | None = None  # router attribute holding the routed scaling factor
-    shared_experts: bool = False
-    group_limited: bool = False
-
-
-HF_FAMILIES: dict[str, GateRule] = {
-    "mixtral": GateRule("softmax", True),
-    "olmoe": GateRule("softmax", "norm_topk_prob"),
-    "qwen2_moe": GateRule("softmax", "norm_topk_prob", shared_experts=True),
-    "qwen3_moe": GateRule("softmax", "norm_topk_prob"),
-    # DeepSeek-V2's router never renormalises (its config flag is unused by transformers).
-    "deepseek_v2": GateRule("softmax", False, "routed_scaling_factor", shared_experts=True, group_limited=True),
-    "deepseek_v3": GateRule("sigmoid", "norm_topk_prob", "routed_scaling_factor", shared_experts=True,
-                            group_limited=True),
-}
 
 
 # ---- the model under probe ----------------------------------------------------------------------
@@ -108,15 +86,7 @@ class ProbeTarget:
         return [i for i in self.routers if i >= self.n_layers // 2]
 
     def notes(self) -> list[str]:
-        notes = []
-        if self.is_hf and self.rule.shared_experts:
-            notes.append("shared experts keep running; only the routed experts are randomised")
-        router = next(iter(self.routers.values()))
-        limited = getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy" and \
-            getattr(router, "topk_group", 1) < getattr(router, "num_group", 1)
-        if self.is_hf and self.rule.group_limited and limited:
-            notes.append("random experts are drawn over all routed experts (the group limit is not applied)")
-        return notes
+        return family_notes(self.rule, next(iter(self.routers.values()))) if self.is_hf else []
 
 
 def wrap_model(model: nn.Module, *, name: str = "", tokenizer=None, run=None) -> ProbeTarget:
@@ -132,17 +102,12 @@ def wrap_model(model: nn.Module, *, name: str = "", tokenizer=None, run=None) ->
     if model_type not in HF_FAMILIES:
         raise ProbeError(f"model type {model_type!r} is not supported by the probe; "
                          f"supported: unipool, {', '.join(HF_FAMILIES)}")
-    layers = model.get_decoder().layers
-    routers = {i: layer.mlp.gate for i, layer in enumerate(layers)
-               if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")}
+    routers = {i: block.gate for i, block in moe_blocks(model).items()}
     if not routers:
         raise ProbeError(f"{name or model_type}: no MoE layers found")
     first = next(iter(routers.values()))
-    return ProbeTarget(model, model_type, routers, len(layers), first.num_experts, first.top_k, name, tokenizer, run)
-
-
-def _hf_dtype(name: str):
-    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return ProbeTarget(model, model_type, routers, len(model.get_decoder().layers), first.num_experts, first.top_k,
+                       name, tokenizer, run)
 
 
 def load_target(path: str | Path, device: str = "cpu", dtype: str = "auto") -> ProbeTarget:
@@ -150,52 +115,16 @@ def load_target(path: str | Path, device: str = "cpu", dtype: str = "auto") -> P
     p = Path(path)
     if not p.exists():
         raise ProbeError(f"no such model directory or file: {p}")
-    hf_config = p / "config.json" if p.is_dir() else None
-    if hf_config is not None and hf_config.is_file():
-        try:
-            model_type = json.loads(hf_config.read_text()).get("model_type")
-        except json.JSONDecodeError as e:
-            raise ProbeError(f"{hf_config} is not valid JSON: {e}") from None
-        if model_type is not None:
-            return _load_hf(p, model_type, device, dtype)
+    if checkpoint_model_type(p) is not None:
+        model, tokenizer = load_checkpoint(p, device, dtype)
+        return wrap_model(model, name=str(p), tokenizer=tokenizer)
     from unipool.analysis.eval import load_run
 
     run = load_run(p, device)
     return wrap_model(run.model, name=str(p), run=run)
 
 
-def _load_hf(path: Path, model_type: str, device: str, dtype: str) -> ProbeTarget:
-    if model_type not in HF_FAMILIES:
-        raise ProbeError(f"{path}: model type {model_type!r} is not supported by the probe; "
-                         f"supported: {', '.join(HF_FAMILIES)}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_hf_dtype(dtype), device_map=device)
-    except (OSError, ValueError) as e:
-        raise ProbeError(f"cannot load {path} with transformers: {str(e).splitlines()[0]}") from None
-    model.eval()
-    model.config.use_cache = False  # scoring only: no KV cache to allocate per forward
-    return wrap_model(model, name=str(path), tokenizer=tokenizer)
-
-
 # ---- random routing -----------------------------------------------------------------------------
-
-def hf_random_gates(rule: GateRule, router: nn.Module, logits_TE: torch.Tensor, ids_TK: torch.Tensor,
-                    gates: str) -> torch.Tensor:
-    """Gates for the experts `ids_TK` picked at random, computed as the family computes gates."""
-    scale = float(getattr(router, rule.scale_attr)) if rule.scale_attr else 1.0
-    if gates == "uniform":
-        return torch.full(ids_TK.shape, scale / ids_TK.shape[1], device=ids_TK.device)
-    logits_TE = logits_TE.float().reshape(ids_TK.shape[0], -1)
-    scores_TE = logits_TE.softmax(-1) if rule.score == "softmax" else logits_TE.sigmoid()
-    weights_TK = scores_TE.gather(1, ids_TK)
-    renorm = rule.renormalize if isinstance(rule.renormalize, bool) else bool(getattr(router, rule.renormalize))
-    if renorm:
-        weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-    return weights_TK * scale
-
 
 class RandomRouting:
     """Context manager: uniform random top-k (k distinct experts per token) in `layers`.
@@ -610,7 +539,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                                       args.max_tokens, args.text_field)
         batches = list(batches)
         if args.dtype in ("bfloat16", "float16"):
-            autocast_dtype = _hf_dtype(args.dtype)
+            autocast_dtype = getattr(torch, args.dtype)
 
     if tasks:
         from unipool.interop.lm_eval import _require_lm_eval
@@ -630,6 +559,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["HF_FAMILIES", "GateRule", "ProbeConfig", "ProbeError", "ProbeTarget", "RandomRouting",
-           "RoutingRecorder", "expert_usage", "hf_random_gates", "load_target", "markdown_table", "parse_layers",
-           "plot_report", "run_probe", "task_metrics", "top_used", "wrap_model", "write_report"]
+__all__ = ["ProbeConfig", "ProbeError", "ProbeTarget", "RandomRouting", "RoutingRecorder", "expert_usage",
+           "load_target", "markdown_table", "parse_layers", "plot_report", "run_probe", "task_metrics", "top_used",
+           "wrap_model", "write_report"]
