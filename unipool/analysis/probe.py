@@ -251,25 +251,14 @@ def top_used(usage: dict[int, torch.Tensor], n: int) -> dict[int, torch.Tensor]:
 
 # ---- measuring ----------------------------------------------------------------------------------
 
-class HFTokens:
-    """An HF tokenizer seen through the two members `unipool.eval.text_tokens` uses."""
-
-    def __init__(self, tokenizer):
-        if tokenizer.eos_token_id is None:
-            raise ProbeError("the model's tokenizer has no EOS token to separate documents")
-        self.tokenizer, self.eos_id = tokenizer, tokenizer.eos_token_id
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts)["input_ids"]  # with the tokenizer's own special tokens (BOS)
-
-
 def hf_text_batches(tokenizer, path: Path, batch_size: int, seq_len: int, max_tokens: int | None,
                     text_field: str = "text") -> list[Batch]:
     """Non-overlapping windows over raw text (txt / jsonl / parquet, as `unipool eval` reads it),
     tokenized with the model's HF tokenizer, documents joined with EOS."""
     from unipool.analysis.eval import text_tokens, window_batches
+    from unipool.data.tokenizer import TransformersTokenizer
 
-    tokens = text_tokens(path, HFTokens(tokenizer), text_field)
+    tokens = text_tokens(path, TransformersTokenizer(tokenizer), text_field)
     return list(window_batches(tokens, batch_size, seq_len, max_tokens))
 
 
@@ -542,9 +531,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
             autocast_dtype = getattr(torch, args.dtype)
 
     if tasks:
-        from unipool.interop.lm_eval import _require_lm_eval
+        from unipool.interop.lm_eval import require_lm_eval
 
-        _require_lm_eval()  # fail before the (long) baseline pass
+        require_lm_eval()  # fail before the (long) baseline pass
 
     def run_tasks(t: ProbeTarget) -> dict:
         return lm_eval_results(t, tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size, device)
