@@ -399,3 +399,8 @@ def test_bf16_import_and_export_keep_the_dtype_and_shard(tmp_path, capsys):
     assert not (tmp_path / "fp32" / "model.safetensors.index.json").exists()
     assert cli.main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "x"), "--max-shard-size", "lots"]) == 2
     assert "not a size: 'lots'" in capsys.readouterr().err
+
+
+def test_export_names_a_missing_tokenizer(tmp_path):
+    with pytest.raises(HFError, match="no tokenizer file"):
+        export_hf(build_model(get_preset("debug")), tmp_path / "missing.json", tmp_path / "hf")

@@ -203,3 +203,20 @@ def test_hf_backend_on_an_export_generates_like_our_wrapper(setup, tmp_path):
     reqs = [Instance("generate_until", {}, (q, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), i)
             for i, (q, _, _) in enumerate(ITEMS[:10])]
     assert hflm.generate_until(reqs) == ours.generate_until(reqs)
+
+
+def test_tokenizer_forms_and_errors(setup, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    model, tok, _ = setup
+    path = tok.save(tmp_path)
+    text = "Bees make honey"
+    for form in (tok, tok.tok, path, tmp_path, str(path)):  # whatever data.tokenizer.as_tokenizers takes
+        lm = make_lm(model, form)
+        assert lm.eot_token_id == tok.eos_id and lm.tok_encode(text) == tok.encode(text)
+        assert lm.tok_decode(tok.encode(text + "<|endoftext|>")) == text  # special tokens dropped
+    with pytest.raises(LMEvalError, match="no tokenizer file"):
+        make_lm(model, tmp_path / "missing.json")
+    with pytest.raises(LMEvalError, match="no end-of-text token"):
+        make_lm(model, HFTokenizer(models.WordLevel({"a": 0}, unk_token="a")))

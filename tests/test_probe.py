@@ -12,7 +12,8 @@ import torch
 from scipy.stats import chi2
 
 from unipool.analysis.probe import (
-    HF_FAMILIES,
+    GATES,
+    ProbeError,
     RandomRouting,
     RoutingRecorder,
     expert_usage,
@@ -23,7 +24,9 @@ from unipool.analysis.probe import (
 )
 from unipool.cli import main
 from unipool.data.tokenizer import train_bpe
+from unipool.interop.hf_moe import HF_FAMILIES
 from unipool.model.model import build_model
+from unipool.model.router import Router
 from unipool.presets import get_preset
 from unipool.train.checkpoint import save_model
 
@@ -231,6 +234,123 @@ def test_unipool_random_dagger_draws_from_most_used(tokens):
     assert set(picked.tolist()) == set(cand[1].tolist())  # 2048 draws cover all 8 candidates, nothing else
 
 
+def hooks_left(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["unipool", "qwen3_moe"])
+def test_leaving_random_routing_restores_the_model_bit_for_bit(kind, tokens):
+    model = tiny_unipool(num_experts=16, top_k=2) if kind == "unipool" else tiny_hf(kind)
+    target = wrap_model(model)
+    state = {i: dict(vars(r)) for i, r in target.routers.items()}
+    with torch.no_grad():
+        before = model(tokens[:2]).logits
+        for gates in GATES:
+            with RandomRouting(target, target.routers, gates, torch.Generator().manual_seed(0),
+                               {i: torch.arange(4) for i in target.routers}):
+                assert not torch.equal(model(tokens[:2]).logits, before)
+        after = model(tokens[:2]).logits
+    assert torch.equal(after, before)
+    assert hooks_left(model) == 0
+    for i, r in target.routers.items():  # not one attribute of a router was added, dropped or rebound
+        assert vars(r).keys() == state[i].keys() and all(vars(r)[k] is v for k, v in state[i].items())
+    # a configuration that cannot run fails before any hook is registered
+    with pytest.raises(ProbeError, match="fewer than top_k"), RandomRouting(target, [1], "uniform",
+                                                                          candidates={1: torch.tensor([0])}):
+        pass
+    assert hooks_left(model) == 0
+
+
+def test_router_has_no_probe_state():
+    for name in ("set_random_routing", "generator", "random_candidates"):
+        assert not hasattr(Router, name)
+    for kind in ("softmax", "norm", "sigmoid"):
+        r = Router(8, 16, 2, kind)
+        assert not hasattr(r, "generator") and not hasattr(r, "random_candidates") and r.random_gates is None
+
+
+def hand_scores(router, h_TD):
+    logits_TE = router.gate(h_TD).float()
+    if router.kind == "softmax":
+        return logits_TE.softmax(-1)
+    if router.kind == "sigmoid":
+        return logits_TE.sigmoid()
+    z_TE = logits_TE / (logits_TE.norm(dim=-1, keepdim=True) + router.norm_eps)  # NormRouter
+    return z_TE.relu() * router.scale * router.norm_c
+
+
+def reference_forward(model, input_ids, layers, gates, generator, candidates):
+    """The decoder written out by hand, with random routing in `layers`: k distinct experts per token,
+    the top-k of uniform noise over the (candidate) experts, drawn from `generator` layer by layer."""
+    cfg = model.config
+    b, s = input_ids.shape
+    cos, sin = model.rope_cos[:s], model.rope_sin[:s]
+    x = model.tok_embeddings(input_ids)
+    routing = []
+    for i, block in enumerate(model.layers):
+        x = x + block.attention(block.attention_norm(x), cos, sin)
+        h_TD = block.ffn_norm(x).reshape(b * s, -1)
+        r = block.router
+        learned = r.forward(h_TD)  # forward(), not __call__: no hooks
+        ids_TK, weights_TK = learned.expert_ids_TK, learned.weights_TK
+        if i in layers:
+            pool_C = candidates.get(i, torch.arange(r.n_experts))
+            ids_TK = pool_C[torch.rand(b * s, pool_C.numel(), generator=generator).topk(r.top_k, -1).indices]
+            if gates == "uniform":
+                weights_TK = torch.full(ids_TK.shape, 1 / r.top_k)
+            else:
+                weights_TK = hand_scores(r, h_TD).gather(1, ids_TK)
+                if r.renormalize and r.kind in ("softmax", "sigmoid"):
+                    weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        routing.append((ids_TK, weights_TK, learned))
+        x = x + model.experts[cfg.pool_of_layer(i)](h_TD, ids_TK, weights_TK).view(b, s, -1)
+    return model.output(model.norm(x))[..., : cfg.vocab_size], routing
+
+
+@pytest.mark.parametrize("router, gates, layers, restrict", [
+    ({}, "model", [1], False),  # NormRouter, top-1
+    ({"router": "softmax", "renormalize": True}, "model", [0, 1], True),
+    ({"router": "softmax"}, "model", [0, 1], False),
+    ({"router": "sigmoid", "renormalize": True}, "model", [1], True),
+    ({"router": "softmax", "renormalize": True}, "uniform", [0, 1], False),
+    ({"router": "sigmoid", "renormalize": True}, "uniform", [0], True),
+])
+def test_unipool_hook_matches_a_hand_written_reference(router, gates, layers, restrict, tokens):
+    model = tiny_unipool(**({"num_experts": 16, "top_k": 2} if router else {}), switch_loss_coef=1e-2, **router)
+    target = wrap_model(model)
+    candidates = {i: torch.tensor([1, 4, 5, 9, 12]) % target.n_experts for i in layers} if restrict else {}
+    with torch.no_grad():
+        with RandomRouting(target, layers, gates, torch.Generator().manual_seed(7), candidates):
+            out = model(tokens[:2])
+        ref_logits, ref_routing = reference_forward(model, tokens[:2], layers, gates,
+                                                    torch.Generator().manual_seed(7), candidates)
+    assert torch.equal(out.logits, ref_logits)
+    for i, (r, (ids_TK, weights_TK, learned)) in enumerate(zip(out.routing, ref_routing)):
+        assert torch.equal(r.expert_ids_TK, ids_TK) and torch.equal(r.weights_TK, weights_TK)
+        assert torch.equal(r.counts_E, torch.bincount(ids_TK.flatten(), minlength=target.n_experts).float())
+        assert torch.equal(r.scores_TE, learned.scores_TE) and torch.equal(r.aux_loss, learned.aux_loss)
+        if i in layers and restrict:
+            assert set(ids_TK.unique().tolist()) <= set(candidates[i].tolist())
+
+
+@pytest.mark.parametrize("kind", ["unipool", "olmoe"])
+def test_recorder_sees_the_random_picks_whichever_context_comes_first(kind, tokens):
+    model = tiny_unipool(num_experts=16, top_k=2) if kind == "unipool" else tiny_hf(kind)
+    target = wrap_model(model)
+    chosen = target.deep_layers[-1]
+    recorded = []
+    for recorder_first in (False, True):
+        rand = RandomRouting(target, [chosen], "model", torch.Generator().manual_seed(5))
+        rec = RoutingRecorder(target)
+        with torch.no_grad(), (rec if recorder_first else rand), (rand if recorder_first else rec):
+            model(tokens[:2])
+        recorded.append((rec.ids(chosen), rec.weights(chosen)))
+    with torch.no_grad(), RoutingRecorder(target) as learned:
+        model(tokens[:2])
+    assert torch.equal(recorded[0][0], recorded[1][0]) and torch.equal(recorded[0][1], recorded[1][1])
+    assert not torch.equal(recorded[0][0], learned.ids(chosen))
+
+
 # ---- end to end ------------------------------------------------------------------------------------
 
 def save_hf(tmp_path, family, bpe):
@@ -340,6 +460,18 @@ def test_cli_errors_are_one_line(tmp_path, bpe, text_file, capsys):
     assert "need --data" in capsys.readouterr().err
     assert main(["probe", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_rejects_hf_checkpoints_it_cannot_probe(tmp_path, capsys):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["probe", str(tmp_path / "llama"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "'llama' is not supported by the probe" in err and all(f in err for f in HF_FAMILIES)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{model_type")
+    assert main(["probe", str(tmp_path / "broken"), "--device", "cpu"]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
 
 
 def test_parse_layers_and_task_metrics():

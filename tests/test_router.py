@@ -95,20 +95,38 @@ def test_random_topk_is_uniform_and_distinct():
 
 
 def test_random_routing_switch_and_candidates():
+    from unipool.analysis.probe import ProbeTarget, RandomRouting
+
     r = Router(8, 16, 2, kind="softmax")
+    target = ProbeTarget(r, "unipool", {0: r}, n_layers=1, n_experts=16, top_k=2)
     x = torch.randn(2000, 8)
     learned = r(x).expert_ids_TK
-    r.set_random_routing("model", torch.Generator().manual_seed(1))
-    out = r(x)
+    with RandomRouting(target, [0], "model", torch.Generator().manual_seed(1)):
+        out = r(x)
     assert not torch.equal(out.expert_ids_TK, learned)
     probs = torch.softmax(r.gate(x).float(), -1)
     assert torch.allclose(out.weights_TK, probs.gather(1, out.expert_ids_TK))
-    r.set_random_routing("uniform", torch.Generator().manual_seed(1), candidates=torch.tensor([3, 5, 7]))
-    out = r(x)
+    with RandomRouting(target, [0], "uniform", torch.Generator().manual_seed(1), {0: torch.tensor([3, 5, 7])}):
+        out = r(x)
     assert set(out.expert_ids_TK.unique().tolist()) == {3, 5, 7}
     assert torch.all(out.weights_TK == 0.5)
-    r.set_random_routing(None)
     assert torch.equal(r(x).expert_ids_TK, learned)
+
+
+def test_random_router_kind_draws_from_the_global_stream():
+    # router="random" (a model trained with random routing) needs no generator: torch.manual_seed fixes it
+    x = torch.randn(3000, 8)
+    for gates in ("uniform", "model"):
+        r = Router(8, 16, 2, kind="random", random_gates=gates)
+        torch.manual_seed(0)
+        out = r(x)
+        torch.manual_seed(0)
+        assert torch.equal(out.expert_ids_TK, random_topk(3000, 16, 2, torch.device("cpu")))
+        assert (out.expert_ids_TK.sort(-1).values.diff(dim=-1) > 0).all()
+        expected = torch.full((3000, 2), 0.5) if gates == "uniform" else \
+            torch.softmax(r.gate(x).float(), -1).gather(1, out.expert_ids_TK)
+        assert torch.equal(out.weights_TK, expected)
+        assert not torch.equal(r(x).expert_ids_TK, out.expert_ids_TK)  # a fresh draw every call
 
 
 def test_sigmoid_bias_moves_selection_not_gates():

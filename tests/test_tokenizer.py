@@ -9,8 +9,20 @@ import pydoc_data.topics
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
-from unipool.data.tokenizer import EOD_TOKEN, Tokenizer, TokenizerError, get_tokenizer, gpt2_tokenizer, train_bpe
+from unipool.data.tokenizer import (
+    EOD_TOKEN,
+    Tokenizer,
+    TokenizerError,
+    TransformersTokenizer,
+    as_tokenizers,
+    eos_token,
+    get_tokenizer,
+    gpt2_tokenizer,
+    train_bpe,
+)
 
 ENGLISH = sorted(set(pydoc_data.topics.topics.values()))  # real English prose, ships with Python
 ODD_TEXT = "Ünïcödé — 日本語 🙂\n\ttabs  and   spaces\r\n<|endoftext|>after EOD\x00\n"
@@ -98,3 +110,41 @@ def test_bad_tokenizer_file(tmp_path):
         Tokenizer.load(tmp_path)
     with pytest.raises(TokenizerError, match="no tokenizer file"):
         Tokenizer.load(tmp_path / "missing")
+
+
+def test_as_tokenizers_takes_a_path_our_tokenizer_or_itself(tmp_path, corpus_file):
+    tok = train_bpe([corpus_file], 400)
+    path = tok.save(tmp_path)
+    assert as_tokenizers(tok) is tok.tok and as_tokenizers(tok.tok) is tok.tok
+    for spec in (path, tmp_path, str(path)):
+        loaded = as_tokenizers(spec)
+        assert isinstance(loaded, HFTokenizer) and loaded.to_str() == tok.to_str()
+    with pytest.raises(TokenizerError, match="no tokenizer file"):
+        as_tokenizers(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="cannot read tokenizer"):
+        as_tokenizers(tmp_path / "bad.json")
+
+
+def test_eos_token_is_endoftext_or_another_common_eos(corpus_file):
+    assert eos_token(train_bpe([corpus_file], 300).tok) == EOD_TOKEN
+    other = HFTokenizer(models.WordLevel({"a": 0, "</s>": 1, "<|im_end|>": 2}, unk_token="a"))
+    assert eos_token(other) == "</s>"  # the first of the known names, in order
+    assert eos_token(HFTokenizer(models.WordLevel({"a": 0}, unk_token="a"))) is None
+    with pytest.raises(TokenizerError, match=EOD_TOKEN):  # our Tokenizer insists on <|endoftext|>
+        Tokenizer(other)
+
+
+def test_transformers_tokenizer_adapter(tmp_path, corpus_file):
+    transformers = pytest.importorskip("transformers")
+    tok = train_bpe([corpus_file], 400)
+    tok.save(tmp_path)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token=EOD_TOKEN,
+                                              bos_token=EOD_TOKEN, add_bos_token=True)
+    adapter = TransformersTokenizer(hf)
+    assert adapter.eos_id == tok.eos_id
+    texts = ENGLISH[:3]
+    assert adapter.encode_batch(texts) == hf(texts)["input_ids"]
+    assert adapter.encode_batch(texts)[0][1:] == tok.encode(texts[0])  # our ids, after the model's BOS
+    with pytest.raises(TokenizerError, match="no EOS token"):
+        TransformersTokenizer(transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json")))

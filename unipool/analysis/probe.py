@@ -7,44 +7,51 @@ time over the deeper half of the network, then all deeper-half layers together.
 
 Shape suffixes: T tokens, E routed experts of a layer, K experts per token, C candidate experts.
 
-Models
-- unipool run / checkpoint directories: each layer's `Router.set_random_routing` switches it.
-- Hugging Face checkpoints of the families in `HF_FAMILIES` (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE,
-  DeepSeek-V2, DeepSeek-V3). Their MoE blocks share one v5 interface: the router `mlp.gate` returns
-  (router_logits_TE, weights_TK, expert_ids_TK) and `mlp.experts(hidden, expert_ids_TK, weights_TK)`
-  consumes the last two. The probe hooks `mlp.gate` at run time (a forward hook that replaces its
-  outputs); no modeling code is copied, and removing the hook restores the model exactly.
-- Shared experts (Qwen2-MoE, DeepSeek) keep running: only the routed part is randomised.
-- DeepSeek group-limited routing: random experts are drawn over all routed experts, ignoring the
-  group limit (which is part of the learned choice).
+One mechanism for every model: `RandomRouting` puts a forward hook on each chosen layer's router
+that replaces the router's output, and removes it on exit. The model itself holds no probe state.
+- unipool models: the hook on `layers.{i}.router` returns a new `RouterOutput` (random
+  `expert_ids_TK`, their `weights_TK` and `counts_E`; the router's own `scores_TE` and `aux_loss`).
+- Hugging Face MoE families (`unipool.interop.hf_moe.HF_FAMILIES`): the hook on `mlp.gate` returns
+  new (router_logits_TE, weights_TK, expert_ids_TK). No modeling code is copied. Shared experts keep
+  running; DeepSeek's group limit is not applied (it is part of the learned choice).
 
-Gates of the randomly picked experts (`gates`):
-- "uniform" (default): every picked expert gets scale / k, where scale is the family's routed
-  scaling factor (DeepSeek's `routed_scaling_factor`; 1 elsewhere). The router's choice and its
-  weighting are both removed; the routed branch keeps a fixed total mass.
-- "model": the gates the family would give those experts: softmax probabilities (sigmoid scores for
-  DeepSeek-V3), renormalised over the picks if the family renormalises its top-k, times the routed
-  scale. For non-renormalising families (OLMoE, Qwen1.5-MoE, DeepSeek-V2) random picks get small
-  gates, so this also shrinks the routed branch; for unipool's NormRouter about half the random
-  picks get a zero gate (its scores pass through a ReLU).
+Gates of the random picks (`gates`): "uniform" (default) = scale / k, with scale the family's routed
+scaling factor (1 for unipool and most families); "model" = what the router would give those experts:
+its scores at the picks, renormalised if it renormalises its top-k, times scale. "model" shrinks the
+routed branch of non-renormalising routers, and unipool's NormRouter gives about half the random
+picks a zero gate (ReLU'd scores), hence the uniform default.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import torch
 from torch import nn
 
+from unipool.analysis.eval import check_data_args, eval_batches_for, evaluate, text_tokens, window_batches
+from unipool.data.tokenizer import TransformersTokenizer
 from unipool.errors import UnipoolError
-from unipool.model.router import random_topk
+from unipool.interop.hf_moe import (
+    HF_FAMILIES,
+    GateRule,
+    checkpoint_model_type,
+    family_notes,
+    hf_random_gates,
+    load_checkpoint,
+    moe_blocks,
+)
+from unipool.interop.lm_eval import require_lm_eval, run_lm_eval
+from unipool.model.model import Unipool
+from unipool.model.router import Router, RouterOutput, expert_counts, random_topk
+from unipool.run import Run, default_device
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 GATES = ("uniform", "model")
@@ -52,28 +59,6 @@ GATES = ("uniform", "model")
 
 class ProbeError(UnipoolError):
     pass
-
-
-@dataclass(frozen=True)
-class GateRule:
-    """How a family turns router logits into the gates of its picked experts."""
-    score: str  # "softmax" | "sigmoid"
-    renormalize: bool | str  # a constant, or the router attribute that holds the flag
-    scale_attr: str | None = None  # router attribute holding the routed scaling factor
-    shared_experts: bool = False
-    group_limited: bool = False
-
-
-HF_FAMILIES: dict[str, GateRule] = {
-    "mixtral": GateRule("softmax", True),
-    "olmoe": GateRule("softmax", "norm_topk_prob"),
-    "qwen2_moe": GateRule("softmax", "norm_topk_prob", shared_experts=True),
-    "qwen3_moe": GateRule("softmax", "norm_topk_prob"),
-    # DeepSeek-V2's router never renormalises (its config flag is unused by transformers).
-    "deepseek_v2": GateRule("softmax", False, "routed_scaling_factor", shared_experts=True, group_limited=True),
-    "deepseek_v3": GateRule("sigmoid", "norm_topk_prob", "routed_scaling_factor", shared_experts=True,
-                            group_limited=True),
-}
 
 
 # ---- the model under probe ----------------------------------------------------------------------
@@ -105,21 +90,11 @@ class ProbeTarget:
         return [i for i in self.routers if i >= self.n_layers // 2]
 
     def notes(self) -> list[str]:
-        notes = []
-        if self.is_hf and self.rule.shared_experts:
-            notes.append("shared experts keep running; only the routed experts are randomised")
-        router = next(iter(self.routers.values()))
-        limited = getattr(router, "topk_method", "group_limited_greedy") == "group_limited_greedy" and \
-            getattr(router, "topk_group", 1) < getattr(router, "num_group", 1)
-        if self.is_hf and self.rule.group_limited and limited:
-            notes.append("random experts are drawn over all routed experts (the group limit is not applied)")
-        return notes
+        return family_notes(self.rule, next(iter(self.routers.values()))) if self.is_hf else []
 
 
 def wrap_model(model: nn.Module, *, name: str = "", tokenizer=None, run=None) -> ProbeTarget:
     """A ProbeTarget for an in-memory unipool model or a supported HF causal LM."""
-    from unipool.model.model import Unipool
-
     if isinstance(model, Unipool):
         cfg = model.config
         routers = {i: block.router for i, block in enumerate(model.layers)}
@@ -129,17 +104,12 @@ def wrap_model(model: nn.Module, *, name: str = "", tokenizer=None, run=None) ->
     if model_type not in HF_FAMILIES:
         raise ProbeError(f"model type {model_type!r} is not supported by the probe; "
                          f"supported: unipool, {', '.join(HF_FAMILIES)}")
-    layers = model.get_decoder().layers
-    routers = {i: layer.mlp.gate for i, layer in enumerate(layers)
-               if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")}
+    routers = {i: block.gate for i, block in moe_blocks(model).items()}
     if not routers:
         raise ProbeError(f"{name or model_type}: no MoE layers found")
     first = next(iter(routers.values()))
-    return ProbeTarget(model, model_type, routers, len(layers), first.num_experts, first.top_k, name, tokenizer, run)
-
-
-def _hf_dtype(name: str):
-    return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return ProbeTarget(model, model_type, routers, len(model.get_decoder().layers), first.num_experts, first.top_k,
+                       name, tokenizer, run)
 
 
 def load_target(path: str | Path, device: str = "cpu", dtype: str = "auto") -> ProbeTarget:
@@ -147,59 +117,22 @@ def load_target(path: str | Path, device: str = "cpu", dtype: str = "auto") -> P
     p = Path(path)
     if not p.exists():
         raise ProbeError(f"no such model directory or file: {p}")
-    hf_config = p / "config.json" if p.is_dir() else None
-    if hf_config is not None and hf_config.is_file():
-        try:
-            model_type = json.loads(hf_config.read_text()).get("model_type")
-        except json.JSONDecodeError as e:
-            raise ProbeError(f"{hf_config} is not valid JSON: {e}") from None
-        if model_type is not None:
-            return _load_hf(p, model_type, device, dtype)
-    from unipool.run import Run
-
+    if checkpoint_model_type(p) is not None:
+        model, tokenizer = load_checkpoint(p, device, dtype)
+        return wrap_model(model, name=str(p), tokenizer=tokenizer)
     run = Run.open(p)
     return wrap_model(run.load_model(device), name=str(p), run=run)
 
 
-def _load_hf(path: Path, model_type: str, device: str, dtype: str) -> ProbeTarget:
-    if model_type not in HF_FAMILIES:
-        raise ProbeError(f"{path}: model type {model_type!r} is not supported by the probe; "
-                         f"supported: {', '.join(HF_FAMILIES)}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_hf_dtype(dtype), device_map=device)
-    except (OSError, ValueError) as e:
-        raise ProbeError(f"cannot load {path} with transformers: {str(e).splitlines()[0]}") from None
-    model.eval()
-    model.config.use_cache = False  # scoring only: no KV cache to allocate per forward
-    return wrap_model(model, name=str(path), tokenizer=tokenizer)
-
-
 # ---- random routing -----------------------------------------------------------------------------
-
-def hf_random_gates(rule: GateRule, router: nn.Module, logits_TE: torch.Tensor, ids_TK: torch.Tensor,
-                    gates: str) -> torch.Tensor:
-    """Gates for the experts `ids_TK` picked at random, computed as the family computes gates."""
-    scale = float(getattr(router, rule.scale_attr)) if rule.scale_attr else 1.0
-    if gates == "uniform":
-        return torch.full(ids_TK.shape, scale / ids_TK.shape[1], device=ids_TK.device)
-    logits_TE = logits_TE.float().reshape(ids_TK.shape[0], -1)
-    scores_TE = logits_TE.softmax(-1) if rule.score == "softmax" else logits_TE.sigmoid()
-    weights_TK = scores_TE.gather(1, ids_TK)
-    renorm = rule.renormalize if isinstance(rule.renormalize, bool) else bool(getattr(router, rule.renormalize))
-    if renorm:
-        weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-    return weights_TK * scale
-
 
 class RandomRouting:
     """Context manager: uniform random top-k (k distinct experts per token) in `layers`.
 
     `generator` drives every draw (one stream shared by the layers, in call order); `candidates`
     optionally maps a layer to the experts it may draw from (UniPool's Random-dagger variant).
-    Every other layer keeps its learned routing.
+    Every other layer keeps its learned routing. Each chosen router gets a forward hook that
+    replaces its output; nothing else in the model changes, and exit removes the hooks.
     """
 
     def __init__(self, target: ProbeTarget, layers: Iterable[int], gates: str = "uniform",
@@ -211,42 +144,55 @@ class RandomRouting:
         unknown = [i for i in self.layers if i not in target.routers]
         if unknown:
             raise ProbeError(f"layer(s) {unknown} are not MoE layers; MoE layers: {list(target.routers)}")
+        for i in self.layers:  # checked here, so that a failing __enter__ never leaves hooks behind
+            n = self.candidates[i].numel() if i in self.candidates else target.n_experts
+            if n < target.top_k:
+                raise ProbeError(f"layer {i}: {n} candidate experts, fewer than top_k={target.top_k}")
         self._handles: list = []
 
-    def __enter__(self) -> Self:
+    def __enter__(self):
+        make_hook = self._hf_hook if self.target.is_hf else self._unipool_hook
         for i in self.layers:
-            router, cand = self.target.routers[i], self.candidates.get(i)
-            if cand is not None and cand.numel() < self.target.top_k:
-                raise ProbeError(f"layer {i}: {cand.numel()} candidate experts, fewer than top_k={self.target.top_k}")
-            if self.target.is_hf:
-                self._handles.append(router.register_forward_hook(self._hf_hook(cand)))
-            else:
-                router.set_random_routing(self.gates, self.generator, cand)
+            # prepend: hooks registered earlier on the same router (a RoutingRecorder entered first)
+            # still see the random picks.
+            hook = make_hook(self.candidates.get(i))
+            self._handles.append(self.target.routers[i].register_forward_hook(hook, prepend=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if not self.target.is_hf:
-            for i in self.layers:
-                self.target.routers[i].set_random_routing(None)
+
+    def _unipool_hook(self, candidates_C: torch.Tensor | None):
+        def hook(router: Router, args, out: RouterOutput) -> RouterOutput:
+            n_tokens, device = out.expert_ids_TK.shape[0], out.expert_ids_TK.device
+            ids_TK = random_topk(n_tokens, router.n_experts, router.top_k, device, self.generator, candidates_C)
+            if self.gates == "uniform":
+                weights_TK = torch.full(ids_TK.shape, 1.0 / router.top_k, device=device)
+            else:
+                weights_TK = router.weights_at(out.scores_TE, ids_TK)
+            return dataclasses.replace(out, expert_ids_TK=ids_TK, weights_TK=weights_TK,
+                                       counts_E=expert_counts(ids_TK, router.n_experts))
+
+        return hook
 
     def _hf_hook(self, candidates_C: torch.Tensor | None):
-        rule, top_k, gates = self.target.rule, self.target.top_k, self.gates
+        rule, top_k = self.target.rule, self.target.top_k
 
         def hook(router: nn.Module, args, output):
             logits_TE, weights_TK, _ = output
             n_tokens = weights_TK.shape[0]
             ids_TK = random_topk(n_tokens, router.num_experts, top_k, weights_TK.device, self.generator, candidates_C)
-            new_TK = hf_random_gates(rule, router, logits_TE, ids_TK, gates).to(weights_TK.dtype)
+            new_TK = hf_random_gates(rule, router, logits_TE, ids_TK, self.gates).to(weights_TK.dtype)
             return logits_TE, new_TK, ids_TK
 
         return hook
 
 
 class RoutingRecorder:
-    """Context manager recording, per MoE layer, the (expert_ids_TK, weights_TK) the experts ran with."""
+    """Context manager recording, per MoE layer, the (expert_ids_TK, weights_TK) the experts ran with:
+    the router's output, after any `RandomRouting` hook (those run first, whichever was entered first)."""
 
     def __init__(self, target: ProbeTarget, keep: bool = True):
         self.target, self.keep = target, keep  # keep=False: only count (no per-token tensors kept)
@@ -254,13 +200,9 @@ class RoutingRecorder:
         self._counts: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
-    def __enter__(self) -> Self:
+    def __enter__(self):
         for i, router in self.target.routers.items():
-            if self.target.is_hf:
-                experts = self.target.model.get_decoder().layers[i].mlp.experts
-                self._handles.append(experts.register_forward_pre_hook(self._hf_hook(i), with_kwargs=True))
-            else:
-                self._handles.append(router.register_forward_hook(self._unipool_hook(i)))
+            self._handles.append(router.register_forward_hook(self._hook(i)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -268,22 +210,16 @@ class RoutingRecorder:
             h.remove()
         self._handles.clear()
 
-    def _record(self, layer: int, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
-        if self.keep:
-            self.calls[layer].append((ids_TK.detach(), weights_TK.detach()))
-        counts_E = torch.bincount(ids_TK.flatten(), minlength=self.target.n_experts).float()
-        self._counts[layer] = self._counts[layer] + counts_E if layer in self._counts else counts_E
+    def _hook(self, layer: int):
+        def hook(router: nn.Module, args, output):
+            # HF routers return (logits_TE, weights_TK, expert_ids_TK); ours a RouterOutput
+            ids_TK, weights_TK = (output[2], output[1]) if self.target.is_hf else \
+                (output.expert_ids_TK, output.weights_TK)
+            if self.keep:
+                self.calls[layer].append((ids_TK.detach(), weights_TK.detach()))
+            counts_E = torch.bincount(ids_TK.flatten(), minlength=self.target.n_experts).float()
+            self._counts[layer] = self._counts[layer] + counts_E if layer in self._counts else counts_E
 
-    def _hf_hook(self, layer: int):
-        def hook(module, args, kwargs):
-            ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
-            self._record(layer, ids, weights)
-        return hook
-
-    def _unipool_hook(self, layer: int):
-        def hook(module, args, output):
-            self._record(layer, output.expert_ids_TK, output.weights_TK)
         return hook
 
     def ids(self, layer: int) -> torch.Tensor:
@@ -315,31 +251,15 @@ def top_used(usage: dict[int, torch.Tensor], n: int) -> dict[int, torch.Tensor]:
 
 # ---- measuring ----------------------------------------------------------------------------------
 
-class HFTokens:
-    """An HF tokenizer seen through the two members `unipool.eval.text_tokens` uses."""
-
-    def __init__(self, tokenizer):
-        if tokenizer.eos_token_id is None:
-            raise ProbeError("the model's tokenizer has no EOS token to separate documents")
-        self.tokenizer, self.eos_id = tokenizer, tokenizer.eos_token_id
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts)["input_ids"]  # with the tokenizer's own special tokens (BOS)
-
-
 def hf_text_batches(tokenizer, path: Path, batch_size: int, seq_len: int, max_tokens: int | None,
                     text_field: str = "text") -> list[Batch]:
     """Non-overlapping windows over raw text (txt / jsonl / parquet, as `unipool eval` reads it),
     tokenized with the model's HF tokenizer, documents joined with EOS."""
-    from unipool.analysis.eval import text_tokens, window_batches
-
-    tokens = text_tokens(path, HFTokens(tokenizer), text_field)
+    tokens = text_tokens(path, TransformersTokenizer(tokenizer), text_field)
     return list(window_batches(tokens, batch_size, seq_len, max_tokens))
 
 
 def loss_metrics(target: ProbeTarget, batches: Sequence[Batch], device, autocast_dtype=None) -> dict[str, float]:
-    from unipool.analysis.eval import evaluate
-
     result = evaluate(target.model, batches, device=device, autocast_dtype=autocast_dtype)
     return {"loss": result["loss"], "ppl": result["ppl"]}
 
@@ -367,8 +287,6 @@ def lm_eval_results(target: ProbeTarget, tasks: list[str], include_path: str | N
                     device: str | torch.device = "cpu") -> dict:
     """lm-eval on the in-memory (possibly hooked) model: HF models through lm_eval's HFLM, unipool
     models through `unipool.interop.lm_eval`. Returns lm_eval's result dict."""
-    from unipool.interop.lm_eval import run_lm_eval
-
     if target.is_hf:
         from lm_eval.models.huggingface import HFLM
 
@@ -566,8 +484,6 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from unipool.run import default_device
-
     device = args.device or default_device()
     for flag in ("max_tokens", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -596,19 +512,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
             raise ProbeError(f"--seq-len must be between 1 and max_position_embeddings={max_pos}")
         batches = hf_text_batches(target.tokenizer, data, args.batch_size, seq_len, args.max_tokens, args.text_field)
     else:
-        from unipool.analysis.eval import check_data_args, eval_batches_for
-
         seq_len = check_data_args(args, target.model, getattr(target.run, "train_seq_len", None))
         batches, _ = eval_batches_for(target.run, args.data, args.split, args.batch_size, seq_len,
                                       args.max_tokens, args.text_field)
         batches = list(batches)
         if args.dtype in ("bfloat16", "float16"):
-            autocast_dtype = _hf_dtype(args.dtype)
+            autocast_dtype = getattr(torch, args.dtype)
 
     if tasks:
-        from unipool.interop.lm_eval import _require_lm_eval
-
-        _require_lm_eval()  # fail before the (long) baseline pass
+        require_lm_eval()  # fail before the (long) baseline pass
 
     def run_tasks(t: ProbeTarget) -> dict:
         return lm_eval_results(t, tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size, device)
@@ -623,6 +535,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["HF_FAMILIES", "GateRule", "ProbeConfig", "ProbeError", "ProbeTarget", "RandomRouting",
-           "RoutingRecorder", "expert_usage", "hf_random_gates", "load_target", "markdown_table", "parse_layers",
-           "plot_report", "run_probe", "task_metrics", "top_used", "wrap_model", "write_report"]
+__all__ = ["ProbeConfig", "ProbeError", "ProbeTarget", "RandomRouting", "RoutingRecorder", "expert_usage",
+           "load_target", "markdown_table", "parse_layers", "plot_report", "run_probe", "task_metrics", "top_used",
+           "wrap_model", "write_report"]

@@ -9,6 +9,12 @@ Every tokenizer here is byte-level BPE, so decode(encode(text)) == text for any 
   tokenizer in transformers 5.x.
 - train_bpe(files, vocab_size): byte-level BPE trained on a corpus (8192 tokens on 5 MB in about a second).
 - get_tokenizer(spec): "gpt2" | "bpe:N" | a path to a tokenizer.json (or a directory holding one).
+
+The other tokenizers the code meets are adapted here too, so each consumer sees one small interface:
+- as_tokenizers(x): a tokenizer.json path, a `Tokenizer` or a `tokenizers.Tokenizer` -> `tokenizers.Tokenizer`
+  (export and lm-eval take any of them; unlike `Tokenizer`, the EOS need not be <|endoftext|>: eos_token()).
+- TransformersTokenizer: a Hugging Face transformers tokenizer seen through `encode_batch` / `eos_id`, the
+  members `unipool.analysis.eval.text_tokens` uses (the probe reads HF models' text with it).
 """
 
 from __future__ import annotations
@@ -72,16 +78,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerError(f"no tokenizer file: {path}")
-        try:
-            tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception on malformed JSON
-            raise TokenizerError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
-        return cls(tok)
+        return cls(_read_file(path))
 
     @classmethod
     def from_str(cls, s: str) -> Tokenizer:
@@ -89,6 +86,49 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def _read_file(path: str | Path) -> HFTokenizer:
+    """A tokenizer.json, or the tokenizer.json in a directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise TokenizerError(f"no tokenizer file: {path}")
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception on malformed JSON
+        raise TokenizerError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+
+
+def as_tokenizers(tokenizer: str | Path | Tokenizer | HFTokenizer) -> HFTokenizer:
+    """The `tokenizers.Tokenizer` of a tokenizer.json path (file or directory), a `Tokenizer`, or itself."""
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.tok
+    return _read_file(tokenizer)
+
+
+def eos_token(tok: HFTokenizer) -> str | None:
+    """The end-of-document token of a `tokenizers.Tokenizer`: <|endoftext|> or another common EOS."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    for name in (EOD_TOKEN, "</s>", "<|im_end|>", "<eos>", "<|end_of_text|>"):
+        if name in vocab:
+            return name
+    return None
+
+
+class TransformersTokenizer:
+    """A transformers tokenizer seen through the two members `unipool.analysis.eval.text_tokens` uses."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.eos_token_id is None:
+            raise TokenizerError("the model's tokenizer has no EOS token to separate documents")
+        self.tokenizer, self.eos_id = tokenizer, tokenizer.eos_token_id
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts)["input_ids"]  # with the tokenizer's own special tokens (BOS)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

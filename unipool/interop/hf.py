@@ -148,41 +148,18 @@ def hf_state_dict(model: Unipool) -> dict[str, torch.Tensor]:
     return out
 
 
-def _special_token(tok) -> str | None:
-    """The end-of-document token of a `tokenizers.Tokenizer`: <|endoftext|> or another common EOS."""
-    vocab = tok.get_vocab(with_added_tokens=True)
-    for name in ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>", "<|end_of_text|>"):
-        if name in vocab:
-            return name
-    return None
-
-
-def _load_tokenizers(tokenizer):
-    """A tokenizer.json path (file or directory), a unipool Tokenizer, or a tokenizers.Tokenizer."""
-    from tokenizers import Tokenizer as HFTokenizer
-
-    if isinstance(tokenizer, HFTokenizer):
-        return tokenizer
-    if hasattr(tokenizer, "tok") and isinstance(tokenizer.tok, HFTokenizer):  # unipool.tokenizer.Tokenizer
-        return tokenizer.tok
-    path = Path(tokenizer)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise HFError(f"no tokenizer at {path}")
-    try:
-        return HFTokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception on malformed JSON)
-        raise HFError(f"cannot read tokenizer {path}: {e}") from None
-
-
 def save_hf_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int) -> int | None:
     """Write tokenizer.json + tokenizer_config.json that AutoTokenizer loads as a PreTrainedTokenizerFast.
     Returns the EOS token id (also used as BOS, GPT-2 style), or None if the tokenizer has none."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = _load_tokenizers(tokenizer)
-    eos = _special_token(tok)
+    from unipool.data.tokenizer import TokenizerError, as_tokenizers, eos_token
+
+    try:
+        tok = as_tokenizers(tokenizer)
+    except TokenizerError as e:
+        raise HFError(str(e)) from None
+    eos = eos_token(tok)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos,
                                      model_max_length=model_max_length, clean_up_tokenization_spaces=False)
     hf_tok.save_pretrained(str(out_dir))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from unipool.data.tokenizer import TokenizerError, as_tokenizers, eos_token
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
 from unipool.run import Run
@@ -30,33 +31,11 @@ class LMEvalError(UnipoolError):
     """lm-evaluation-harness is missing, a task is unknown, or the model/tokenizer cannot be evaluated."""
 
 
-def _require_lm_eval():
+def require_lm_eval():
     try:
         import lm_eval  # noqa: F401
     except ImportError:
         raise LMEvalError("lm-evaluation-harness is not installed: pip install 'unipool[eval]'") from None
-
-
-class TextCodec:
-    """encode / decode / eos_id over a `tokenizers.Tokenizer` (from a path, a unipool Tokenizer or itself)."""
-
-    def __init__(self, tokenizer):
-        from unipool.interop.hf import HFError, _load_tokenizers, _special_token
-
-        try:
-            self.tok = _load_tokenizers(tokenizer)
-        except HFError as e:
-            raise LMEvalError(str(e)) from None
-        eos = _special_token(self.tok)
-        if eos is None:
-            raise LMEvalError("the tokenizer has no end-of-text token (<|endoftext|>, </s>, ...)")
-        self.eos_id: int = self.tok.token_to_id(eos)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
 
 
 def _make_lm_class():
@@ -64,24 +43,34 @@ def _make_lm_class():
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     class UnipoolLM(TemplateLM):
-        """lm_eval model around an in-memory `Unipool` (see the module docstring)."""
+        """lm_eval model around an in-memory `Unipool` (see the module docstring). `tokenizer` is anything
+        `unipool.data.tokenizer.as_tokenizers` takes; text is encoded without special tokens and decoded
+        without them."""
 
         def __init__(self, model: Unipool, tokenizer, batch_size: int = 8, max_gen_toks: int = 128):
             super().__init__()
-            self.model, self.codec = model, TextCodec(tokenizer)
+            try:
+                self.tok = as_tokenizers(tokenizer)
+            except TokenizerError as e:
+                raise LMEvalError(str(e)) from None
+            eos = eos_token(self.tok)
+            if eos is None:
+                raise LMEvalError("the tokenizer has no end-of-text token (<|endoftext|>, </s>, ...)")
+            self.eos_id: int = self.tok.token_to_id(eos)
+            self.model = model
             self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
             self.max_length = model.config.max_seq_len
             self._device = next(model.parameters()).device
 
         @property
         def eot_token_id(self) -> int:
-            return self.codec.eos_id
+            return self.eos_id
 
         def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-            return self.codec.encode(string)
+            return self.tok.encode(string, add_special_tokens=False).ids
 
         def tok_decode(self, tokens, **kwargs) -> str:
-            return self.codec.decode(tokens)
+            return self.tok.decode(list(tokens), skip_special_tokens=True)
 
         @torch.no_grad()
         def _logprobs(self, inputs: list[list[int]]) -> torch.Tensor:
@@ -160,7 +149,7 @@ def _make_lm_class():
 
 def make_lm(model: Unipool, tokenizer, batch_size: int = 8, max_gen_toks: int = 128):
     """An lm_eval `LM` around the in-memory model (usable with lm_eval.simple_evaluate directly)."""
-    _require_lm_eval()
+    require_lm_eval()
     return _make_lm_class()(model, tokenizer, batch_size=batch_size, max_gen_toks=max_gen_toks)
 
 
@@ -192,7 +181,7 @@ def run_lm_eval(model_or_run, tokenizer=None, tasks=("arc_easy",), include_path=
     This is lm_eval's `simple_evaluate` minus its environment report (collect_env costs seconds per call,
     which adds up over the many evaluations of a routing probe). Seeds python, numpy and torch like it.
     """
-    _require_lm_eval()
+    require_lm_eval()
     import random
 
     import numpy as np

@@ -10,9 +10,10 @@ Routers (one per layer in every mode, `layers.{i}.router`):
   sigma is a learnable per-layer scale (init 1); c makes the picked scores ~unit norm at init.
 - sigmoid: sigmoid scores, selection on score + bias where the bias is nudged towards balance
   outside the gradient (DeepSeek's aux-loss-free balancing, arXiv 2408.15664); gate = score.
-- random: uniform random top-k per token (the routing probe). Gates are 1/k ("uniform") or the
-  learned router's scores at the picked experts ("model"). Any router can be switched to random
-  routing at run time with `set_random_routing`, which is what the probe does.
+- random: uniform random top-k per token, for a model trained without a learned choice. Gates are
+  1/k ("uniform") or the router's softmax scores at the picked experts ("model"). The routing probe
+  does not use this kind: it leaves the router as it is and replaces its output with a forward hook
+  (`unipool.analysis.probe.RandomRouting`), so a model carries no probe state.
 
 The balancing losses use `scores_TE` (softmax probabilities, or NormRouter/sigmoid scores):
 - Switch loss per layer:  alpha * E * sum_i f_i P_i   with f_i = count_i / (T k), P_i = mean_t s_ti.
@@ -88,6 +89,13 @@ def pool_loss(scores_LTE: list[torch.Tensor], load_E: torch.Tensor) -> torch.Ten
     return n_experts * (load_E.detach() * p_bar_E).sum()
 
 
+def expert_counts(ids_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert (float). Counting by scatter_add keeps the count on the device
+    (no host sync, unlike bincount)."""
+    return torch.zeros(n_experts, device=ids_TK.device).scatter_add_(
+        0, ids_TK.flatten(), torch.ones(ids_TK.numel(), device=ids_TK.device))
+
+
 def random_topk(n_tokens: int, n_experts: int, top_k: int, device: torch.device,
                 generator: torch.Generator | None = None,
                 candidates_C: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,17 +126,8 @@ class Router(nn.Module):
         if kind == "sigmoid":
             # Selection-only bias, updated by `update_bias` outside the gradient.
             self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
-        # Random routing (probe): None = learned routing.
+        # Gates of a model trained with random routing (config `random_gates`); None for learned routing.
         self.random_gates: str | None = random_gates if kind == "random" else None
-        self.random_candidates: torch.Tensor | None = None
-        self.generator: torch.Generator | None = None
-
-    def set_random_routing(self, gates: str | None, generator: torch.Generator | None = None,
-                           candidates: torch.Tensor | None = None) -> None:
-        """Switch this router to uniform random top-k (gates "uniform" | "model"), or back (None)."""
-        if gates not in (None, "uniform", "model"):
-            raise ValueError(f"random routing gates must be 'uniform' or 'model', got {gates!r}")
-        self.random_gates, self.generator, self.random_candidates = gates, generator, candidates
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         logits_TE = logits_TE.float()
@@ -139,27 +138,29 @@ class Router(nn.Module):
             return torch.sigmoid(logits_TE)
         return torch.softmax(logits_TE, dim=-1)  # softmax and random
 
+    def weights_at(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        """The gates this router gives the experts `ids_TK`: their scores, renormalised over the k
+        picks if it renormalises. Public because the probe gates random picks the same way."""
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if self.renormalize and self.kind in ("softmax", "sigmoid"):
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        return weights_TK
+
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.gate(x_TD)
         scores_TE = self.scores(logits_TE)
-        n_tokens = x_TD.shape[0]
-        if self.random_gates is not None:
-            ids_TK = random_topk(n_tokens, self.n_experts, self.top_k, x_TD.device, self.generator,
-                                 self.random_candidates)
-            if self.random_gates == "uniform":
-                weights_TK = torch.full(ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
-            else:
-                weights_TK = scores_TE.gather(1, ids_TK)
+        if self.kind == "random":
+            # No generator: a model trained this way draws from torch's global stream, like dropout.
+            ids_TK = random_topk(x_TD.shape[0], self.n_experts, self.top_k, x_TD.device)
         else:
             select_TE = scores_TE + self.expert_bias if self.kind == "sigmoid" else scores_TE
             ids_TK = select_TE.topk(self.top_k, dim=-1).indices
-            weights_TK = scores_TE.gather(1, ids_TK)
-        if self.renormalize and self.kind in ("softmax", "sigmoid") and self.random_gates != "uniform":
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        if self.random_gates == "uniform":
+            weights_TK = torch.full(ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
+        else:
+            weights_TK = self.weights_at(scores_TE, ids_TK)
 
-        # Counting by scatter_add keeps the count on the device (no host sync, unlike bincount).
-        counts_E = torch.zeros(self.n_experts, device=x_TD.device).scatter_add_(
-            0, ids_TK.flatten(), torch.ones(ids_TK.numel(), device=x_TD.device))
+        counts_E = expert_counts(ids_TK, self.n_experts)
         aux = scores_TE.new_zeros(())
         if self.switch_coef > 0:
             aux = aux + self.switch_coef * switch_loss(scores_TE, counts_E, self.top_k)
