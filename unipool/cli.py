@@ -1,62 +1,70 @@
-"""`unipool` command line: one subcommand per task, each a plain function in its own module.
+"""`unipool` command line: one subcommand per task, each a plain pair of functions in its module.
 
-A subcommand NAME lives in module MODULE (table below) as two functions:
-    add_NAME_args(parser)   declares its flags (kebab-case, every flag with help=)
-    cmd_NAME(args) -> int   runs it and returns the exit code
-User-facing failures raise UnipoolError and are printed as one line, never as a traceback.
+A subcommand's module defines
+    add_<name>_args(parser)   its flags (kebab-case, every flag with help=)
+    cmd_<name>(args) -> int   runs it and returns the exit code
+and `COMMANDS` below lists them all, by reference: a module that fails to import fails the command line
+at start-up instead of hiding a command. User-facing failures raise UnipoolError and are printed as
+one line, never as a traceback. tests/test_cli.py freezes the flag surface (tests/cli_surface.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from unipool.analysis import eval as eval_
+from unipool.analysis import generate, probe, report, routing
+from unipool.data import dataset
 from unipool.errors import UnipoolError
-
-# name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("unipool.train.loop", "train a model (no arguments: the demo UniPool run on Shakespeare, CPU, minutes)"),
-    "prepare": ("unipool.data.dataset", "tokenize text into memory-mapped token shards with a validation split"),
-    "params": ("unipool.model.params", "total / active / expert parameter counts of a preset or config"),
-    "eval": ("unipool.analysis.eval", "validation loss and perplexity of a run or checkpoint"),
-    "compare": ("unipool.analysis.report", "table and loss-curve plots comparing runs"),
-    "routing": ("unipool.analysis.routing", "expert-utilisation analysis and plots of a run or checkpoint"),
-    "generate": ("unipool.analysis.generate", "sample text from a run or checkpoint"),
-    "export": ("unipool.interop.hf", "export a run to a Hugging Face transformers directory"),
-    "import": ("unipool.interop.hf", "import a Mixtral / OLMoE / Qwen3-MoE checkpoint as a layerwise model"),
-    "lm-eval": ("unipool.interop.lm_eval", "zero-shot evaluation with lm-evaluation-harness"),
-    "probe": ("unipool.analysis.probe", "routing probe: replace learned routers with random routing"),
-}
+from unipool.interop import hf, lm_eval
+from unipool.model import params
+from unipool.train import loop
 
 
-def _load(name: str):
-    module_name, _ = COMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            return None  # command not built yet
-        raise
-    attr = name.replace("-", "_")
-    add, cmd = getattr(module, f"add_{attr}_args", None), getattr(module, f"cmd_{attr}", None)
-    return (add, cmd) if add and cmd else None
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS: list[Command] = [
+    Command("train", "train a model (no arguments: the demo UniPool run on Shakespeare, CPU, minutes)",
+            loop.add_train_args, loop.cmd_train),
+    Command("prepare", "tokenize text into memory-mapped token shards with a validation split",
+            dataset.add_prepare_args, dataset.cmd_prepare),
+    Command("params", "total / active / expert parameter counts of a preset or config",
+            params.add_params_args, params.cmd_params),
+    Command("eval", "validation loss and perplexity of a run or checkpoint", eval_.add_eval_args, eval_.cmd_eval),
+    Command("compare", "table and loss-curve plots comparing runs", report.add_compare_args, report.cmd_compare),
+    Command("routing", "expert-utilisation analysis and plots of a run or checkpoint",
+            routing.add_routing_args, routing.cmd_routing),
+    Command("generate", "sample text from a run or checkpoint", generate.add_generate_args, generate.cmd_generate),
+    Command("export", "export a run to a Hugging Face transformers directory", hf.add_export_args, hf.cmd_export),
+    Command("import", "import a Mixtral / OLMoE / Qwen3-MoE checkpoint as a layerwise model",
+            hf.add_import_args, hf.cmd_import),
+    Command("lm-eval", "zero-shot evaluation with lm-evaluation-harness", lm_eval.add_lm_eval_args,
+            lm_eval.cmd_lm_eval),
+    Command("probe", "routing probe: replace learned routers with random routing", probe.add_probe_args,
+            probe.cmd_probe),
+]
+
+
+def build_parser(commands: list[Command] = COMMANDS) -> argparse.ArgumentParser:
     from unipool import __version__
 
     parser = argparse.ArgumentParser(prog="unipool", description="Mixture-of-Experts LMs with a shared expert pool.")
     parser.add_argument("--version", action="version", version=f"unipool {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        loaded = _load(name)
-        if loaded is None:
-            continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        loaded[0](p)
-        p.set_defaults(_cmd=loaded[1])
+    for command in commands:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_args(p)
+        p.set_defaults(_cmd=command.run)
     return parser
 
 

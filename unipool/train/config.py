@@ -311,8 +311,8 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """--preset/--config/--set/--resume, plus one flag per dataclass field (--section.field-name)."""
-    p.add_argument("--preset", help=f"model preset (default: {DEFAULT_PRESET}); the CPU presets also set a "
-                   "short training recipe")
+    p.add_argument("--preset", help=f"preset: a model and its training recipe (default: {DEFAULT_PRESET}; "
+                   "the list is in unipool/presets.py)")
     p.add_argument("--config", help="JSON or YAML file shaped like a run's config.json (partial is fine)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one field, e.g. --set model.num_experts=64 --set train.lr=3e-4 (repeatable)")
