@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from unipool import __version__
 from unipool.analysis import eval as eval_
 from unipool.analysis import generate, probe, report, routing
 from unipool.data import dataset
@@ -56,8 +57,6 @@ COMMANDS: list[Command] = [
 
 
 def build_parser(commands: list[Command] = COMMANDS) -> argparse.ArgumentParser:
-    from unipool import __version__
-
     parser = argparse.ArgumentParser(prog="unipool", description="Mixture-of-Experts LMs with a shared expert pool.")
     parser.add_argument("--version", action="version", version=f"unipool {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unipool.data.corpus import iter_documents, resolve_sources
+from unipool.data.dataset import TokenDataset, eval_batches
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
 from unipool.run import Run, default_device
@@ -65,8 +67,6 @@ def window_batches(tokens: list[int] | torch.Tensor, batch_size: int, seq_len: i
 def text_tokens(path: str | Path, tokenizer, text_field: str = "text") -> list[int]:
     """Tokenize raw sources (text, jsonl, parquet, a folder of them) as `data.prepare` does: the same
     documents, each followed by EOS."""
-    from unipool.data.corpus import iter_documents, resolve_sources
-
     docs = [doc for _, doc in iter_documents(resolve_sources([path]), text_field)]
     if not docs:
         raise EvalError(f"{path} holds no text")
@@ -89,8 +89,6 @@ def eval_batches_for(run: Run, data: str | Path | None, split: str, batch_size: 
         if not path.exists():
             raise EvalError(f"no such data file or directory: {path}")
     if (path / "index.json").is_file():
-        from unipool.data.dataset import TokenDataset, eval_batches
-
         if split not in ("train", "val"):
             raise EvalError(f"--split must be 'train' or 'val', got {split!r}")
         dataset = TokenDataset(path, split)

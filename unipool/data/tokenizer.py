@@ -28,6 +28,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from unipool.data.corpus import default_corpus_files, iter_documents, resolve_sources
 from unipool.errors import UnipoolError
 
 EOD_TOKEN = "<|endoftext|>"
@@ -172,8 +173,6 @@ def train_bpe(files, vocab_size: int, text_field: str = "text") -> Tokenizer:
 
     `files` are any sources `unipool.data.prepare` accepts (text, jsonl(.zst), parquet, datasets dirs).
     """
-    from unipool.data.corpus import iter_documents, resolve_sources
-
     if vocab_size < 257:
         raise TokenizerError(f"BPE vocab_size must be at least 257 (256 bytes + EOD), got {vocab_size}")
     paths = resolve_sources(files)
@@ -199,8 +198,6 @@ def get_tokenizer(spec: str | Path, files=None) -> Tokenizer:
         except ValueError:
             raise TokenizerError(f"bad tokenizer spec {s!r}: expected bpe:N with N an integer") from None
         if files is None:
-            from unipool.data.corpus import default_corpus_files
-
             files = default_corpus_files()
         return train_bpe(files, n)
     if not Path(s).exists():

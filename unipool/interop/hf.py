@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from unipool.data.tokenizer import TokenizerError, as_tokenizers, eos_token
 from unipool.errors import UnipoolError, read_json
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool, build_model
@@ -152,8 +153,6 @@ def save_hf_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int) -> 
     """Write tokenizer.json + tokenizer_config.json that AutoTokenizer loads as a PreTrainedTokenizerFast.
     Returns the EOS token id (also used as BOS, GPT-2 style), or None if the tokenizer has none."""
     from transformers import PreTrainedTokenizerFast
-
-    from unipool.data.tokenizer import TokenizerError, as_tokenizers, eos_token
 
     try:
         tok = as_tokenizers(tokenizer)
