@@ -5,7 +5,7 @@
     python bench/train_step.py --quick                  # CPU: 2 layers, vocab 4096, 2 x 256 tokens, fp32
 
 Modes: vanilla (8 experts per layer, `vanilla-SCALE`), unipool (one pool of M = 8L, `unipool-SCALE`,
-per-layer weight gradients) and unipool-fused (the same with `fused_pool_wgrad=True`).
+per-layer weight gradients) and unipool-fused (the same with `model.set_execution(fused_pool_wgrad=True)`).
 
 MFU = achieved model FLOP/s / peak FLOP/s, with model FLOPs per step
     6 * N_matmul * tokens + 12 * L * n_heads * head_dim * S * tokens   (PaLM, Chowdhery et al. 2022, App. B)
@@ -49,7 +49,7 @@ MODES = ("vanilla", "unipool", "unipool-fused")
 def bench_config(scale: str, mode: str, layers: int | None, vocab: int | None, seq: int):
     """The paper preset for (scale, mode), optionally with fewer layers (M stays 8 L) or a smaller vocab."""
     cfg = get_preset(("vanilla-" if mode == "vanilla" else "unipool-") + scale)
-    changes = {"max_seq_len": max(seq, cfg.max_seq_len), "fused_pool_wgrad": mode == "unipool-fused",
+    changes = {"max_seq_len": max(seq, cfg.max_seq_len),
                "norm_router_c": "one"}  # c only rescales gates; skips a Monte Carlo estimate at build
     if layers:
         changes["n_layers"] = layers
@@ -97,7 +97,7 @@ def run_case(scale, mode, args, device, dtype, optimizer=True) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, device)
     model.train()
-    model.activation_checkpointing = args.checkpointing
+    model.set_execution(fused_pool_wgrad=mode == "unipool-fused", activation_checkpointing=args.checkpointing)
     tokens = args.batch * args.seq
     flops = model_flops_per_step(model, tokens, args.seq)
     step = make_step(model, args.batch, args.seq, device, dtype, optimizer, args.compile)
