@@ -284,8 +284,9 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
                 with dist.no_sync(wrapped, mode, skip=micro < tc.grad_accum - 1):
                     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                         out_: ModelOutput = step_fn(x, y)
-                    model.update_routing_state(out_)
                     ((out_.loss + out_.aux_loss) / tc.grad_accum).backward()
+                    # After backward: a compiled graph may keep the routing buffers for its backward.
+                    model.update_routing_state(out_)
                 loss_sum += torch.stack([out_.loss.detach().float(), out_.aux_loss.detach().float()])
                 counts_LE += torch.stack([r.counts_E for r in out_.routing])
             grad_norm = dist.clip_grad_norm(model, tc.grad_clip)
