@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from unipool.data.tokenizer import Tokenizer
+from unipool.data.tokenizer import Tokenizer, atomic_write_text
 from unipool.errors import UnipoolError, read_json
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool
@@ -93,7 +93,7 @@ class Run:
         p = Path(path)
         if not p.exists():
             raise RunError(f"no such run or checkpoint: {p}")
-        if p.is_dir() and (p / CONFIG).is_file() and not (p / "model.safetensors").is_file():
+        if p.is_dir() and cls.holds_run(p) and not (p / "model.safetensors").is_file():
             run_dir = p
             try:
                 ckpt = resolve_checkpoint(p)
@@ -117,7 +117,7 @@ class Run:
         if cls.holds_run(p) and not exist_ok:
             raise RunError(f"{p} already holds a run")
         p.mkdir(parents=True, exist_ok=True)
-        (p / CONFIG).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        atomic_write_text(p / CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
         if isinstance(tokenizer, Path):
             shutil.copyfile(tokenizer, p / "tokenizer.json")
         elif tokenizer is not None:
