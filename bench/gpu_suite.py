@@ -300,8 +300,8 @@ def compile_block(suite: Suite, rec: dict) -> None:
     rec["ok"] = rec["max_rel_err"] <= rec["tolerance"]
 
 
-def training_run(suite: Suite, rec: dict, *, preset: str, steps: int, batch: int, seq: int, tokenizer: str,
-                 name: str, extra: dict | None = None, exec_changes: dict | None = None) -> dict:
+def training_run(suite: Suite, *, preset: str, steps: int, batch: int, seq: int, tokenizer: str, name: str,
+                 extra: dict | None = None) -> dict:
     """`unipool train` through its Python entry point; returns the summary and the metrics."""
     from unipool.data.corpus import default_corpus_files
     from unipool.run import Run
@@ -315,7 +315,7 @@ def training_run(suite: Suite, rec: dict, *, preset: str, steps: int, batch: int
               "keep_last": 2, "log_interval": 1, "routing_interval": 0, "warmup_frac": 0.05, **(extra or {})}
     train_cfg = dataclasses.replace(cfg.train, **fields)
     model_cfg = cfg.model.replace(max_seq_len=max(seq, cfg.model.max_seq_len))
-    run_cfg = cfg.replace(model=model_cfg, train=train_cfg, exec=dataclasses.replace(cfg.exec, **(exec_changes or {})),
+    run_cfg = cfg.replace(model=model_cfg, train=train_cfg,
                           data=DataConfig(sources=sources, tokenizer=tokenizer,
                                           data_dir=str(suite.work / "data" / tokenizer.replace(":", ""))))
     shutil.rmtree(suite.work / "runs" / name, ignore_errors=True)
@@ -342,7 +342,7 @@ def loss_falls_and_resume(suite: Suite, rec: dict) -> None:
     from unipool.train.loop import train
 
     tok = "bpe:512" if suite.smoke else "bpe:8192"
-    res = training_run(suite, rec, preset="debug" if suite.smoke else "demo", steps=20, batch=8,
+    res = training_run(suite, preset="debug" if suite.smoke else "demo", steps=20, batch=8,
                        seq=32 if suite.smoke else 256, tokenizer=tok, name="resume",
                        extra={"ckpt_interval": 10, "keep_last": 2, "lr": 3e-3})
     losses = res["losses"]
@@ -537,7 +537,7 @@ def real_run(suite: Suite, rec: dict) -> None:
         if not suite.fits(5 if suite.smoke else 90):
             rec.setdefault("skipped", []).append(preset)
             continue
-        res = training_run(suite, rec, preset=preset, steps=steps, batch=4 if suite.smoke else 16,
+        res = training_run(suite, preset=preset, steps=steps, batch=4 if suite.smoke else 16,
                            seq=32 if suite.smoke else 1024, tokenizer="gpt2", name=preset,
                            extra={"lr": 3e-3 if suite.smoke else 5e-4, "eval_tokens": 4096 if suite.smoke else 65536})
         s = res["summary"]

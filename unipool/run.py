@@ -80,6 +80,7 @@ class Run:
         self.path = path  # the run directory; None for a checkpoint outside any run
         self.config = config
         self.checkpoint = checkpoint  # the checkpoint opened (the latest, for a run directory)
+        self._meta: dict | None = None
 
     # ---- opening and creating --------------------------------------------------------------------
     @staticmethod
@@ -150,7 +151,10 @@ class Run:
         return self.checkpoint
 
     def meta(self) -> dict:
-        return read_meta(self.latest_checkpoint())
+        """The opened checkpoint's meta.json (read once: step, model config and dtype all come from it)."""
+        if self._meta is None:
+            self._meta = read_meta(self.latest_checkpoint())
+        return self._meta
 
     @property
     def step(self) -> int | None:

@@ -51,11 +51,9 @@ def summarize_run(run_dir: str | Path) -> dict:
         notes.append("summary.json is not valid JSON")
     tokens = max((r["tokens"] for r in records), default=None)
     steps = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
-    if tokens is None and run.checkpoint is not None:  # no metrics: the newest checkpoint knows how far it got
-        meta = run.meta()
+    if tokens is None:  # no metrics: the summary, else the newest checkpoint, knows how far it got
+        meta = run.meta() if run.checkpoint is not None else {}
         tokens, steps = summary.get("tokens", meta.get("tokens")), summary.get("step", meta.get("step"))
-    elif tokens is None:
-        tokens, steps = summary.get("tokens"), summary.get("step")
     val_loss = summary.get("val_loss")
     if not isinstance(val_loss, (int, float)):
         val_loss = val[-1][1] if val else None
