@@ -334,14 +334,11 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
         val_loss = validate()
     summary.update(finish(run, model, tokenizer, train_ds, val_ds, val_loss, amp, device,
                           tokens_per_step * (step - start_step) / max(train_time, 1e-9)))
+    report = write_end_report(Path(run_dir), model, val_ds, micro_bsz, tc.seq_len, info.is_main)
+    summary["report"] = str(report) if report else None
     if info.is_main:
         out.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    dist.print0(f"val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f})  |  unigram baseline {summary['unigram_loss']:.3f} "
-                f"(ppl {summary['unigram_ppl']:.1f})  |  {summary['tok_per_s']:,.0f} tok/s, peak RSS "
-                f"{summary['peak_rss_mb']:,.0f} MB, {summary['wall_time_s']:.0f} s")
-    if run.train.sample_tokens:
-        dist.print0(f"sample: {summary['sample']!r}")
-    dist.print0(f"run directory: {run_dir}")
+        print(end_screen(run, summary))
     return summary
 
 
@@ -360,6 +357,70 @@ def finish(run: RunConfig, model, tokenizer, train_ds, val_ds, val_loss: float, 
         "cpu_time_s": round(usage.ru_utime + usage.ru_stime, 1), "precision": "bf16" if amp else "fp32",
         "params": counts["total"], "active_params": counts["active"], "sample": tc.sample_prompt + text,
     }
+
+
+def write_end_report(run_dir: Path, model, val_ds, batch_size: int, seq_len: int, is_main: bool) -> Path | None:
+    """RUN/report.png from the finished model (every rank measures: FSDP2 forwards are collective; rank 0
+    draws). A failure to draw is a warning, never a lost run."""
+    from unipool.analysis import run_report
+
+    measured = run_report.measure(model, eval_batches(val_ds, batch_size, seq_len))
+    if not is_main:
+        return None
+    try:
+        return run_report.plot_report(run_report.report_data(Run.open(run_dir), model, measured),
+                                      run_dir / "report.png")
+    except Exception as e:  # noqa: BLE001 - the run is saved; the picture is a convenience
+        print(f"warning: could not write the run report ({type(e).__name__}: {e}); "
+              f"try: unipool report {run_dir}", file=sys.stderr)
+        return None
+
+
+def _shown(path: Path | str) -> str:
+    """`path` relative to the working directory when it is below it (what a user would type)."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def end_screen(run: RunConfig, summary: dict) -> str:
+    """What a finished run prints: how good the model is, a sample, where the picture is, what next."""
+    minutes, seconds = divmod(round(summary["wall_time_s"]), 60)
+    took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    run_dir = _shown(summary["run_dir"])
+    gap = summary["unigram_loss"] - summary["val_loss"]
+    lines = [
+        "",
+        f"finished {run.preset_label()} in {took}: {summary['step']} steps, {summary['tokens']:,} tokens, "
+        f"{summary['tok_per_s']:,.0f} tokens/s, peak memory {summary['peak_rss_mb']:,.0f} MB",
+        "",
+        f"  validation loss   {summary['val_loss']:.3f}   (perplexity {summary['val_ppl']:,.1f})",
+        f"  unigram baseline  {summary['unigram_loss']:.3f}   (perplexity {summary['unigram_ppl']:,.1f}: "
+        "token frequencies alone, no context)",
+        f"  the model is {gap:.2f} nats/token better than the baseline" if gap > 0 else
+        "  the model is not better than the baseline yet: train longer or lower the learning rate",
+    ]
+    if summary.get("sample"):
+        lines += ["", "  sample (temperature 0.8, top-k 50):", ""]
+        lines += ["    " + ln for ln in summary["sample"].strip("\n").splitlines()]
+    lines += ["", f"  run directory: {run_dir}"]
+    if summary.get("report"):
+        lines += [f"  report:        {_shown(summary['report'])}  (loss curves, expert usage, dead rows, router scale)"]
+    lines += ["", "next:"]
+    nxt = [(f"unipool routing {run_dir}", "how every layer uses the experts (plots, routing.json)"),
+           (f"unipool generate {run_dir} --prompt 'JULIET:'", "more text from the model")]
+    runs_dir = Path(_shown(run.train.out_dir))
+    if run.preset == "demo":
+        nxt += [("unipool train --preset demo-vanilla", "the per-layer MoE baseline, same data and budget"),
+                (f"unipool compare {run_dir} {runs_dir / 'demo-vanilla-*'}", "both side by side (after that run)")]
+    elif run.preset == "demo-vanilla":
+        nxt += [("unipool train", "the UniPool demo, same data and budget"),
+                (f"unipool compare {run_dir} {runs_dir / 'demo-2*'}", "both side by side (after that run)")]
+    width = max(len(cmd) for cmd, _ in nxt) + 3
+    lines += [f"  {cmd:<{width}}{why}" for cmd, why in nxt]
+    return "\n".join(lines)
 
 
 # ---- command line ------------------------------------------------------------------------------------
