@@ -245,7 +245,7 @@ def save_torch(obj: object, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def commit_checkpoint(root: Path, step: int, keep_last: int, keep_every: int = 0) -> Path:
+def commit_checkpoint(root: Path, step: int, keep_last: int, keep_every: int = 0, protect: tuple[str, ...] = ()) -> Path:
     """Rank 0, after every rank wrote its files: publish the temporary directory, point LATEST at it,
     then apply retention. Each step is atomic; LATEST changes only once the checkpoint is complete."""
     tmp, final = tmp_checkpoint_dir(root, step), root / checkpoint_name(step)
@@ -261,7 +261,7 @@ def commit_checkpoint(root: Path, step: int, keep_last: int, keep_every: int = 0
     _fsync(latest_tmp)
     os.replace(latest_tmp, root / "LATEST")
     _fsync(root)
-    prune_checkpoints(root, keep_last, keep_every)
+    prune_checkpoints(root, keep_last, keep_every, protect)
     return final
 
 
@@ -273,13 +273,14 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(root: Path, keep_last: int, keep_every: int = 0) -> None:
-    """Keep the newest `keep_last` checkpoints, every step divisible by `keep_every`, and LATEST's."""
+def prune_checkpoints(root: Path, keep_last: int, keep_every: int = 0, protect: tuple[str, ...] = ()) -> None:
+    """Keep the newest `keep_last` checkpoints, every step divisible by `keep_every`, LATEST's, and
+    those named in `protect` (the training loop's last checkpoint before a non-finite step)."""
     ckpts = list_checkpoints(root)
     latest = (root / "LATEST").read_text().strip() if (root / "LATEST").is_file() else None
     keep = {p for _, p in ckpts[-keep_last:]}
     for step, p in ckpts:
-        if p in keep or p.name == latest or (keep_every > 0 and step % keep_every == 0):
+        if p in keep or p.name == latest or p.name in protect or (keep_every > 0 and step % keep_every == 0):
             continue
         shutil.rmtree(p, ignore_errors=True)
 
@@ -335,11 +336,11 @@ def _disk_full_is_one_line(root: Path, step: int):
 
 
 def save_checkpoint(root: Path, step: int, tokens: int, model: Unipool, optimizer, sampler, mode: str,
-                    info: dist.DistInfo, keep_last: int, keep_every: int = 0) -> Path:
+                    info: dist.DistInfo, keep_last: int, keep_every: int = 0, protect: tuple[str, ...] = ()) -> Path:
     """Atomic training checkpoint under `root` (RUN/checkpoints): full weights and optimizer state
     from rank 0, and each rank's RNG, sampler position and routing buffers. `restore_checkpoint`
     reads back exactly this. Raises NonFiniteStateError, writing nothing, when any rank holds NaN/inf
-    weights or optimizer state."""
+    weights or optimizer state. Retention then keeps `protect` too (see prune_checkpoints)."""
     bad = nonfinite_state(model, optimizer)
     device = next(model.parameters()).device
     if dist.all_reduce_sum(torch.tensor(float(len(bad)), device=device)) > 0:
@@ -347,11 +348,12 @@ def save_checkpoint(root: Path, step: int, tokens: int, model: Unipool, optimize
         raise NonFiniteStateError(f"non-finite weights or optimizer state at step {step}{where}; "
                                   f"checkpoint {checkpoint_name(step)} not written")
     with _disk_full_is_one_line(root, step):
-        return _write_checkpoint(root, step, tokens, model, optimizer, sampler, mode, info, keep_last, keep_every)
+        return _write_checkpoint(root, step, tokens, model, optimizer, sampler, mode, info, keep_last, keep_every,
+                                 protect)
 
 
 def _write_checkpoint(root: Path, step: int, tokens: int, model: Unipool, optimizer, sampler, mode: str,
-                      info: dist.DistInfo, keep_last: int, keep_every: int) -> Path:
+                      info: dist.DistInfo, keep_last: int, keep_every: int, protect: tuple[str, ...]) -> Path:
     model_state, optim_state = dist.full_state_dicts(model, optimizer, mode)
     if info.is_main:
         begin_checkpoint(root, step)
@@ -368,7 +370,7 @@ def _write_checkpoint(root: Path, step: int, tokens: int, model: Unipool, optimi
     dist.barrier()
     final = root / checkpoint_name(step)
     if info.is_main:
-        final = commit_checkpoint(root, step, keep_last, keep_every)
+        final = commit_checkpoint(root, step, keep_last, keep_every, protect)
     dist.barrier()
     return final
 

@@ -165,23 +165,28 @@ class DivergenceError(UnipoolError):
 class DivergenceGuard:
     """What a step with a non-finite gradient norm does, per train.on_nonfinite (see the module
     docstring). `bad` counts skipped steps in a row (skip) or rollbacks since the last checkpoint was
-    written (rollback: a replay that diverges again at the same place must not loop forever)."""
+    written (rollback: a replay that diverges again at the same place must not loop forever).
+    `protect` names the last checkpoint written before the first bad step: weights that came after
+    it may be finite but already ruined, so retention keeps it for the rest of the run."""
 
     def __init__(self, policy: str, max_bad: int, run_dir: Path, on_stop):
         self.policy, self.max_bad, self.run_dir, self.on_stop = policy, max_bad, run_dir, on_stop
-        self.bad, self.skipped = 0, 0
+        self.bad, self.skipped, self.protect = 0, 0, ()
 
     def healthy_step(self) -> None:
         if self.policy == "skip":
             self.bad = 0
 
     def saved(self) -> None:
-        self.bad = 0
+        if self.policy == "rollback":
+            self.bad = 0
 
     def bad_step(self, step: int, what: str, skippable: bool = True) -> str:
         """Step `step` (1-based) produced `what`; returns "skip" or "rollback", or raises DivergenceError.
         Non-finite weights (skippable=False) are past skipping: they stop a run unless it rolls back."""
         self.bad += 1
+        if not self.protect and self._latest():
+            self.protect = (self._latest(),)
         if (self.policy == "stop" or self.bad > self.max_bad or (self.policy == "skip" and not skippable)
                 or (self.policy == "rollback" and not self._latest())):
             self._stop(step, what, skippable)
@@ -445,7 +450,7 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
             if (tc.ckpt_interval and step % tc.ckpt_interval == 0) or last or stop.set:
                 try:
                     ckpt.save_checkpoint(out.checkpoints_dir, step, step * tokens_per_step, model, optimizer, sampler,
-                                         mode, info, tc.keep_last, tc.keep_every)
+                                         mode, info, tc.keep_last, tc.keep_every, guard.protect)
                     guard.saved()
                 except ckpt.NonFiniteStateError as e:  # weights overflowed although the gradients were finite
                     guard.bad_step(step, str(e), skippable=False)  # returns only to roll back
