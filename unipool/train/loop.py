@@ -434,6 +434,8 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
                 tok_per_s = interval_tokens / max(time.time() - interval_t0, 1e-9)
                 record = {"step": step, "tokens": step * tokens_per_step, "loss": float(losses[0]),
                           "aux_loss": float(losses[1]), "lr": lr, "grad_norm": grad_norm, "tok_per_s": round(tok_per_s, 1)}
+                if guard.skipped:
+                    record["skipped_steps"] = guard.skipped  # updates dropped by the guard so far
                 if tc.routing_interval and (step % tc.routing_interval == 0 or last):
                     record["routing"] = load_stats(dist.all_reduce_sum(counts_LE.clone()), run.model.layers_per_pool)
                     counts_LE.zero_()
