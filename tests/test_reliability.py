@@ -345,8 +345,10 @@ def _edit_pt(name, edit):
     (_edit_pt("state_rank0.pt", lambda o: {k: v for k, v in o.items() if k != "sampler"}), "expected rng, sampler"),
     (_edit_pt("state_rank0.pt", lambda o: {**o, "rng": {"python": 3}}), "state_rank0.pt"),
     (_edit_pt("state_rank0.pt", lambda o: {**o, "sampler": {"step": "x"}}), "state_rank0.pt"),
+    (_edit_pt("optimizer.pt", lambda o: {**o, "state": {k: {**v, "exp_avg": v["exp_avg"] * math.nan}
+                                                         for k, v in o["state"].items()}}), "non-finite"),
 ], ids=["step-type", "step-missing", "world-size", "not-object", "binary", "optimizer-keys", "optimizer-shapes",
-        "state-keys", "rng-type", "sampler-type"])
+        "state-keys", "rng-type", "sampler-type", "nan-state"])
 def test_damaged_fields_are_one_line_on_resume(straight, tmp_path, capsys, damage, expected):
     run = tmp_path / "r"
     shutil.copytree(straight, run)

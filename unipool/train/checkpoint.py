@@ -324,6 +324,16 @@ def nonfinite_state(model: Unipool, optimizer) -> list[str]:
     return [n for (n, _), ok in zip(tensors, torch.isfinite(extremes).all(1).tolist()) if not ok]
 
 
+def nonfinite_anywhere(model: Unipool, optimizer) -> str | None:
+    """None when every rank's state is finite, else ": name, ..." for this rank's bad tensors (empty
+    on a rank whose own shards are finite). All ranks take part, so all get the same answer."""
+    bad = nonfinite_state(model, optimizer)
+    device = next(model.parameters()).device
+    if dist.all_reduce_sum(torch.tensor(float(len(bad)), device=device)) == 0:
+        return None
+    return (f": {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")) if bad else ""
+
+
 @contextmanager
 def _disk_full_is_one_line(root: Path, step: int):
     """Turn a full disk during a checkpoint write into one line that says so; the half-written
@@ -346,11 +356,9 @@ def save_checkpoint(root: Path, step: int, tokens: int, model: Unipool, optimize
     from rank 0, and each rank's RNG, sampler position and routing buffers. `restore_checkpoint`
     reads back exactly this. Raises NonFiniteStateError, writing nothing, when any rank holds NaN/inf
     weights or optimizer state. Retention then keeps `protect` too (see prune_checkpoints)."""
-    bad = nonfinite_state(model, optimizer)
-    device = next(model.parameters()).device
-    if dist.all_reduce_sum(torch.tensor(float(len(bad)), device=device)) > 0:
-        where = f": {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") if bad else ""
-        raise NonFiniteStateError(f"non-finite weights or optimizer state at step {step}{where}; "
+    bad = nonfinite_anywhere(model, optimizer)
+    if bad is not None:
+        raise NonFiniteStateError(f"non-finite weights or optimizer state at step {step}{bad}; "
                                   f"checkpoint {checkpoint_name(step)} not written")
     with _disk_full_is_one_line(root, step):
         return _write_checkpoint(root, step, tokens, model, optimizer, sampler, mode, info, keep_last, keep_every,
@@ -406,6 +414,10 @@ def restore_checkpoint(ckpt_dir: Path, model: Unipool, optimizer, sampler, mode:
                 if name in state["buffers"]:
                     buf.copy_(state["buffers"][name])
         set_rng_state(state["rng"])
+    bad = nonfinite_anywhere(model, optimizer)
+    if bad is not None:  # written by a version without the finiteness check, or damaged
+        raise CheckpointError(f"{ckpt_dir} holds non-finite weights or optimizer state{bad}; write the name "
+                              f"of an earlier checkpoint into {ckpt_dir.parent / 'LATEST'} to resume from it")
     return meta["step"]
 
 
