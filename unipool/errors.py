@@ -13,13 +13,19 @@ class DiskFullError(UnipoolError):
     """A write failed because the file system is full (or over quota)."""
 
 
-def is_disk_full(e: BaseException) -> bool:
+def is_disk_full(e: BaseException | None) -> bool:
     """ENOSPC/EDQUOT from Python I/O, or the same failure as text from a native writer (safetensors
-    reports "No space left on device (os error 28)" inside its own exception type)."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return "No space left on device" in text or "Disk quota exceeded" in text
+    reports "No space left on device (os error 28)" inside its own exception type), anywhere in the
+    exception's chain (torch.save's zip writer raises its own error while closing after the OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def read_json(path: Path, error: type[UnipoolError] = UnipoolError) -> dict:
