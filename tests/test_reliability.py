@@ -25,7 +25,7 @@ import torch
 from helpers import make_run
 
 from unipool import cli
-from unipool.model.config import ModelConfig
+from unipool.model.config import ConfigError, ModelConfig
 from unipool.run import Run
 from unipool.train import checkpoint as ckpt
 from unipool.train import distributed
@@ -196,7 +196,7 @@ def _debug_state(tmp_path):
     (out.loss + out.aux_loss).backward()
     optimizer.step()
 
-    class Sampler:  # the two calls save_checkpoint makes on a WindowSampler
+    class Sampler:  # the one call save_checkpoint makes on a WindowSampler
         def state_dict(self):
             return {"step": 1, "seed": 0}
 
@@ -476,6 +476,6 @@ def test_a_diverged_model_samples_in_one_line(tmp_path, capsys):
 
 
 def test_model_config_types_are_checked():
-    with pytest.raises(Exception, match="model.rope_base: expected float"):
+    with pytest.raises(ConfigError, match="model.rope_base: expected float"):
         ModelConfig.from_dict({"rope_base": "big"})
     assert ModelConfig.from_dict({"rope_base": 10000}).rope_base == 10000  # an int is a fine float
