@@ -56,7 +56,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     # --- divergence guard: a step whose gradient norm (or loss) is NaN/inf never updates the weights ---
     on_nonfinite: str = "skip"  # skip the update | stop | rollback to the last checkpoint
-    max_bad_steps: int = 3  # skip: consecutive skipped steps, rollback: rollbacks in a row, before stopping
+    max_bad_steps: int = 3  # skip: skipped steps in a row; rollback: rollbacks without a new checkpoint; then stop
     # --- execution ---
     precision: str = "auto"  # auto: bf16 autocast on a GPU that has it, fp32 on CPU | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
