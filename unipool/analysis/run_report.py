@@ -55,14 +55,16 @@ def measure(model: Unipool, batches, max_tokens: int = REPORT_TOKENS) -> dict:
         return {"routing": stats, "router_scale": router_scales(model)}
 
 
-def report_data(run: Run, model: Unipool, measured: dict) -> dict:
-    """What the picture shows, as plain values: the run's metrics and summary and `measure(model, ...)`."""
+def report_data(run: Run, model: Unipool, measured: dict, summary: dict | None = None) -> dict:
+    """What the picture shows, as plain values: the run's metrics, its summary (`summary`, else
+    RUN/summary.json) and `measure(model, ...)`."""
     records, notes = run.metrics()
-    summary = {}
-    try:
-        summary = run.summary() or {}
-    except UnipoolError:
-        notes.append("summary.json is unreadable")
+    if summary is None:
+        try:
+            summary = run.summary() or {}
+        except UnipoolError:
+            summary = {}
+            notes.append("summary.json is unreadable")
     cfg = model.config
     return {
         "name": run.path.name, "preset": run.config.preset_label(), "moe_mode": cfg.moe_mode, "router": cfg.router,
@@ -123,9 +125,7 @@ def plot_report(data: dict, path: str | Path) -> Path:
         ax_loss.plot(xs, smooth(list(ys), max(2, len(ys) // 15)), color="C0", lw=2, label="training loss")
     if val:
         xs, ys = zip(*val)
-        ax_loss.plot(xs, ys, color="C3", marker="o", ms=5, lw=1.5, label="validation loss")
-        ax_loss.annotate(f"{ys[-1]:.2f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(-4, 8),
-                         ha="right", color="C3", fontweight="bold")
+        ax_loss.plot(xs, ys, color="C3", marker="o", ms=5, lw=1.5, label=f"validation loss (last {ys[-1]:.2f})")
     unigram = summary.get("unigram_loss")
     if isinstance(unigram, (int, float)):
         ax_loss.axhline(unigram, color="0.3", ls="--", lw=1.2, label=f"unigram baseline {unigram:.2f} (no context)")

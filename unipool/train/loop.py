@@ -473,7 +473,7 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
         val_loss = validate()
     summary.update(finish(run, model, tokenizer, train_ds, val_ds, val_loss, amp, device,
                           tokens_per_step * (step - start_step) / max(train_time, 1e-9)))
-    report = write_end_report(Path(run_dir), model, val_ds, micro_bsz, tc.seq_len, info.is_main)
+    report = write_end_report(Path(run_dir), model, val_ds, micro_bsz, tc.seq_len, info.is_main, summary)
     summary["report"] = str(report) if report else None
     if info.is_main:
         out.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -498,7 +498,8 @@ def finish(run: RunConfig, model, tokenizer, train_ds, val_ds, val_loss: float, 
     }
 
 
-def write_end_report(run_dir: Path, model, val_ds, batch_size: int, seq_len: int, is_main: bool) -> Path | None:
+def write_end_report(run_dir: Path, model, val_ds, batch_size: int, seq_len: int, is_main: bool,
+                     summary: dict) -> Path | None:
     """RUN/report.png from the finished model (every rank measures: FSDP2 forwards are collective; rank 0
     draws). A failure to draw is a warning, never a lost run."""
     from unipool.analysis import run_report
@@ -507,7 +508,7 @@ def write_end_report(run_dir: Path, model, val_ds, batch_size: int, seq_len: int
     if not is_main:
         return None
     try:
-        return run_report.plot_report(run_report.report_data(Run.open(run_dir), model, measured),
+        return run_report.plot_report(run_report.report_data(Run.open(run_dir), model, measured, summary),
                                       run_dir / "report.png")
     except Exception as e:  # noqa: BLE001 - the run is saved; the picture is a convenience
         print(f"warning: could not write the run report ({type(e).__name__}: {e}); "
