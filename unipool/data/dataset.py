@@ -553,16 +553,62 @@ def default_data_dir(data) -> Path:
 
 def prepare_run_data(data, tokenizer: Tokenizer | None = None) -> Path:
     """Tokenizer and token shards for a run's data section (`data`: a DataConfig); returns the data
-    directory. `tokenizer` (a resumed run's own) is used as it is, never trained again; otherwise a
-    `bpe:N` tokenizer already trained in the data directory is reused."""
+    directory. `tokenizer` (a resumed run's own) is used as it is, never trained again, and data prepared
+    with another tokenizer is refused. Otherwise a tokenizer already in the data directory is reused for a
+    `bpe:N` spec of its size; a spec that disagrees with it is refused, naming both."""
     data_dir = Path(data.data_dir) if data.data_dir else default_data_dir(data)
     files = data.sources or default_corpus_files()
-    if tokenizer is None:
-        cached = data_dir / "tokenizer.json"
-        tokenizer = Tokenizer.load(cached) if data.tokenizer.startswith("bpe:") and cached.is_file() \
-            else get_tokenizer(data.tokenizer, files)
+    cached = data_dir / "tokenizer.json"
+    if tokenizer is not None:
+        if (data_dir / "index.json").is_file() and not tokenizer_matches(data_dir, tokenizer):
+            raise DataError(f"{data_dir} holds data prepared with another tokenizer than the resumed run's "
+                            f"(fingerprint {prepared_fingerprint(data_dir)}, the run's {tokenizer.fingerprint}); "
+                            "prepare the run's data elsewhere (--data.data-dir) with the run's tokenizer.json")
+    elif cached.is_file():
+        tokenizer = _cached_tokenizer_for(data.tokenizer, cached, files)
+    else:
+        tokenizer = get_tokenizer(data.tokenizer, files)
     prepare(files, data_dir, tokenizer, val_fraction=data.val_fraction, text_field=data.text_field)
     return data_dir
+
+
+def _cached_tokenizer_for(spec: str, cached: Path, files) -> Tokenizer:
+    """The tokenizer a data directory already holds, if `spec` asks for it: `bpe:N` with N its size (it
+    was trained there: training again would only cost time), or the very same tokenizer."""
+    try:
+        have = Tokenizer.load(cached)
+    except TokenizerError:
+        return get_tokenizer(spec, files)  # a damaged cache file: prepare replaces it
+    if spec.startswith("bpe:"):
+        agrees = spec == f"bpe:{have.vocab_size}"
+        want = spec
+    else:
+        tokenizer = get_tokenizer(spec, files)
+        agrees = tokenizer.fingerprint == have.fingerprint
+        want = f"{spec} ({tokenizer.vocab_size} tokens, fingerprint {tokenizer.fingerprint})"
+    if not agrees:
+        raise DataError(f"--data.tokenizer {want} disagrees with the tokenizer in the data directory "
+                        f"{cached} ({have.vocab_size} tokens, fingerprint {have.fingerprint}); use another "
+                        f"--data.data-dir, or remove {cached.parent} to prepare it again")
+    return have if spec.startswith("bpe:") else tokenizer
+
+
+def prepared_fingerprint(data_dir: Path) -> str | None:
+    """The fingerprint of the tokenizer a prepared directory was tokenized with (from index.json)."""
+    index = _read_index(Path(data_dir)) or {}
+    return index.get("tokenizer_fingerprint")
+
+
+def tokenizer_matches(data_dir: str | Path, tokenizer: Tokenizer) -> bool:
+    """Whether the data in `data_dir` was tokenized with `tokenizer`: index.json's fingerprint, or (an index
+    written by another `tokenizers` version serializes differently) its tokenizer.json read again now."""
+    data_dir = Path(data_dir)
+    if prepared_fingerprint(data_dir) == tokenizer.fingerprint:
+        return True
+    try:
+        return Tokenizer.load(data_dir / "tokenizer.json").fingerprint == tokenizer.fingerprint
+    except TokenizerError:
+        return False
 
 
 def unigram_loss(train_ds: TokenDataset, val_ds: TokenDataset) -> float:
@@ -600,12 +646,18 @@ def add_prepare_args(parser) -> None:
 def cmd_prepare(args) -> int:
     sources = args.sources or default_corpus_files()
     out = Path(args.out)
+    make_out_dir(out)  # a bad --out is said now, not after training a tokenizer
+    resolve_sources(sources)
     tok = get_tokenizer(args.tokenizer, files=sources)  # BPE training is deterministic: shards get reused
     prepare(sources, out, tok, val_fraction=args.val_fraction, text_field=args.text_field, seed=args.seed,
             num_workers=args.workers or None)
     train, val = TokenDataset(out, "train"), TokenDataset(out, "val")
-    print(f"{out}: train {train.n_tokens:,} tokens ({train.n_documents:,} docs), val {val.n_tokens:,} tokens "
-          f"({val.n_documents:,} docs), vocab {train.vocab_size}, {train.dtype.name}")
+    if train.index.get("val_split") == "tail of the only document":
+        docs = f"train {train.n_tokens:,} tokens, val {val.n_tokens:,} tokens (one document: val is its end)"
+    else:
+        docs = (f"train {train.n_tokens:,} tokens ({train.n_documents:,} docs), val {val.n_tokens:,} tokens "
+                f"({val.n_documents:,} docs)")
+    print(f"{out}: {docs}, vocab {train.vocab_size}, {train.dtype.name}")
     if val.n_tokens:
         print(f"unigram baseline: {unigram_loss(train, val):.4f} nats/token on val")
     return 0
