@@ -101,8 +101,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     if name.endswith(".zst"):
         zstandard = _require("zstandard", path)
 
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
-        return io.TextIOWrapper(raw, encoding="utf-8")
+        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path, zstandard)), encoding="utf-8")
     if name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
@@ -151,6 +150,44 @@ def split_text(text: str, max_chars: int = PIECE_CHARS) -> Iterator[tuple[str, b
         yield text[start:i], False
         start = i
     yield text[start:], True
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame. zstandard's stream_reader ends quietly where a
+    truncated file ends; this raises EOFError when the file ends inside a frame."""
+
+    def __init__(self, path: Path, zstandard):
+        self.f, self.zstd = open(path, "rb"), zstandard  # noqa: SIM115 -- closed in close()
+        self.d = zstandard.ZstdDecompressor().decompressobj()
+        self.out, self.pos, self.in_frame = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self.pos == len(self.out):
+            data = self.f.read(1 << 14)  # small reads: the output of one read stays small too
+            if not data:
+                if self.in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            out = []
+            while data:
+                out.append(self.d.decompress(data))
+                self.in_frame = not self.d.eof
+                data = b""
+                if self.d.eof:  # the next frame, if any, needs a new decompressor
+                    data = self.d.unused_data
+                    self.d = self.zstd.ZstdDecompressor().decompressobj()
+            self.out, self.pos = b"".join(out), 0
+        n = min(len(b), len(self.out) - self.pos)
+        b[:n] = self.out[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 def _text_pieces(path: Path, max_chars: int) -> Iterator[tuple[str, bool]]:
