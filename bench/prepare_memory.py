@@ -6,7 +6,8 @@ or newlines: a single document, the worst case for memory).
 For each size (MB) it writes English text (Python's own documentation, newlines turned into spaces,
 repeated) as one line, runs `unipool prepare FILE --out DIR --tokenizer gpt2 --workers W` in a child
 process and reports wall time, the child's peak RSS (getrusage of the child: the largest single process
-of the tree) and the peak of the whole process tree's summed RSS (sampled every 20 ms with psutil).
+of the tree) and the peak of the whole process tree's summed PSS (proportional set size: pages shared by
+forked workers counted once; sampled every 50 ms with psutil, so a shorter peak can be missed).
 `--bpe N` measures `--tokenizer bpe:N` instead (BPE training on the file, then tokenizing).
 """
 
@@ -57,13 +58,13 @@ def run_prepare(src: Path, out: Path, tokenizer: str, workers: int) -> dict:
                 total = 0
                 for q in tree:
                     try:
-                        total += q.memory_info().rss
+                        total += q.memory_full_info().pss
                     except psutil.Error:
                         pass
                 tree_peak = max(tree_peak, total)
             except psutil.Error:
                 pass
-        time.sleep(0.02)
+        time.sleep(0.05)
     wall = time.time() - t0
     peak = usage.ru_maxrss * 1024  # the child's, or a reaped worker's if larger
     return {"rc": os.waitstatus_to_exitcode(status), "wall_s": wall, "peak_rss": peak, "tree_peak_rss": tree_peak,
@@ -85,7 +86,7 @@ def main() -> None:
                 out = Path(tmp) / f"out_{mb}_{w}"
                 r = run_prepare(src, out, f"bpe:{args.bpe}" if args.bpe else "gpt2", w)
                 print(f"{mb:>5} MB  workers {w}  rc {r['rc']}  {r['wall_s']:7.1f} s  peak RSS "
-                      f"{r['peak_rss'] / 2**20:7.0f} MiB (largest process)  {r['tree_peak_rss'] / 2**20:7.0f} MiB "
+                      f"{r['peak_rss'] / 2**20:7.0f} MiB (largest process)  PSS {r['tree_peak_rss'] / 2**20:7.0f} MiB "
                       f"(all processes)  {' '.join(r['out'])}", flush=True)
             src.unlink()
 

@@ -330,3 +330,13 @@ def test_export_and_import_refuse_to_overwrite(tmp_path, capsys):
     assert "not empty; pass --force" in one_line_error(capsys)
     assert cli.main(["import", str(busy), "--out", str(other), "--force"]) == 0
     assert cli.main(["eval", str(other), "--data", str(tmp_path / "busy" / "notes.txt"), "--seq-len", "8"]) == 0
+
+
+def test_default_corpus_conversion_removes_what_a_killed_one_left(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = tmp_path / f".shakespeare-{dead.pid}-abc", tmp_path / f".shakespeare-{os.getpid()}-abc"
+    stale.mkdir()
+    live.mkdir()
+    assert corpus.default_corpus_files(tmp_path)
+    assert not stale.exists() and live.exists()

