@@ -574,6 +574,8 @@ def _cached_tokenizer_for(spec: str, cached: Path, files) -> Tokenizer:
         have = Tokenizer.load(cached)
     except TokenizerError:
         return get_tokenizer(spec, files)  # a damaged cache file: prepare replaces it
+    if spec.startswith("bpe:") and not spec[4:].isdigit():
+        return get_tokenizer(spec, files)  # says what is wrong with the spec
     if spec.startswith("bpe:"):
         agrees = spec == f"bpe:{have.vocab_size}"
         want = spec
