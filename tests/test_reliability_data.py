@@ -329,6 +329,11 @@ def test_export_and_import_refuse_to_overwrite(tmp_path, capsys):
     assert cli.main(["import", str(busy), "--out", str(other)]) == 2
     assert "not empty; pass --force" in one_line_error(capsys)
     assert cli.main(["import", str(busy), "--out", str(other), "--force"]) == 0
+    again = tmp_path / "again"  # a transformers directory (its own config.json) replaced with --force
+    again.mkdir()
+    (again / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    assert cli.main(["import", str(busy), "--out", str(again), "--force"]) == 0
+    assert "model_type" not in json.loads((again / "config.json").read_text())
     assert cli.main(["eval", str(other), "--data", str(tmp_path / "busy" / "notes.txt"), "--seq-len", "8"]) == 0
 
 

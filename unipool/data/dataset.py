@@ -608,6 +608,15 @@ def tokenizer_matches(data_dir: str | Path, tokenizer: Tokenizer) -> bool:
         return False
 
 
+def _blocks(ds: TokenDataset, n: int) -> Iterator[np.ndarray]:
+    """A split's tokens in blocks of at most `n`, read (not memory-mapped: a pass over a large split would
+    leave all of it mapped into the process)."""
+    for shard in ds.shards:
+        with open(shard.filename, "rb") as f:
+            while (block := np.fromfile(f, dtype=ds.dtype, count=n)).size:
+                yield block
+
+
 def unigram_loss(train_ds: TokenDataset, val_ds: TokenDataset) -> float:
     """Cross-entropy (nats/token) on val of the train split's add-one-smoothed unigram distribution.
 
@@ -616,13 +625,12 @@ def unigram_loss(train_ds: TokenDataset, val_ds: TokenDataset) -> float:
     V = train_ds.vocab_size
     counts = np.zeros(V, dtype=np.int64)
     step = 1 << 22  # tokens per bincount: its int64 copy stays small
-    for shard in train_ds.shards:
-        for i in range(0, len(shard), step):
-            counts += np.bincount(shard[i: i + step], minlength=V)
+    for block in _blocks(train_ds, step):
+        counts += np.bincount(block, minlength=V)
     logp = np.log(counts + 1.0) - np.log(counts.sum() + V)
     if val_ds.n_tokens == 0:
         raise DataError(f"val split of {val_ds.data_dir} is empty")
-    total = sum(float(logp[shard[i: i + step]].sum()) for shard in val_ds.shards for i in range(0, len(shard), step))
+    total = sum(float(logp[block].sum()) for block in _blocks(val_ds, step))
     return -total / val_ds.n_tokens
 
 

@@ -225,7 +225,7 @@ def export_hf(model: Unipool, tokenizer, out_dir: str | Path, dtype: torch.dtype
     model's). Weights above `max_shard_size` are split into shards. Returns out_dir. A non-empty `out_dir`
     needs `force`; a unipool run or checkpoint is refused (see check_target)."""
     out = Path(out_dir)
-    check_target(out, force, "--force")
+    check_target(out, force)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.tok_embeddings.weight.dtype
     eos_id = None
@@ -267,16 +267,16 @@ def unipool_dir_kind(path: Path) -> str | None:
     return None
 
 
-def check_target(path: Path, force: bool, flag: str) -> None:
+def check_target(path: Path, force: bool) -> None:
     """Refuse to write into a unipool run or checkpoint (always: it would stop resuming and evaluating),
-    a file, or a non-empty directory (unless `force`; `flag` names the option that gives it)."""
+    a file, or a non-empty directory (unless `force`, the command line's --force)."""
     kind = unipool_dir_kind(path)
     if kind:
         raise HFError(f"{path} is {kind}; writing into it would break it: choose another directory")
     if path.exists() and not path.is_dir():
         raise HFError(f"{path} is a file, not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:
-        raise HFError(f"{path} is not empty; pass {flag} to write into it")
+        raise HFError(f"{path} is not empty; pass --force to write into it")
 
 
 def find_run_tokenizer(run: str | Path) -> Path | None:
@@ -515,9 +515,11 @@ def write_run(model: Unipool, out_dir: str | Path, tokenizer_json: Path | None =
     (weights stored in `dtype`, default the model's; `source` recorded in the checkpoint's meta.json).
     A non-empty `out_dir` needs `force`; a unipool run or checkpoint is refused (see check_target)."""
     out = Path(out_dir)
-    check_target(out, force, "--force")
+    check_target(out, force)
     tokenizer = tokenizer_json if tokenizer_json is not None and tokenizer_json.is_file() else None
-    Run.create(out, default_config().replace(model=model.config, preset="custom"), tokenizer)
+    # with force, a config.json already there (a transformers directory's) is replaced: check_target has
+    # refused a run
+    Run.create(out, default_config().replace(model=model.config, preset="custom"), tokenizer, exist_ok=force)
     ckpt = out / "checkpoints" / "step_000000"
     save_model(model, ckpt, {"step": 0, "source": source}, dtype)
     (out / "checkpoints" / "LATEST").write_text(ckpt.name + "\n")
@@ -547,7 +549,7 @@ def add_export_args(parser) -> None:
 
 def cmd_export(args) -> int:
     max_shard = parse_size(args.max_shard_size)
-    check_target(Path(args.hf), args.force, "--force")  # before the (slow) load
+    check_target(Path(args.hf), args.force)  # before the (slow) load
     model, meta = load_model(args.run)
     dtype = DTYPES[meta.get("dtype", "float32") if args.dtype == "auto" else args.dtype]
     tok = Path(args.tokenizer) if args.tokenizer else find_run_tokenizer(args.run)
@@ -568,7 +570,7 @@ def add_import_args(parser) -> None:
 
 
 def cmd_import(args) -> int:
-    check_target(Path(args.out), args.force, "--force")  # before the (slow) import
+    check_target(Path(args.out), args.force)  # before the (slow) import
     model = import_hf(args.hf_dir)
     dtype = source_dtype(args.hf_dir) if args.dtype == "auto" else DTYPES[args.dtype]
     out = write_run(model, args.out, Path(args.hf_dir) / "tokenizer.json", source=str(Path(args.hf_dir).resolve()),
