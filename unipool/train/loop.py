@@ -46,6 +46,7 @@ from tqdm import tqdm
 from unipool.analysis.eval import evaluate
 from unipool.analysis.generate import generate
 from unipool.analysis.routing import load_stats
+from unipool.data.corpus import DataError
 from unipool.data.dataset import TokenDataset, WindowSampler, eval_batches, prepare_run_data, unigram_loss
 from unipool.errors import DiskFullError, UnipoolError, is_disk_full
 from unipool.model.config import ConfigError
@@ -309,6 +310,8 @@ def prepare_data(run: RunConfig, resume: Run | None, info: dist.DistInfo):
         data_dir = prepare_run_data(run.data, resume.tokenizer() if resume else None)
     data_dir = dist.broadcast_object(data_dir)
     train_ds, val_ds = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
+    if val_ds.n_tokens < 2:  # found now, not at the first evaluation after the training time is spent
+        raise DataError(f"the val split of {data_dir} is empty (data.val_fraction = {run.data.val_fraction})")
     tokenizer = train_ds.tokenizer()
     if resume and run.model.vocab_size != tokenizer.vocab_size:
         raise ckpt.CheckpointError(f"cannot resume {resume.path}: the tokenizer has {tokenizer.vocab_size} "
