@@ -119,3 +119,23 @@ def test_report_data_matches_the_run(trained, capsys):
     for row, zero in zip(stats["usage_LE"], stats["per_layer"]["zero_gate_fraction"]):
         assert sum(row) == pytest.approx(1 - zero, abs=1e-6)
     assert data["router_scale"] == [float(layer.router.scale.detach()) for layer in model.layers]
+
+
+def test_report_of_a_run_without_metrics_and_without_sigma(tmp_path):
+    """A vanilla (softmax) run that logged nothing yet still gets its picture: the usage heatmap and, in
+    place of sigma, the mean picked gate per layer; the loss panel says there is nothing to draw."""
+    from helpers import TEXTS, make_run
+
+    from unipool.analysis.eval import window_batches
+    from unipool.analysis.run_report import write_report
+
+    run_dir, model = make_run(tmp_path / "vanilla", preset="debug-vanilla")
+    run = Run.open(run_dir)
+    tokens = run.tokenizer().encode(" ".join(TEXTS[:5]))
+    measured = measure(model, window_batches(tokens, 4, 32), max_tokens=512)
+    assert measured["router_scale"] is None and measured["routing"]["tokens"] == 512
+    gates = measured["routing"]["per_layer"]["mean_gate_sum"]
+    assert len(gates) == model.config.n_layers and all(0 < g <= 1 for g in gates)  # softmax top-1 probability
+    path = write_report(run, model, window_batches(tokens, 4, 32), tmp_path / "r.png", max_tokens=512)
+    with Image.open(path) as im:
+        assert im.format == "PNG"
