@@ -218,3 +218,30 @@ def test_old_configs_load_with_the_paper_defaults():
     assert (cfg.balance_scores, cfg.count_dead_picks, cfg.norm_router_scale) == ("raw", True, "linear")
     with pytest.raises(ConfigError, match="balance_scores"):
         cfg.replace(balance_scores="softmax")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_sigmoid_bias_same_on_two_gloo_ranks_as_one_process(tmp_path):
+    # Counts all-reduced over ranks: the 2-rank DDP run (no balance loss, so its steps equal one process on
+    # the same global batch) ends with exactly the single process's biases.
+    import os
+    import subprocess
+    import sys
+
+    extra = ["--train.steps", "3", "--train.grad-accum", "2", "--train.precision", "fp32",
+             "--set", "model.router=sigmoid", "--set", "model.aux_free_bias_rate=0.01", "--set", "model.pool_loss_coef=0"]
+    run_train(tmp_path, "single", *extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "unipool.train",
+           "--preset", "debug", "--data.sources", str(tmp_path / "corpus.txt"), "--data.tokenizer", "bpe:300",
+           "--data.data-dir", str(tmp_path / "data"), "--train.out-dir", str(tmp_path), "--train.run-name", "ddp",
+           "--train.progress", "false", "--train.log-interval", "1", "--train.eval-tokens", "256",
+           "--train.sample-tokens", "0", "--set", "train.batch_size=4", "--set", "train.seq_len=32",
+           "--train.distributed", "ddp", *extra]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, _ = load_model(tmp_path / "single")
+    ddp, _ = load_model(tmp_path / "ddp")
+    for a, b in zip(single.layers, ddp.layers):
+        assert torch.equal(a.router.expert_bias, b.router.expert_bias)
+        assert a.router.expert_bias.abs().max() <= 0.03 + 1e-7  # three steps, one move each
+    assert any(a.router.expert_bias.abs().max() > 0.015 for a in single.layers)
