@@ -106,7 +106,7 @@ class _Experts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, w13_EFD, w2_EDF, order_N, offs_E, top_k, use_gmm, sink, dead_tail):
+    def forward(ctx, x_TD, w13_EFD, w2_EDF, order_N, offs_E, top_k, use_gmm, sink, dead_tail=False):
         token_N = order_N // top_k if top_k > 1 else order_N
         h_N2F = _segment_mm(x_TD[token_N], w13_EFD.transpose(1, 2), offs_E, use_gmm)
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
