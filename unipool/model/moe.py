@@ -14,16 +14,19 @@ Dispatch is dropless and has no Python loop over experts and no host sync: the N
 pairs are sorted by expert, each expert's rows form one contiguous segment, and the experts run as
 grouped GEMMs over those segments (`torch._grouped_mm`).
 
-Dead rows are not computed: a routed row whose gate is exactly zero (a NormRouter row whose scores
-the ReLU zeroed: every picked gate 0) adds gate x output = 0, so the sort puts those rows in a
-trailing segment after the last expert's, which no GEMM covers (grouped_mm ignores rows past the
-last offset). Their output rows are set to 0, their input gradient to 0. Outputs and every
-parameter gradient are unchanged: the only gradient that differs is that of the zero gate itself
-(0 instead of <expert output, output gradient>), and a gate is exactly 0 only where the function
-that made it has zero derivative (ReLU at z <= 0, a softmax or sigmoid that underflowed), so
-nothing upstream of the gate changes. No host sync: the segment's length stays on the device.
-(The exception would be sigma = 0 exactly in a linear-parametrised NormRouter; training refuses
-sigma <= 0.) `ExpertPool.skip_dead_rows` (default on) switches it off for benchmarks. `_Experts` is a hand-written autograd
+Dead rows are not computed: a routed row whose gate is exactly zero (the tie pick of a NormRouter
+token whose scores the ReLU zeroed, or for k > 1 a pick past its positive scores) adds
+gate x output = 0, so the sort puts those rows in a trailing segment after the last expert's, which
+no GEMM covers (grouped_mm ignores rows past the last offset). Their output rows are set to 0, their
+input gradient to 0. Outputs and every parameter gradient are unchanged: the only gradient that
+differs is that of the zero gate itself (0 instead of <expert output, output gradient>), and a gate
+is exactly 0 only where the function that made it has zero derivative (ReLU at z <= 0, a softmax or
+sigmoid that underflowed), so nothing upstream of the gate changes. No host sync: the segment's
+length stays on the device. (The exception would be sigma = 0 exactly in a linear-parametrised
+NormRouter; training refuses sigma <= 0.) `ExpertPool.skip_dead_rows` (default on) switches it off
+for benchmarks.
+
+`_Experts` is a hand-written autograd
 Function for gather -> SwiGLU experts -> un-permute: it saves only the layer input and the
 gate/up activations (autograd would also keep the gathered rows and the SwiGLU intermediates), and it
 can defer its weight gradients. `moe_reference` is the per-expert loop the fast path is tested against.
