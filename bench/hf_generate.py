@@ -47,7 +47,7 @@ def export(cfg, out: Path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    export_hf(model, None, out)
+    export_hf(model, None, out, force=True)  # each model of the table is exported to the same directory
     return AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
 
 

@@ -51,7 +51,7 @@ def test_cli_end_to_end(corpus, data_dir, tmp_path, capsys):
     assert rc == 0
     run = tmp_path / "e2e"
     captured = capsys.readouterr()
-    assert "val loss" in captured.out and "unigram baseline" in captured.out and f"run directory: {run}" in captured.out
+    assert "validation loss" in captured.out and "unigram baseline" in captured.out and f"run directory: {run}" in captured.out
     try:
         import tensorboard  # noqa: F401
 

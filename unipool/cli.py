@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from unipool import __version__
 from unipool.analysis import eval as eval_
-from unipool.analysis import generate, probe, report, routing
+from unipool.analysis import generate, probe, report, routing, run_report
 from unipool.data import dataset
 from unipool.errors import UnipoolError
 from unipool.interop import hf, lm_eval
@@ -43,6 +43,8 @@ COMMANDS: list[Command] = [
             params.add_params_args, params.cmd_params),
     Command("eval", "validation loss and perplexity of a run or checkpoint", eval_.add_eval_args, eval_.cmd_eval),
     Command("compare", "table and loss-curve plots comparing runs", report.add_compare_args, report.cmd_compare),
+    Command("report", "one picture of a run: loss curves, expert usage, dead rows, router scale (RUN/report.png)",
+            run_report.add_report_args, run_report.cmd_report),
     Command("routing", "expert-utilisation analysis and plots of a run or checkpoint",
             routing.add_routing_args, routing.cmd_routing),
     Command("generate", "sample text from a run or checkpoint", generate.add_generate_args, generate.cmd_generate),

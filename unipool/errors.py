@@ -1,5 +1,6 @@
 """Errors that the command line reports as one line (no traceback)."""
 
+import errno
 import json
 from pathlib import Path
 
@@ -8,11 +9,32 @@ class UnipoolError(Exception):
     """Base class for user-facing errors: bad config, missing files, corrupt data or checkpoints."""
 
 
+class DiskFullError(UnipoolError):
+    """A write failed because the file system is full (or over quota)."""
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT from Python I/O, or the same failure as text from a native writer (safetensors
+    reports "No space left on device (os error 28)" inside its own exception type), anywhere in the
+    exception's chain (torch.save's zip writer raises its own error while closing after the OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def read_json(path: Path, error: type[UnipoolError] = UnipoolError) -> dict:
     """A JSON file's content; a missing or unparsable file raises `error` with a one-line message."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise error(f"missing {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"corrupt {path}: {e}") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise error(f"cannot read {path}: {e.strerror or e}") from None

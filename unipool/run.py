@@ -24,7 +24,7 @@ from unipool.data.tokenizer import Tokenizer, atomic_write_text
 from unipool.errors import UnipoolError, read_json
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool
-from unipool.train.checkpoint import CheckpointError, load_model, read_meta, resolve_checkpoint
+from unipool.train.checkpoint import CheckpointError, load_model, meta_model_config, read_meta, resolve_checkpoint
 from unipool.train.config import RunConfig, run_config_from_dict
 
 CONFIG = "config.json"
@@ -164,10 +164,7 @@ class Run:
     def model_config(self) -> ModelConfig:
         """The architecture: the checkpoint's own config, else the run config's."""
         if self.checkpoint is not None:
-            meta = self.meta()
-            if "model" not in meta:
-                raise CheckpointError(f"{self.checkpoint / 'meta.json'} has no model config")
-            return ModelConfig.from_dict(meta["model"])
+            return meta_model_config(self.meta(), self.checkpoint)
         if self.config is None:
             raise RunError("neither a checkpoint nor a run config to read the model from")
         return self.config.model

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipool.data.corpus import iter_documents, resolve_sources
-from unipool.data.dataset import TokenDataset, eval_batches
+from unipool.data.corpus import PIECE_CHARS, iter_documents, iter_pieces, resolve_sources
+from unipool.data.dataset import TokenDataset, eval_batches, prepared_fingerprint, tokenizer_matches
+from unipool.data.tokenizer import Tokenizer
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
 from unipool.run import Run, default_device
@@ -66,14 +67,37 @@ def window_batches(tokens: list[int] | torch.Tensor, batch_size: int, seq_len: i
 
 def text_tokens(path: str | Path, tokenizer, text_field: str = "text") -> list[int]:
     """Tokenize raw sources (text, jsonl, parquet, a folder of them) as `data.prepare` does: the same
-    documents, each followed by EOS."""
-    docs = [doc for _, doc in iter_documents(resolve_sources([path]), text_field)]
-    if not docs:
-        raise EvalError(f"{path} holds no text")
+    documents, each followed by EOS. Our `Tokenizer` reads them in pieces, as prepare does, with a literal
+    <|endoftext|> kept as text; another (a transformers tokenizer) sees whole documents."""
+    paths = resolve_sources([path])
     tokens: list[int] = []
-    for ids in tokenizer.encode_batch(docs):
-        tokens.extend(ids)
-        tokens.append(tokenizer.eos_id)
+    if isinstance(tokenizer, Tokenizer):
+        pieces: list[str] = []
+        ends: list[bool] = []
+
+        def flush() -> None:
+            for ids, end in zip(tokenizer.encode_text(pieces), ends):
+                tokens.extend(ids)
+                if end:
+                    tokens.append(tokenizer.eos_id)
+            pieces.clear()
+            ends.clear()
+
+        n_chars = 0
+        for _, piece, last in iter_pieces(paths, text_field):
+            if n_chars + len(piece) > PIECE_CHARS:
+                flush()
+                n_chars = 0
+            pieces.append(piece)
+            ends.append(last)
+            n_chars += len(piece)
+        flush()
+    else:
+        for ids in tokenizer.encode_batch([doc for _, doc in iter_documents(paths, text_field)]):
+            tokens.extend(ids)
+            tokens.append(tokenizer.eos_id)
+    if not tokens:
+        raise EvalError(f"{path} holds no text")
     return tokens
 
 
@@ -92,6 +116,7 @@ def eval_batches_for(run: Run, data: str | Path | None, split: str, batch_size: 
         if split not in ("train", "val"):
             raise EvalError(f"--split must be 'train' or 'val', got {split!r}")
         dataset = TokenDataset(path, split)
+        check_data_tokenizer(run, path)
         vocab_size = run.model_config.vocab_size
         if dataset.vocab_size > vocab_size:
             raise EvalError(f"{path} was tokenized with a vocabulary of {dataset.vocab_size}, "
@@ -99,6 +124,19 @@ def eval_batches_for(run: Run, data: str | Path | None, split: str, batch_size: 
         return eval_batches(dataset, batch_size, seq_len, max_tokens), f"{path} ({split})"
     tokens = text_tokens(path, run.tokenizer(), text_field)
     return window_batches(tokens, batch_size, seq_len, max_tokens), str(path)
+
+
+def check_data_tokenizer(run: Run, data_dir: Path) -> None:
+    """Refuse prepared data tokenized with another tokenizer than the run's (its ids would mean other
+    text: the loss would be a number about nothing). A checkpoint without a tokenizer is not checked."""
+    try:
+        tokenizer = run.tokenizer()
+    except UnipoolError:
+        return
+    if not tokenizer_matches(data_dir, tokenizer):
+        raise EvalError(f"{data_dir} was prepared with another tokenizer (fingerprint "
+                        f"{prepared_fingerprint(data_dir)}) than the model's {run.tokenizer_path()} (fingerprint "
+                        f"{tokenizer.fingerprint}); prepare it with --tokenizer {run.tokenizer_path()}")
 
 
 # ---- evaluation --------------------------------------------------------------------------------

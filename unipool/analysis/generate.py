@@ -10,6 +10,7 @@ An empty prompt starts from EOS, which is the document separator the model saw i
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -43,8 +44,8 @@ def filter_logits(logits_V: torch.Tensor, top_k: int | None = None, top_p: float
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise GenerateError(f"temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise GenerateError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise GenerateError(f"top-k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -73,6 +74,8 @@ def generate_ids(model: Unipool, prompt_ids: list[int], max_new_tokens: int = 10
         for _ in range(max_new_tokens):
             window = torch.tensor([ids[-model.config.max_seq_len:]], device=device)
             logits_V = model(window).logits[0, -1].float()
+            if not bool(torch.isfinite(logits_V).all()):
+                raise GenerateError("the model's logits are not finite (NaN/inf weights: a diverged checkpoint?)")
             if temperature == 0:
                 next_id = int(logits_V.argmax())
             else:

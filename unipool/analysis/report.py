@@ -124,7 +124,7 @@ def plot_curves(runs: list[dict], out_dir: Path) -> list[Path]:
     try:
         import matplotlib
     except ModuleNotFoundError:
-        raise ReportError("plots need matplotlib: pip install 'unipool[plots]'") from None
+        raise ReportError("plots need matplotlib, a dependency of unipool: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

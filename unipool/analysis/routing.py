@@ -207,7 +207,7 @@ def _pyplot():
     try:
         import matplotlib
     except ModuleNotFoundError:
-        raise RoutingError("plots need matplotlib: pip install 'unipool[plots]'") from None
+        raise RoutingError("plots need matplotlib, a dependency of unipool: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

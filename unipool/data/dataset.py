@@ -9,10 +9,17 @@ A second call with the same sources (paths, sizes, mtimes), tokenizer and split 
 
 Notable choices:
 - Documents, not tokens, are split between train and val: a seeded random choice of documents goes to val,
-  so no validation text is ever trained on.
-- EOD (`<|endoftext|>`) follows every document, as in Megatron/GPT-2 data; windows cross documents.
+  so no validation text is ever trained on. A corpus of one document (a single text file without form
+  feeds) is split inside it instead: its last `val_fraction` of characters, from a cut that leaves the
+  tokens unchanged (`corpus.cut_point`), is the validation split.
+- EOD (`<|endoftext|>`) follows every document, as in Megatron/GPT-2 data; windows cross documents. Only
+  this inserted EOD separates documents: a literal "<|endoftext|>" in the text is tokenized as text.
+- Memory does not grow with the size of a document: documents are tokenized in pieces of at most
+  `corpus.PIECE_CHARS` characters (plain text files are streamed), and tokens stream to the shards.
 - Writes are atomic: shards go to temporary files, the old index is removed before shards are replaced,
   and the new index is renamed into place last. A dataset without a valid index is not a dataset.
+  Temporary directories a killed prepare left behind (`.prepare-<pid>-*`, the pid no longer running)
+  are removed by the next prepare of the directory.
 - WindowSampler is epoch-free and stateless per step: batch `s` is drawn from a generator seeded with
   (seed, s), so resuming needs only the step counter.
 """
@@ -23,6 +30,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import tempfile
 from collections import deque
@@ -38,8 +46,16 @@ try:
 except ImportError:  # Windows: no locking between concurrent prepares
     fcntl = None
 
-from unipool.data.corpus import DataError, default_corpus_files, iter_documents, resolve_sources
-from unipool.data.tokenizer import Tokenizer, atomic_write_text, get_tokenizer
+from unipool.data.corpus import (
+    PIECE_CHARS,
+    DataError,
+    cut_point,
+    default_corpus_files,
+    iter_pieces,
+    pid_running,
+    resolve_sources,
+)
+from unipool.data.tokenizer import Tokenizer, TokenizerError, atomic_write_text, get_tokenizer
 
 __all__ = [
     "DataError",
@@ -52,9 +68,13 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# How text becomes tokens; part of the source fingerprint, so data prepared another way is prepared again.
+# 2: pieces, a literal <|endoftext|> stays text, a single document's tail is val.
+TOKENIZATION = 2
 SPLITS = ("train", "val")
 MAX_SHARD_TOKENS = 1 << 28  # 512 MB per uint16 shard
-CHUNK_CHARS = 1 << 20  # documents are sent to tokenizer workers in chunks of about this many characters
+CHUNK_CHARS = 1 << 20  # document pieces are sent to tokenizer workers in chunks of about this many characters
+TMP_PREFIX = ".prepare-"  # + "<pid>-<random>": a prepare's temporary directory inside the output directory
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -64,7 +84,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # --- prepare ----------------------------------------------------------------------------------------------
 
 def _source_fingerprint(paths: list[Path], text_field: str, val_fraction: float, seed: int) -> str:
-    h = hashlib.sha256(json.dumps([FORMAT_VERSION, text_field, val_fraction, seed]).encode())
+    h = hashlib.sha256(json.dumps([FORMAT_VERSION, TOKENIZATION, text_field, val_fraction, seed]).encode())
     for p in paths:
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         for f in files:
@@ -82,14 +102,26 @@ def _init_worker(tok_json: str) -> None:
     _worker_tok = Tokenizer.from_str(tok_json)
 
 
-def _tokenize_docs(tok: Tokenizer, args: tuple[list[str], list[bool], str]) -> tuple[int, np.ndarray, np.ndarray]:
-    """Tokenize a chunk of documents: (n docs, train tokens, val tokens), each doc followed by EOD."""
-    docs, is_val, dtype = args
-    out: dict[bool, list[int]] = {False: [], True: []}
-    for ids, v in zip(tok.encode_batch(docs), is_val):
-        out[v].extend(ids)
-        out[v].append(tok.eos_id)
-    return len(docs), np.array(out[False], dtype=dtype), np.array(out[True], dtype=dtype)
+def _tokenize_docs(tok: Tokenizer, args: tuple[list[str], list[tuple[bool, bool]], str]):
+    """Tokenize a chunk of document pieces: (n documents ended, train tokens, val tokens); each piece is
+    (is_val, ends_document), and EOD follows a document's last piece. The tokenizer sees at most about
+    PIECE_CHARS characters per call: its memory per character is large (~130 bytes)."""
+    pieces, flags, dtype = args
+    out: dict[bool, list[np.ndarray]] = {False: [], True: []}
+    eod = np.array([tok.eos_id], dtype=dtype)
+    lo = 0
+    while lo < len(pieces):
+        hi, n_chars = lo, 0
+        while hi < len(pieces) and (hi == lo or n_chars + len(pieces[hi]) <= PIECE_CHARS):
+            n_chars += len(pieces[hi])
+            hi += 1
+        for ids, (is_val, ends) in zip(tok.encode_text(pieces[lo:hi]), flags[lo:hi]):
+            out[is_val].append(np.array(ids, dtype=dtype))
+            if ends:
+                out[is_val].append(eod)
+        lo = hi
+    n = sum(ends for _, ends in flags)
+    return (n, *(np.concatenate(out[v]) if out[v] else np.zeros(0, dtype) for v in (False, True)))
 
 
 def _tokenize_chunk(args):
@@ -137,23 +169,44 @@ class _ShardWriter:
         return self.shards
 
 
-def _chunks(paths, text_field, is_val: np.ndarray, dtype: str) -> Iterator[tuple[list[str], list[bool], str]]:
-    """Documents in chunks of about CHUNK_CHARS characters, with their split flags from pass 1."""
-    docs: list[str] = []
-    n_chars, n_seen = 0, 0
-    for path, doc in iter_documents(paths, text_field):
-        if n_seen == len(is_val):
+def _pieces(paths, text_field, is_val: np.ndarray, val_from: int | None) -> Iterator[tuple[str, bool, bool]]:
+    """(piece, is_val, ends_document) for every document piece, with the split chosen in pass 1: per
+    document from `is_val`, or, for a single document split inside (`val_from` set), by character: the
+    piece holding character `val_from` is cut (as `cut_point` cuts) and val is all that follows."""
+    n_docs, pos = 0, 0
+    for path, piece, last in iter_pieces(paths, text_field):
+        if n_docs == len(is_val):
             raise DataError(f"a source changed while it was being prepared: {path}")
-        docs.append(doc)
-        n_chars += len(doc)
-        n_seen += 1
-        if n_chars >= CHUNK_CHARS:
-            yield docs, is_val[n_seen - len(docs): n_seen].tolist(), dtype
-            docs, n_chars = [], 0
-    if n_seen != len(is_val):
+        if val_from is None:
+            yield piece, bool(is_val[n_docs]), last
+        elif pos + len(piece) <= val_from:
+            yield piece, False, last
+        elif pos >= val_from:
+            yield piece, True, last
+        else:
+            i = cut_point(piece, 0, val_from - pos, prefer_breaks=False)  # the nearest cut
+            yield piece[:i], False, False
+            yield piece[i:], True, last
+        pos += len(piece)
+        n_docs += last
+    if n_docs != len(is_val):
         raise DataError(f"a source changed while it was being prepared: {', '.join(map(str, paths))}")
-    if docs:
-        yield docs, is_val[n_seen - len(docs): n_seen].tolist(), dtype
+
+
+def _chunks(pieces, dtype: str) -> Iterator[tuple[list[str], list[tuple[bool, bool]], str]]:
+    """Pieces grouped into chunks of about CHUNK_CHARS characters: the unit of work of a tokenizer worker."""
+    texts: list[str] = []
+    flags: list[tuple[bool, bool]] = []
+    n_chars = 0
+    for piece, is_val, ends in pieces:
+        texts.append(piece)
+        flags.append((is_val, ends))
+        n_chars += len(piece)
+        if n_chars >= CHUNK_CHARS:
+            yield texts, flags, dtype
+            texts, flags, n_chars = [], [], 0
+    if texts:
+        yield texts, flags, dtype
 
 
 def _n_cpus() -> int:
@@ -183,7 +236,8 @@ def prepare(
     """Tokenize `sources` into token shards + index.json + tokenizer.json in `out_dir`; return `out_dir`.
 
     A seeded random `val_fraction` of the documents (at least one, when there are two or more) forms the
-    validation split. Reuses an existing preparation of the same sources, tokenizer and split settings.
+    validation split; a single document gives its last `val_fraction` of characters instead. Reuses an
+    existing preparation of the same sources, tokenizer and split settings.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -192,33 +246,77 @@ def prepare(
     out_dir = Path(out_dir)
     paths = resolve_sources(sources)
     src_fp = _source_fingerprint(paths, text_field, val_fraction, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)
     # one prepare per directory at a time: runs sharing a data cache wait here, then reuse the result
     with open(out_dir / ".lock", "w") as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_stale_tmp(out_dir)
         if _is_prepared(out_dir, src_fp, tokenizer):
             return out_dir
 
-        # pass 1: count documents (also surfaces format errors before any worker starts)
-        count_bar = tqdm(iter_documents(paths, text_field), unit="doc", desc="reading documents", disable=None)
-        n_docs = sum(1 for _ in count_bar)
+        # pass 1: count documents and characters (also surfaces format errors before any worker starts)
+        n_docs, n_chars = 0, 0
+        with tqdm(unit="doc", desc="reading documents", disable=None) as bar:
+            for _, piece, last in iter_pieces(paths, text_field):
+                n_chars += len(piece)
+                n_docs += last
+                bar.update(int(last))
         if n_docs == 0:
             raise DataError(f"no text found in: {', '.join(map(str, paths))}")
-        n_val = 0 if val_fraction == 0 or n_docs < 2 else min(max(1, round(val_fraction * n_docs)), n_docs - 1)
         is_val = np.zeros(n_docs, dtype=bool)
-        is_val[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
+        val_from = None  # a single document: val starts at this character
+        if n_docs == 1 and val_fraction > 0 and n_chars > 1:
+            val_from = min(n_chars - 1, max(1, round((1 - val_fraction) * n_chars)))
+        else:
+            n_val = 0 if val_fraction == 0 or n_docs < 2 else min(max(1, round(val_fraction * n_docs)), n_docs - 1)
+            is_val[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
 
         # pass 2: tokenize in parallel into temporary shards, then move them into place
         dtype = token_dtype(tokenizer.vocab_size)
-        tmp_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=".prepare-"))
+        tmp_dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=f"{TMP_PREFIX}{os.getpid()}-"))
         try:
-            shards = _tokenize_to(tmp_dir, paths, text_field, tokenizer, is_val, dtype, max_shard_tokens,
+            pieces = _pieces(paths, text_field, is_val, val_from)
+            shards = _tokenize_to(tmp_dir, pieces, tokenizer, n_docs, n_chars, dtype, max_shard_tokens,
                                   num_workers or min(8, _n_cpus()), desc=f"tokenizing -> {out_dir}")
-            return _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_docs, is_val,
-                           {"val_fraction": val_fraction, "text_field": text_field, "seed": seed})
+            counts = ({"train": 1, "val": 1} if val_from is not None
+                      else {"train": n_docs - int(is_val.sum()), "val": int(is_val.sum())})
+            settings = {"val_fraction": val_fraction, "text_field": text_field, "seed": seed,
+                        "val_split": "tail of the only document" if val_from is not None else "documents"}
+            return _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, counts, settings)
         finally:
             _rmtree(tmp_dir)
+
+
+def make_out_dir(out_dir: Path) -> None:
+    """Create the output directory, or say in one line why it cannot be one."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"the output {out_dir} is a file, not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the output directory {out_dir}: {e.strerror or e}") from None
+
+
+_TMP_DIR = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-\w+")
+_TMP_FILE = re.compile(r"\.(index|tokenizer)\.json\.\w+\.tmp")  # atomic_write_text's temporaries
+
+
+def remove_stale_tmp(out_dir: Path) -> list[Path]:
+    """Remove what a killed prepare left in `out_dir`: its `.prepare-<pid>-*` directories whose process is
+    gone (a live pid is left alone: it may be a prepare that does not share our lock, e.g. on another
+    mount), and index/tokenizer temporaries (written only under the lock this caller holds)."""
+    removed = []
+    for p in out_dir.iterdir():
+        m = _TMP_DIR.fullmatch(p.name)
+        if (m and p.is_dir() and not pid_running(int(m.group(1)))) \
+                or (_TMP_FILE.fullmatch(p.name) and p.is_file()):
+            if p.is_dir():
+                _rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _is_prepared(out_dir: Path, src_fp: str, tokenizer: Tokenizer) -> bool:
@@ -232,14 +330,14 @@ def _is_prepared(out_dir: Path, src_fp: str, tokenizer: Tokenizer) -> bool:
     return True
 
 
-def _tokenize_to(tmp_dir, paths, text_field, tokenizer, is_val, dtype, max_shard_tokens, num_workers, desc):
-    """Tokenize all documents into `tmp_dir` shards; returns {split: [{"file", "n_tokens"}, ...]}."""
+def _tokenize_to(tmp_dir, pieces, tokenizer, n_docs, n_chars, dtype, max_shard_tokens, num_workers, desc):
+    """Tokenize document pieces into `tmp_dir` shards; returns {split: [{"file", "n_tokens"}, ...]}."""
     writers = {s: _ShardWriter(tmp_dir, s, max_shard_tokens) for s in SPLITS}
-    chunks = _chunks(paths, text_field, is_val, dtype.name)
+    chunks = _chunks(pieces, dtype.name)
     pool = None
     try:
-        with tqdm(total=len(is_val), unit="doc", desc=desc, disable=None) as bar:
-            if num_workers > 1 and len(is_val) > 1:
+        with tqdm(total=n_docs, unit="doc", desc=desc, disable=None) as bar:
+            if num_workers > 1 and n_chars > CHUNK_CHARS:
                 # fork: workers start at once and only run `tokenizers` (no torch, no CUDA)
                 ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
                 pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer.to_str(),))
@@ -261,7 +359,7 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_docs, is_val, settings) -> Path:
+def _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_documents, settings) -> Path:
     """Move finished shards into place. The index goes first and comes back last: no torn dataset is valid."""
     n_tokens = {s: sum(sh["n_tokens"] for sh in shards[s]) for s in SPLITS}
     old = _read_index(out_dir) or {}
@@ -274,7 +372,6 @@ def _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_docs, i
     for f in new_files:
         os.replace(tmp_dir / f, out_dir / f)
     tokenizer.save(out_dir / "tokenizer.json")
-    n_val_docs = int(is_val.sum())
     index = {
         "version": FORMAT_VERSION,
         "dtype": dtype.name,
@@ -285,8 +382,7 @@ def _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, n_docs, i
         "sources": [str(p) for p in paths],
         **settings,
         "splits": {
-            s: {"n_tokens": n_tokens[s], "n_documents": n_docs - n_val_docs if s == "train" else n_val_docs,
-                "shards": shards[s]}
+            s: {"n_tokens": n_tokens[s], "n_documents": n_documents[s], "shards": shards[s]}
             for s in SPLITS
         },
     }
@@ -451,16 +547,74 @@ def default_data_dir(data) -> Path:
 
 def prepare_run_data(data, tokenizer: Tokenizer | None = None) -> Path:
     """Tokenizer and token shards for a run's data section (`data`: a DataConfig); returns the data
-    directory. `tokenizer` (a resumed run's own) is used as it is, never trained again; otherwise a
-    `bpe:N` tokenizer already trained in the data directory is reused."""
+    directory. `tokenizer` (a resumed run's own) is used as it is, never trained again, and data prepared
+    with another tokenizer is refused. Otherwise a tokenizer already in the data directory is reused for a
+    `bpe:N` spec of its size; a spec that disagrees with it is refused, naming both."""
     data_dir = Path(data.data_dir) if data.data_dir else default_data_dir(data)
+    make_out_dir(data_dir)  # a data_dir that cannot be one is said before a tokenizer is trained
     files = data.sources or default_corpus_files()
-    if tokenizer is None:
-        cached = data_dir / "tokenizer.json"
-        tokenizer = Tokenizer.load(cached) if data.tokenizer.startswith("bpe:") and cached.is_file() \
-            else get_tokenizer(data.tokenizer, files)
+    cached = data_dir / "tokenizer.json"
+    if tokenizer is not None:
+        if (data_dir / "index.json").is_file() and not tokenizer_matches(data_dir, tokenizer):
+            raise DataError(f"{data_dir} holds data prepared with another tokenizer than the resumed run's "
+                            f"(fingerprint {prepared_fingerprint(data_dir)}, the run's {tokenizer.fingerprint}); "
+                            "prepare the run's data elsewhere (--data.data-dir) with the run's tokenizer.json")
+    elif cached.is_file():
+        tokenizer = _cached_tokenizer_for(data.tokenizer, cached, files)
+    else:
+        tokenizer = get_tokenizer(data.tokenizer, files)
     prepare(files, data_dir, tokenizer, val_fraction=data.val_fraction, text_field=data.text_field)
     return data_dir
+
+
+def _cached_tokenizer_for(spec: str, cached: Path, files) -> Tokenizer:
+    """The tokenizer a data directory already holds, if `spec` asks for it: `bpe:N` with N its size (it
+    was trained there: training again would only cost time), or the very same tokenizer."""
+    try:
+        have = Tokenizer.load(cached)
+    except TokenizerError:
+        return get_tokenizer(spec, files)  # a damaged cache file: prepare replaces it
+    if spec.startswith("bpe:") and not spec[4:].isdigit():
+        return get_tokenizer(spec, files)  # says what is wrong with the spec
+    if spec.startswith("bpe:"):
+        agrees = spec == f"bpe:{have.vocab_size}"
+        want = spec
+    else:
+        tokenizer = get_tokenizer(spec, files)
+        agrees = tokenizer.fingerprint == have.fingerprint
+        want = f"{spec} ({tokenizer.vocab_size} tokens, fingerprint {tokenizer.fingerprint})"
+    if not agrees:
+        raise DataError(f"--data.tokenizer {want} disagrees with the tokenizer in the data directory "
+                        f"{cached} ({have.vocab_size} tokens, fingerprint {have.fingerprint}); use another "
+                        f"--data.data-dir, or remove {cached.parent} to prepare it again")
+    return have if spec.startswith("bpe:") else tokenizer
+
+
+def prepared_fingerprint(data_dir: Path) -> str | None:
+    """The fingerprint of the tokenizer a prepared directory was tokenized with (from index.json)."""
+    index = _read_index(Path(data_dir)) or {}
+    return index.get("tokenizer_fingerprint")
+
+
+def tokenizer_matches(data_dir: str | Path, tokenizer: Tokenizer) -> bool:
+    """Whether the data in `data_dir` was tokenized with `tokenizer`: index.json's fingerprint, or (an index
+    written by another `tokenizers` version serializes differently) its tokenizer.json read again now."""
+    data_dir = Path(data_dir)
+    if prepared_fingerprint(data_dir) == tokenizer.fingerprint:
+        return True
+    try:
+        return Tokenizer.load(data_dir / "tokenizer.json").fingerprint == tokenizer.fingerprint
+    except TokenizerError:
+        return False
+
+
+def _blocks(ds: TokenDataset, n: int) -> Iterator[np.ndarray]:
+    """A split's tokens in blocks of at most `n`, read (not memory-mapped: a pass over a large split would
+    leave all of it mapped into the process)."""
+    for shard in ds.shards:
+        with open(shard.filename, "rb") as f:
+            while (block := np.fromfile(f, dtype=ds.dtype, count=n)).size:
+                yield block
 
 
 def unigram_loss(train_ds: TokenDataset, val_ds: TokenDataset) -> float:
@@ -470,14 +624,13 @@ def unigram_loss(train_ds: TokenDataset, val_ds: TokenDataset) -> float:
     """
     V = train_ds.vocab_size
     counts = np.zeros(V, dtype=np.int64)
-    step = 1 << 24
-    for shard in train_ds.shards:
-        for i in range(0, len(shard), step):
-            counts += np.bincount(shard[i: i + step], minlength=V)
+    step = 1 << 22  # tokens per bincount: its int64 copy stays small
+    for block in _blocks(train_ds, step):
+        counts += np.bincount(block, minlength=V)
     logp = np.log(counts + 1.0) - np.log(counts.sum() + V)
     if val_ds.n_tokens == 0:
         raise DataError(f"val split of {val_ds.data_dir} is empty")
-    total = sum(float(logp[shard[i: i + step]].sum()) for shard in val_ds.shards for i in range(0, len(shard), step))
+    total = sum(float(logp[block].sum()) for block in _blocks(val_ds, step))
     return -total / val_ds.n_tokens
 
 
@@ -498,12 +651,18 @@ def add_prepare_args(parser) -> None:
 def cmd_prepare(args) -> int:
     sources = args.sources or default_corpus_files()
     out = Path(args.out)
+    make_out_dir(out)  # a bad --out is said now, not after training a tokenizer
+    resolve_sources(sources)
     tok = get_tokenizer(args.tokenizer, files=sources)  # BPE training is deterministic: shards get reused
     prepare(sources, out, tok, val_fraction=args.val_fraction, text_field=args.text_field, seed=args.seed,
             num_workers=args.workers or None)
     train, val = TokenDataset(out, "train"), TokenDataset(out, "val")
-    print(f"{out}: train {train.n_tokens:,} tokens ({train.n_documents:,} docs), val {val.n_tokens:,} tokens "
-          f"({val.n_documents:,} docs), vocab {train.vocab_size}, {train.dtype.name}")
+    if train.index.get("val_split") == "tail of the only document":
+        docs = f"train {train.n_tokens:,} tokens, val {val.n_tokens:,} tokens (one document: val is its end)"
+    else:
+        docs = (f"train {train.n_tokens:,} tokens ({train.n_documents:,} docs), val {val.n_tokens:,} tokens "
+                f"({val.n_documents:,} docs)")
+    print(f"{out}: {docs}, vocab {train.vocab_size}, {train.dtype.name}")
     if val.n_tokens:
         print(f"unigram baseline: {unigram_loss(train, val):.4f} nats/token on val")
     return 0

@@ -28,10 +28,11 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from unipool.data.corpus import default_corpus_files, iter_documents, resolve_sources
+from unipool.data.corpus import default_corpus_files, iter_pieces, resolve_sources
 from unipool.errors import UnipoolError
 
 EOD_TOKEN = "<|endoftext|>"
+TRAIN_PIECE_CHARS = 1 << 16  # the BPE trainer buffers hundreds of its input strings: keep them short
 
 
 class TokenizerError(UnipoolError):
@@ -54,6 +55,17 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_text(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of data text: a literal <|endoftext|> in it stays text (it is not the EOD token, which
+        only the data preparation inserts between documents)."""
+        before = self.tok.encode_special_tokens
+        self.tok.encode_special_tokens = True
+        try:
+            encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)  # no offsets: less memory
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        finally:
+            self.tok.encode_special_tokens = before
 
     def decode(self, ids) -> str:
         # keep special tokens: EOD markers between documents show up as <|endoftext|> in decoded text
@@ -172,6 +184,9 @@ def train_bpe(files, vocab_size: int, text_field: str = "text") -> Tokenizer:
     """Train a byte-level BPE with an `<|endoftext|>` special token (id 0) on the documents of `files`.
 
     `files` are any sources `unipool.data.prepare` accepts (text, jsonl(.zst), parquet, datasets dirs).
+    The trainer is fed documents in pieces (`iter_pieces`), so its memory does not grow with the size of a
+    document; it counts the same words as on whole documents (pieces end where words do), and a literal
+    <|endoftext|> in the text is counted as text.
     """
     if vocab_size < 257:
         raise TokenizerError(f"BPE vocab_size must be at least 257 (256 bytes + EOD), got {vocab_size}")
@@ -183,7 +198,8 @@ def train_bpe(files, vocab_size: int, text_field: str = "text") -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: no unknown tokens, ever
         show_progress=False,
     )
-    tok.train_from_iterator((doc for _, doc in iter_documents(paths, text_field)), trainer=trainer)
+    tok.train_from_iterator((piece for _, piece, _ in iter_pieces(paths, text_field, TRAIN_PIECE_CHARS)),
+                            trainer=trainer)
     return Tokenizer(tok)
 
 

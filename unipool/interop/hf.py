@@ -10,6 +10,9 @@ Load it with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) a
 The shared pool stays shared: a UniPool export has one pool parameter set that every layer calls.
 Weights are written in the dtype they are stored in (an imported bf16 model stays bf16) unless --dtype says otherwise.
 
+Neither direction overwrites without consent: a non-empty target directory needs --force (`force=True`),
+and a unipool run or checkpoint directory (the run being exported included) is refused even with it.
+
 Import (`import_hf`, `unipool import HF_DIR --out RUN`) maps a Mixtral, OLMoE or Qwen3-MoE checkpoint onto a
 `layerwise` unipool model with identical math, and refuses (naming the feature) anything that does not map:
 tied embeddings, shared experts, dense layers mixed in, sliding windows, biases, clip_qkv, RoPE scaling.
@@ -217,16 +220,21 @@ def save_sharded(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int
 
 
 def export_hf(model: Unipool, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None,
-              max_shard_size: str | int = "5GB") -> Path:
+              max_shard_size: str | int = "5GB", force: bool = False) -> Path:
     """Write `model` (and `tokenizer`: a tokenizer.json path, a Tokenizer, or None) as a transformers
     directory loadable with trust_remote_code=True, its floating-point weights in `dtype` (default: the
-    model's). Weights above `max_shard_size` are split into shards. Returns out_dir."""
+    model's). Weights above `max_shard_size` are split into shards. Returns out_dir. A non-empty `out_dir`
+    needs `force`; a unipool run or checkpoint is refused (see check_target)."""
     out = Path(out_dir)
+    check_target(out, force)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.tok_embeddings.weight.dtype
     eos_id = None
     if tokenizer is not None:
         eos_id = save_hf_tokenizer(tokenizer, out, model.config.max_seq_len)
+    else:  # a forced export over an older one must not ship that export's tokenizer
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (out / name).unlink(missing_ok=True)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_state_dict(model).items()}
     save_sharded(state, out, parse_size(max_shard_size))
     config = hf_config_dict(model, eos_id)
@@ -238,6 +246,38 @@ def export_hf(model: Unipool, tokenizer, out_dir: str | Path, dtype: torch.dtype
     for name in REMOTE_FILES:
         shutil.copyfile(REMOTE_DIR / name, out / name)
     return out
+
+
+def unipool_dir_kind(path: Path) -> str | None:
+    """What unipool directory `path` is ("a unipool run", ...), or None. A transformers directory has a
+    config.json too: a run's holds no model_type, or the run has checkpoints/."""
+    if not path.is_dir():
+        return None
+    if (path / "checkpoints").is_dir():
+        return "a unipool run"
+    if Run.holds_run(path):
+        try:
+            if "model_type" not in json.loads((path / "config.json").read_text()):
+                return "a unipool run"
+        except (OSError, ValueError):
+            return "a unipool run"  # unreadable: do not guess that it may be replaced
+    if (path / "meta.json").is_file():
+        return "a unipool checkpoint"
+    if path.name == "checkpoints" and Run.holds_run(path.parent):
+        return "a unipool run's checkpoints directory"
+    return None
+
+
+def check_target(path: Path, force: bool) -> None:
+    """Refuse to write into a unipool run or checkpoint (always: it would stop resuming and evaluating),
+    a file, or a non-empty directory (unless `force`, the command line's --force)."""
+    kind = unipool_dir_kind(path)
+    if kind:
+        raise HFError(f"{path} is {kind}; writing into it would break it: choose another directory")
+    if path.exists() and not path.is_dir():
+        raise HFError(f"{path} is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise HFError(f"{path} is not empty; pass --force to write into it")
 
 
 def find_run_tokenizer(run: str | Path) -> Path | None:
@@ -471,12 +511,16 @@ def import_hf(hf_dir: str | Path) -> Unipool:
 
 
 def write_run(model: Unipool, out_dir: str | Path, tokenizer_json: Path | None = None, source: str = "",
-              dtype: torch.dtype | None = None) -> Path:
+              dtype: torch.dtype | None = None, force: bool = False) -> Path:
     """A run directory that every unipool command accepts: config.json, tokenizer.json, checkpoints/step_000000
-    (weights stored in `dtype`, default the model's; `source` recorded in the checkpoint's meta.json)."""
+    (weights stored in `dtype`, default the model's; `source` recorded in the checkpoint's meta.json).
+    A non-empty `out_dir` needs `force`; a unipool run or checkpoint is refused (see check_target)."""
     out = Path(out_dir)
+    check_target(out, force)
     tokenizer = tokenizer_json if tokenizer_json is not None and tokenizer_json.is_file() else None
-    Run.create(out, default_config().replace(model=model.config, preset="custom"), tokenizer)
+    # with force, a config.json already there (a transformers directory's) is replaced: check_target has
+    # refused a run
+    Run.create(out, default_config().replace(model=model.config, preset="custom"), tokenizer, exist_ok=force)
     ckpt = out / "checkpoints" / "step_000000"
     save_model(model, ckpt, {"step": 0, "source": source}, dtype)
     (out / "checkpoints" / "LATEST").write_text(ckpt.name + "\n")
@@ -500,16 +544,19 @@ def add_export_args(parser) -> None:
     _add_dtype_arg(parser, "the dtype the checkpoint stores")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="split the weights into safetensors shards of at most this size, as save_pretrained does")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty directory (never into a unipool run or checkpoint)")
 
 
 def cmd_export(args) -> int:
     max_shard = parse_size(args.max_shard_size)
+    check_target(Path(args.hf), args.force)  # before the (slow) load
     model, meta = load_model(args.run)
     dtype = DTYPES[meta.get("dtype", "float32") if args.dtype == "auto" else args.dtype]
     tok = Path(args.tokenizer) if args.tokenizer else find_run_tokenizer(args.run)
     if tok is None:
         print("warning: no tokenizer.json found next to the run; exporting the model only")
-    out = export_hf(model, tok, args.hf, dtype, max_shard)
+    out = export_hf(model, tok, args.hf, dtype, max_shard, force=args.force)
     print(f"exported {model.param_counts()['total']:,} parameters ({str(dtype).removeprefix('torch.')}) to {out} "
           f"(load with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True))")
     return 0
@@ -519,13 +566,16 @@ def add_import_args(parser) -> None:
     parser.add_argument("hf_dir", help="Hugging Face model directory (Mixtral, OLMoE, Qwen3-MoE or a unipool export)")
     parser.add_argument("--out", required=True, help="output run directory (config.json, tokenizer.json, checkpoints/)")
     _add_dtype_arg(parser, "the dtype the Hugging Face checkpoint stores")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty directory (never into a unipool run or checkpoint)")
 
 
 def cmd_import(args) -> int:
+    check_target(Path(args.out), args.force)  # before the (slow) import
     model = import_hf(args.hf_dir)
     dtype = source_dtype(args.hf_dir) if args.dtype == "auto" else DTYPES[args.dtype]
     out = write_run(model, args.out, Path(args.hf_dir) / "tokenizer.json", source=str(Path(args.hf_dir).resolve()),
-                    dtype=dtype)
+                    dtype=dtype, force=args.force)
     c = model.config
     print(f"imported {model.param_counts()['total']:,} parameters ({c.n_layers} layers, {c.num_experts} experts, "
           f"top-{c.top_k}, {str(dtype).removeprefix('torch.')}) into {out}")

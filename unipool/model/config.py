@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +57,35 @@ def _positive_number(v: Any) -> bool:
 
 class ConfigError(UnipoolError, ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    """Whether `value` fits the annotation `tp` (float accepts an int; bool is never a number)."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    for opt in options:
+        if opt is type(None) and value is None:
+            return True
+        if opt is bool and isinstance(value, bool):
+            return True
+        if opt in (int, float) and isinstance(value, int if opt is int else (int, float)) and not isinstance(value, bool):
+            return True
+        if opt is str and isinstance(value, str):
+            return True
+        if typing.get_origin(opt) is list and isinstance(value, list):
+            return True
+    return False
+
+
+def check_types_and_finite(obj: Any, section: str) -> None:
+    """Every field of dataclass `obj` has its annotated type, and every float is finite: a config read
+    from a damaged file or a command line (`Infinity`, `NaN`) fails here in one line, not in training."""
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        value = getattr(obj, name)
+        if not _has_type(value, tp):
+            expected = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            raise ConfigError(f"{section}.{name}: expected {expected}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{name}: must be a finite number (got {value!r})")
 
 
 @dataclass(frozen=True)
@@ -148,6 +179,7 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"model.{name}: {msg} (got {getattr(self, name)!r})")
 
+        check_types_and_finite(self, "model")
         for name in ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "n_kv_heads",
                      "ffn_hidden", "max_seq_len", "num_experts", "top_k", "granularity", "n_groups"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name,
@@ -170,6 +202,8 @@ class ModelConfig:
             need(self.n_layers % self.n_groups == 0, "n_groups", f"must divide n_layers={self.n_layers}")
         need(self.rope_base > 0, "rope_base", "must be positive")
         need(self.init_std > 0, "init_std", "must be positive")
+        need(self.norm_eps > 0, "norm_eps", "must be positive")
+        need(self.norm_router_eps > 0, "norm_router_eps", "must be positive")
         for name in ("switch_loss_coef", "pool_loss_coef", "z_loss_coef", "aux_free_bias_rate"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         c = self.norm_router_c

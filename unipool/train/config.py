@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unipool.model.config import ConfigError, ModelConfig
+from unipool.model.config import ConfigError, ModelConfig, check_types_and_finite
 from unipool.model.moe import DISPATCH
 from unipool.presets import DEFAULT_PRESET, preset
 
 PRECISIONS = ("auto", "bf16", "fp32")
 DIST_MODES = ("none", "ddp", "fsdp")
+ON_NONFINITE = ("skip", "stop", "rollback")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01  # on parameters with >= 2 dims only (Megatron: none on 1-D params)
     grad_clip: float = 1.0  # 0 disables clipping
+    # --- divergence guard: a step whose gradient norm (or loss) is NaN/inf never updates the weights ---
+    on_nonfinite: str = "skip"  # skip the update | stop | rollback to the last checkpoint
+    max_bad_steps: int = 3  # skip: skipped steps in a row; rollback: rollbacks without a new checkpoint; then stop
     # --- execution ---
     precision: str = "auto"  # auto: bf16 autocast on a GPU that has it, fp32 on CPU | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -81,7 +85,8 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"train.{name}: {msg} (got {getattr(self, name)!r})")
 
-        for name in ("batch_size", "grad_accum", "seq_len"):
+        check_types_and_finite(self, "train")
+        for name in ("batch_size", "grad_accum", "seq_len", "max_bad_steps"):
             need(getattr(self, name) > 0, name, "must be a positive integer")
         for name in ("steps", "tokens", "eval_interval", "eval_tokens", "log_interval", "routing_interval",
                      "ckpt_interval", "keep_every", "sample_tokens"):
@@ -96,6 +101,7 @@ class TrainConfig:
         need(self.eps > 0, "eps", "must be > 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        need(self.on_nonfinite in ON_NONFINITE, "on_nonfinite", f"must be one of {ON_NONFINITE}")
         need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         need(self.distributed in DIST_MODES, "distributed", f"must be one of {DIST_MODES}")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",

@@ -18,6 +18,12 @@ Choices:
   function of the step, so a checkpoint's step is the schedule's whole state.
 - Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and exits (status 130);
   a second Ctrl-C stops at once.
+- Divergence guard (train.on_nonfinite): a step whose global gradient norm is NaN/inf never reaches the
+  optimizer. The norm is the float clipping already returns (no extra sync), it is the same on every
+  rank, and a non-finite loss always makes it non-finite. `skip` drops that update (up to
+  max_bad_steps in a row), `stop` ends the run at once, `rollback` reloads the last checkpoint; a run
+  that cannot go on ends with one line naming the step and how to continue. Checkpoints are written
+  only with finite weights (see checkpoint.py), so a diverging run never replaces the good ones.
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ from tqdm import tqdm
 from unipool.analysis.eval import evaluate
 from unipool.analysis.generate import generate
 from unipool.analysis.routing import load_stats
+from unipool.data.corpus import DataError
 from unipool.data.dataset import TokenDataset, WindowSampler, eval_batches, prepare_run_data, unigram_loss
-from unipool.errors import UnipoolError
+from unipool.errors import DiskFullError, UnipoolError, is_disk_full
 from unipool.model.config import ConfigError
 from unipool.model.model import ModelOutput, build_model
 from unipool.run import Run
@@ -74,10 +81,8 @@ class Metrics:
         self.enabled, self.path, self.tb = enabled, run.metrics_path, None
         if not enabled:
             return
-        if resume_step is not None and self.path.is_file():  # drop lines the resumed run will redo
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        if resume_step is not None:
+            self.truncate(resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -87,11 +92,34 @@ class Metrics:
                 print("tensorboard is not installed (pip install 'unipool[tensorboard]'); logging to "
                       "metrics.jsonl only", file=sys.stderr)
 
+    def truncate(self, step: int) -> None:
+        """Drop the records after `step` (a resumed or rolled-back run redoes them), and any line a
+        crash or a full disk cut short, with a warning."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept, bad = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                record, bad = None, bad + 1
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
+                kept.append(line)
+        if bad:
+            print(f"warning: {self.path}: dropped {bad} unreadable line(s) (cut short by a crash or a full disk?)",
+                  file=sys.stderr)
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFullError(f"No space left on device while writing {self.path}") from None
+            raise
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "tokens"):
@@ -163,6 +191,77 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+class DivergenceError(UnipoolError):
+    """Training produced NaN/inf and train.on_nonfinite says not to go on."""
+
+
+class DivergenceGuard:
+    """What a step with a non-finite gradient norm does, per train.on_nonfinite (see the module
+    docstring). `bad` counts skipped steps in a row (skip) or rollbacks since the last checkpoint was
+    written (rollback: a replay that diverges again at the same place must not loop forever).
+    `protect` names the last checkpoint written before the first bad step: weights that came after
+    it may be finite but already ruined, so retention keeps it for the rest of the run."""
+
+    def __init__(self, policy: str, max_bad: int, run_dir: Path, on_stop):
+        self.policy, self.max_bad, self.run_dir, self.on_stop = policy, max_bad, run_dir, on_stop
+        self.bad, self.skipped, self.protect = 0, 0, ()
+
+    def healthy_step(self) -> None:
+        if self.policy == "skip":
+            self.bad = 0
+
+    def saved(self) -> None:
+        if self.policy == "rollback":
+            self.bad = 0
+
+    def bad_step(self, step: int, what: str, skippable: bool = True) -> str:
+        """Step `step` (1-based) produced `what`; returns "skip" or "rollback", or raises DivergenceError.
+        Non-finite weights (skippable=False) are past skipping: they stop a run unless it rolls back."""
+        self.bad += 1
+        if not self.protect and self._latest():
+            self.protect = (self._latest(),)
+        if (self.policy == "stop" or self.bad > self.max_bad or (self.policy == "skip" and not skippable)
+                or (self.policy == "rollback" and not self._latest())):
+            self._stop(step, what, skippable)
+        if self.policy == "skip":
+            self.skipped += 1
+            note = f"update skipped ({self.bad} of at most {self.max_bad} in a row)"
+        else:
+            note = f"rolling back to {self._latest()} ({self.bad} of at most {self.max_bad})"
+        dist.print0(f"warning: step {step}: {what}; {note}", file=sys.stderr)
+        return self.policy
+
+    def _latest(self) -> str | None:
+        latest = self.run_dir / "checkpoints" / "LATEST"
+        return latest.read_text().strip() if latest.is_file() else None
+
+    def _stop(self, step: int, what: str, skippable: bool) -> None:
+        self.on_stop()
+        why = {"stop": "train.on_nonfinite=stop",
+               "skip": f"more than train.max_bad_steps={self.max_bad} in a row" if skippable else "not skippable",
+               "rollback": f"after {self.bad - 1} rollback(s)" if self._latest() else "no checkpoint to roll back to"}
+        latest = self._latest()
+        cont = (f"the latest checkpoint is {latest}; continue with a lower learning rate: unipool train --resume "
+                f"{self.run_dir} --train.lr LR" if latest else
+                "no checkpoint was written; start again with a lower --train.lr")
+        raise DivergenceError(f"training diverged at step {step}: {what} ({why[self.policy]}); {cont}")
+
+
+def nonfinite_report(grad_norm: float, loss_sum: torch.Tensor) -> str:
+    """A bad step in words (reads this rank's loss: only on the bad path)."""
+    loss, aux = (float(v) for v in loss_sum)
+    return f"gradient norm {grad_norm}, loss {loss:.4g}, aux loss {aux:.4g}"
+
+
+def roll_back(run_dir: Path, model: nn.Module, optimizer, sampler, mode: str, info: dist.DistInfo,
+              device: torch.device) -> int:
+    """Load the run's latest checkpoint into the live model, optimizer, sampler, routing buffers and
+    RNG (in place, so wrappers and compiled graphs stay valid); returns its step."""
+    ckpt_dir = ckpt.latest_target(run_dir / "checkpoints" / "LATEST")
+    ckpt.load_state(model, ckpt.load_weights(ckpt_dir, device), ckpt_dir)
+    return ckpt.restore_checkpoint(ckpt_dir, model, optimizer, sampler, mode, info)
+
+
 def bf16_supported(device: torch.device) -> bool:
     """bf16 autocast pays off only with native bf16 matmuls: on a CPU without AVX512-BF16/AMX (e.g.
     AVX2 only), bf16 GEMMs fall back to a slow path (measured ~70x slower than fp32 on an AVX2 EPYC)."""
@@ -203,12 +302,26 @@ def check_feasible(run: RunConfig, info: dist.DistInfo, mode: str) -> None:
         raise ConfigError(f"train.batch_size: {tc.batch_size} is not divisible by {info.world_size} ranks")
     if tc.seq_len > run.model.max_seq_len:
         raise ConfigError(f"train.seq_len: {tc.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
+    if mode == "fsdp" and tc.on_nonfinite == "rollback":
+        # Rolling back copies full weights into the model in place, which FSDP2's sharded parameters
+        # do not take.
+        raise ConfigError("train.on_nonfinite: rollback is not supported with train.distributed=fsdp; use skip or stop")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """train.out_dir and every folder above it that exists must be a directory (not a file)."""
+    for p in (out_dir, *out_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"train.out_dir: {p} is a file, not a directory (got {str(out_dir)!r})")
+            return
 
 
 def run_directory(run: RunConfig, resume: Run | None) -> tuple[Path, Path | None]:
     """(RUN, the checkpoint to resume from). On resume, a model or data the checkpoint cannot continue is
     refused, naming the differing fields; a new run refuses a directory that already holds one."""
     if resume is None:
+        check_out_dir(Path(run.train.out_dir))
         name = run.train.run_name or f"{run.preset}-{datetime.now():%Y%m%d-%H%M%S}"
         run_dir = Path(run.train.out_dir) / dist.broadcast_object(name)
         if Run.holds_run(run_dir):
@@ -229,6 +342,8 @@ def prepare_data(run: RunConfig, resume: Run | None, info: dist.DistInfo):
         data_dir = prepare_run_data(run.data, resume.tokenizer() if resume else None)
     data_dir = dist.broadcast_object(data_dir)
     train_ds, val_ds = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
+    if val_ds.n_tokens < 2:  # found now, not at the first evaluation after the training time is spent
+        raise DataError(f"the val split of {data_dir} is empty (data.val_fraction = {run.data.val_fraction})")
     tokenizer = train_ds.tokenizer()
     if resume and run.model.vocab_size != tokenizer.vocab_size:
         raise ckpt.CheckpointError(f"cannot resume {resume.path}: the tokenizer has {tokenizer.vocab_size} "
@@ -244,6 +359,8 @@ def build(run: RunConfig, device: torch.device, mode: str, info: dist.DistInfo, 
     sampler; restored from `resume_from` when given. Returns them and the step to start from."""
     tc = run.train
     torch.manual_seed(tc.seed)
+    if resume_from is not None:
+        ckpt.check_weight_shapes(run.model, resume_from)  # before allocating what meta.json declares
     model = build_model(run.model, device, init=resume_from is None)
     if resume_from is not None:
         ckpt.load_state(model, ckpt.load_weights(resume_from, device), resume_from)
@@ -306,6 +423,19 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
     counts_LE = torch.zeros(run.model.n_layers, run.model.n_routed_experts, device=device)
     step_counts_LE, dead_L, log_tokens = torch.zeros_like(counts_LE), torch.zeros(run.model.n_layers, device=device), 0
     train_time, interval_t0, interval_tokens = 0.0, time.time(), 0
+    guard = DivergenceGuard(tc.on_nonfinite, tc.max_bad_steps, run_dir, on_stop=lambda: (bar.close(), metrics.close()))
+
+    def rollback() -> int:
+        """The guard's rollback: the latest checkpoint back into the live state; its step."""
+        nonlocal log_tokens
+        restored = roll_back(run_dir, model, optimizer, sampler, mode, info, device)
+        metrics.truncate(restored)
+        bar.reset(total_steps)
+        bar.update(restored)
+        counts_LE.zero_()
+        dead_L.zero_()
+        log_tokens = 0
+        return restored
     with StopFlag() as stop:
         while step < total_steps:
             t0 = time.time()
@@ -329,10 +459,16 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
             counts_LE += step_counts_LE
             end_of_step_routing(model, step_counts_LE)
             grad_norm = dist.clip_grad_norm(model, tc.grad_clip)
-            optimizer.step()
+            healthy = math.isfinite(grad_norm)  # the same float on every rank
+            if healthy:
+                optimizer.step()
+                guard.healthy_step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             train_time += time.time() - t0
+            if not healthy and guard.bad_step(step, nonfinite_report(grad_norm, loss_sum / tc.grad_accum)) == "rollback":
+                step = rollback()
+                continue
             interval_tokens += tokens_per_step
             bar.update(1)
 
@@ -342,6 +478,8 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
                 tok_per_s = interval_tokens / max(time.time() - interval_t0, 1e-9)
                 record = {"step": step, "tokens": step * tokens_per_step, "loss": float(losses[0]),
                           "aux_loss": float(losses[1]), "lr": lr, "grad_norm": grad_norm, "tok_per_s": round(tok_per_s, 1)}
+                if guard.skipped:
+                    record["skipped_steps"] = guard.skipped  # updates dropped by the guard so far
                 if tc.routing_interval and (step % tc.routing_interval == 0 or last):
                     record["routing"] = load_stats(dist.all_reduce_sum(counts_LE.clone()), run.model.layers_per_pool)
                     counts_LE.zero_()
@@ -360,8 +498,14 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
             if info.enabled:
                 stop.set = bool(dist.all_reduce_sum(torch.tensor(float(stop.set), device=device)) > 0)
             if (tc.ckpt_interval and step % tc.ckpt_interval == 0) or last or stop.set:
-                ckpt.save_checkpoint(out.checkpoints_dir, step, step * tokens_per_step, model, optimizer, sampler,
-                                     mode, info, tc.keep_last, tc.keep_every)
+                try:
+                    ckpt.save_checkpoint(out.checkpoints_dir, step, step * tokens_per_step, model, optimizer, sampler,
+                                         mode, info, tc.keep_last, tc.keep_every, guard.protect)
+                    guard.saved()
+                except ckpt.NonFiniteStateError as e:  # weights overflowed although the gradients were finite
+                    guard.bad_step(step, str(e), skippable=False)  # returns only to roll back
+                    step = rollback()
+                    continue
                 interval_t0 = time.time()
             if stop.set and not last:
                 stopped = True
@@ -377,14 +521,11 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
         val_loss = validate()
     summary.update(finish(run, model, tokenizer, train_ds, val_ds, val_loss, amp, device,
                           tokens_per_step * (step - start_step) / max(train_time, 1e-9)))
+    report = write_end_report(Path(run_dir), model, val_ds, micro_bsz, tc.seq_len, info.is_main, summary)
+    summary["report"] = str(report) if report else None
     if info.is_main:
         out.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    dist.print0(f"val loss {val_loss:.3f} (ppl {summary['val_ppl']:.1f})  |  unigram baseline {summary['unigram_loss']:.3f} "
-                f"(ppl {summary['unigram_ppl']:.1f})  |  {summary['tok_per_s']:,.0f} tok/s, peak RSS "
-                f"{summary['peak_rss_mb']:,.0f} MB, {summary['wall_time_s']:.0f} s")
-    if run.train.sample_tokens:
-        dist.print0(f"sample: {summary['sample']!r}")
-    dist.print0(f"run directory: {run_dir}")
+        print(end_screen(run, summary))
     return summary
 
 
@@ -403,6 +544,71 @@ def finish(run: RunConfig, model, tokenizer, train_ds, val_ds, val_loss: float, 
         "cpu_time_s": round(usage.ru_utime + usage.ru_stime, 1), "precision": "bf16" if amp else "fp32",
         "params": counts["total"], "active_params": counts["active"], "sample": tc.sample_prompt + text,
     }
+
+
+def write_end_report(run_dir: Path, model, val_ds, batch_size: int, seq_len: int, is_main: bool,
+                     summary: dict) -> Path | None:
+    """RUN/report.png from the finished model (every rank measures: FSDP2 forwards are collective; rank 0
+    draws). A failure to draw is a warning, never a lost run."""
+    from unipool.analysis import run_report
+
+    measured = run_report.measure(model, eval_batches(val_ds, batch_size, seq_len))
+    if not is_main:
+        return None
+    try:
+        return run_report.plot_report(run_report.report_data(Run.open(run_dir), model, measured, summary),
+                                      run_dir / "report.png")
+    except Exception as e:  # noqa: BLE001 - the run is saved; the picture is a convenience
+        print(f"warning: could not write the run report ({type(e).__name__}: {e}); "
+              f"try: unipool report {run_dir}", file=sys.stderr)
+        return None
+
+
+def _shown(path: Path | str) -> str:
+    """`path` relative to the working directory when it is below it (what a user would type)."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def end_screen(run: RunConfig, summary: dict) -> str:
+    """What a finished run prints: how good the model is, a sample, where the picture is, what next."""
+    minutes, seconds = divmod(round(summary["wall_time_s"]), 60)
+    took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    run_dir = _shown(summary["run_dir"])
+    gap = summary["unigram_loss"] - summary["val_loss"]
+    lines = [
+        "",
+        f"finished {run.preset_label()} in {took}: {summary['step']} steps, {summary['tokens']:,} tokens, "
+        f"{summary['tok_per_s']:,.0f} tokens/s, peak memory {summary['peak_rss_mb']:,.0f} MB",
+        "",
+        f"  validation loss   {summary['val_loss']:.3f}   (perplexity {summary['val_ppl']:,.1f})",
+        f"  unigram baseline  {summary['unigram_loss']:.3f}   (perplexity {summary['unigram_ppl']:,.1f}: "
+        "token frequencies alone, no context)",
+        f"  the model is {gap:.2f} nats/token better than the baseline" if gap > 0 else
+        "  the model is not better than the baseline yet: train longer or lower the learning rate",
+    ]
+    if summary.get("sample"):
+        lines += ["", "  sample (temperature 0.8, top-k 50):", ""]
+        lines += ["    " + ln for ln in summary["sample"].strip("\n").splitlines()]
+    lines += ["", f"  run directory: {run_dir}"]
+    if summary.get("report"):
+        lines += [f"  report:        {_shown(summary['report'])}  (loss curves, expert usage, dead rows, router scale)"]
+    lines += ["", "next:"]
+    nxt = [(f"unipool routing {run_dir}", "how every layer uses the experts (plots, routing.json)"),
+           (f"unipool generate {run_dir} --prompt 'JULIET:'", "more text from the model")]
+    runs_dir = Path(_shown(run.train.out_dir))
+    if run.preset == "demo":
+        nxt += [("unipool train --preset demo-vanilla", "the per-layer MoE baseline, same data and budget"),
+                (f"unipool compare {run_dir} {runs_dir / 'demo-vanilla-*'}", "both side by side (after that run)")]
+    elif run.preset == "demo-vanilla":
+        nxt += [("unipool train", "the UniPool demo, same data and budget"),
+                (f"unipool compare {run_dir} {runs_dir / 'demo-2*'}", "both side by side (after that run)")]
+    width = max(len(cmd) for cmd, _ in nxt) + 3
+    lines += [f"  {cmd:<{width}}{why}" for cmd, why in nxt]
+    return "\n".join(lines)
 
 
 # ---- command line ------------------------------------------------------------------------------------
