@@ -3,6 +3,7 @@
     python experiments/study.py experiments/cpu.yaml --jobs 2   # runs, resumes, skips finished runs
     python experiments/study.py experiments/cpu.yaml --report   # only (re)build the table and plots
     python experiments/study.py experiments/cpu.yaml --steps 20 --out runs/smoke   # a quick smoke run
+    python experiments/study.py experiments/cpu2.yaml --plan     # check every run's config, list what is left
 
 A study file holds `base` (a run config: model/train/data sections, as in a run's config.json),
 `variants` (name -> model field overrides) and `seeds`. Each (variant, seed) is one `unipool train`
@@ -13,7 +14,8 @@ study can be interrupted (Ctrl-C) and started again with the same command.
 The report (OUT/results.md, OUT/results.json, OUT/report/curves.png and zero_gate.png, and each
 run's routing analysis in RUN/routing/) gives, per variant, mean +- std over seeds of the final
 validation loss and perplexity, the loss difference to vanilla paired by seed, the expert budget
-relative to the matched vanilla model, and routing statistics on the validation split: tokens whose
+relative to the matched vanilla model with its standard error and 95% confidence interval (t
+distribution over the seeds' paired differences), and routing statistics on the validation split: tokens whose
 picked gates are all zero, the mean sum of picked gates (how strongly the MoE output is scaled),
 distinct experts per token U(x) over the layers (zero-gate picks left out), dead experts.
 """
@@ -89,6 +91,22 @@ def run_one(out: Path, name: str, cfg: dict, threads: int | None = None) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see {out / (name + '.log')}")
     return f"{state} in {time.time() - t0:.0f} s"
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (above 30: the normal's 1.96).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def ci95(xs: list[float]) -> tuple[float, float, float] | None:
+    """(standard error, low, high) of the mean of `xs`: t interval; None for fewer than 2 values."""
+    if len(xs) < 2:
+        return None
+    df = len(xs) - 1
+    t = T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96  # table gaps: the smaller df, wider
+    se = statistics.stdev(xs) / math.sqrt(len(xs))
+    mean = statistics.fmean(xs)
+    return se, mean - t * se, mean + t * se
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -201,16 +219,22 @@ def report(study: dict, out: Path) -> str:
     for r in rows:  # paired by seed: the same seed means the same data order
         common = sorted(set(r["val_losses"]) & set(base["val_losses"])) if base and "val_loss" in r else []
         if common:
-            r["delta_paired"] = mean_std([r["val_losses"][s] - base["val_losses"][s] for s in common])
+            deltas = [r["val_losses"][s] - base["val_losses"][s] for s in common]
+            r["delta_paired"] = mean_std(deltas)
+            ci = ci95(deltas) if r is not base else None
+            if ci:
+                r["delta_se"], r["delta_ci95"] = ci[0], [ci[1], ci[2]]
     header = ("| variant | router | experts/pool x pools | expert budget | seeds | val loss | Δ vs vanilla (paired) "
-              "| val ppl | zero-gate tokens | gate sum | U(x)/L | dead experts |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| Δ 95% CI | val ppl | zero-gate tokens | gate sum | U(x)/L | dead experts |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = "val_loss" in r
         lines.append(
             f"| {r['variant']} | {r['router']} | {r['experts_per_pool']} x {r['n_pools']} | "
             f"{100 * r['expert_budget']:.1f}% | {len(r['seeds'])} | {fmt(r.get('val_loss')) if ok else 'not run'} | "
-            f"{fmt(r.get('delta_paired'), sign=True)} | {fmt(r.get('val_ppl'), 1)} | "
+            f"{fmt(r.get('delta_paired'), sign=True)} | "
+            f"{'[{:+.4f}, {:+.4f}]'.format(*r['delta_ci95']) if 'delta_ci95' in r else '–'} | "
+            f"{fmt(r.get('val_ppl'), 1)} | "
             f"{fmt(r.get('zero_gate'), 1, 100) + '%' if ok else '–'} | {fmt(r.get('gate_sum'), 3)} | "
             f"{fmt(r.get('u_fraction'), 3)} | "
             f"{fmt(r.get('dead_experts'), 1)} |")
@@ -222,6 +246,26 @@ def report(study: dict, out: Path) -> str:
     return table
 
 
+def plan(study: dict, out: Path, names: list[tuple[str, str, int]], steps: int | None) -> None:
+    """Check every run's config (as `unipool train` would read it) and list each run's state."""
+    states: dict[str, int] = {}
+    for name, variant, seed in names:
+        cfg = run_config_from_dict(run_config(study, variant, seed, steps))  # raises on a bad field
+        tc = cfg.train
+        per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+        tokens = tc.total_steps(per_step) * per_step
+        run_dir = out / name
+        if (run_dir / "summary.json").is_file():
+            state = "done"
+        elif (run_dir / "checkpoints" / "LATEST").is_file():
+            state = f"resume from {(run_dir / 'checkpoints' / 'LATEST').read_text().strip()}"
+        else:
+            state = "new"
+        states[state.split()[0]] = states.get(state.split()[0], 0) + 1
+        print(f"{name:40s} {cfg.model.moe_mode:9s} {cfg.model.router:7s} {tokens:>14,} tokens  {state}")
+    print(f"{len(names)} runs: " + ", ".join(f"{n} {s}" for s, n in states.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", type=Path, help="study YAML (experiments/cpu.yaml, experiments/gpu.yaml)")
@@ -229,6 +273,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="override the step count of every run (smoke test)")
     p.add_argument("--only", nargs="+", help="run only these variants")
     p.add_argument("--report", action="store_true", help="do not train; rebuild the report from finished runs")
+    p.add_argument("--plan", action="store_true",
+                   help="do not train; check every run's config and list which runs are done, resumable or new")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, each with cores/jobs threads (small models use cores better this way)")
     args = p.parse_args()
@@ -239,13 +285,19 @@ def main() -> None:
     unknown = set(args.only or []) - set(study["variants"])
     if unknown:
         sys.exit(f"error: unknown variant(s) {', '.join(sorted(unknown))}")
+    # seed-major: a partial study already has every variant once
+    names = [(f"{v}-s{seed}", v, seed) for seed in study["seeds"] for v in study["variants"]
+             if not args.only or v in args.only]
+    if args.plan:
+        try:
+            plan(study, out, names, args.steps)
+        except Exception as e:  # a bad field: one line naming it
+            sys.exit(f"error: {e}")
+        return
     if not args.report:
         if args.jobs < 1:
             sys.exit("error: --jobs must be >= 1")
         threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-        # seed-major: a partial study already has every variant once
-        names = [(f"{v}-s{seed}", v, seed) for seed in study["seeds"] for v in study["variants"]
-                 if not args.only or v in args.only]
         t0 = time.time()
         if names:  # tokenize once here, so parallel runs never prepare the same data directory together
             prepare_run_data(run_config_from_dict(run_config(study, names[0][1], names[0][2], args.steps)).data)

@@ -56,8 +56,9 @@ CONFIGS = {
     "layerwise-softmax": dict(preset="debug-vanilla", top_k=2, renormalize=True, qk_norm="full"),
     # grouped sharing: 4 layers, 2 pools; fine-grained experts (g=2)
     "grouped-norm-g2": dict(preset="debug", moe_mode="grouped", n_layers=4, n_groups=2, num_experts=4, granularity=2),
-    # sigmoid router with selection bias, per-head QK-norm and an explicit head_dim != d_model / n_heads
-    "pool-sigmoid-head": dict(preset="debug", router="sigmoid", renormalize=True, qk_norm="head", attn_head_dim=32),
+    # sigmoid router with selection bias, top-2 (gates renormalised, as the official code does), per-head
+    # QK-norm and an explicit head_dim != d_model / n_heads
+    "pool-sigmoid-head": dict(preset="debug", router="sigmoid", top_k=2, qk_norm="head", attn_head_dim=32),
 }
 
 

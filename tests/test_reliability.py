@@ -173,7 +173,10 @@ def test_diverging_learning_rate_keeps_the_good_checkpoints(corpus, data_dir, st
     rc = cli.main(["train", "--resume", str(run), "--train.steps", "40", "--train.lr", "1000",
                    "--train.ckpt-interval", "10", "--train.keep-last", "1"])
     err = one_line_error(capsys)
-    assert rc == 2 and "training diverged at step" in err and "--train.lr LR" in err
+    # NormRouter's sigma may cross zero before the first non-finite step; training then stops at that
+    # log step with its own one line (train.loop.check_router_scales), also before any bad checkpoint.
+    assert rc == 2 and (("training diverged at step" in err and "--train.lr LR" in err)
+                        or "NormRouter sigma crossed zero" in err), err
     assert 6 in steps_on_disk(run)
     assert (run / "checkpoints" / "step_000006" / "model.safetensors").read_bytes() == good
     assert all(all_finite(p) for _, p in ckpt.list_checkpoints(run / "checkpoints"))

@@ -44,6 +44,9 @@ def test_study_runs_skips_and_reports(tmp_path):
         assert (tmp_path / "out" / f"{name}-s0" / "routing" / "utilisation_heatmap.png").is_file()
     paired = [rows["unipool"]["val_losses"][s] - rows["vanilla"]["val_losses"][s] for s in ("0", "1")]
     assert rows["unipool"]["delta_paired"][0] == pytest.approx(sum(paired) / 2)
+    half = 12.706 * abs(paired[0] - paired[1]) / 2  # t(1) x sd / sqrt(2), sd = |a - b| / sqrt(2)
+    assert rows["unipool"]["delta_ci95"] == pytest.approx([sum(paired) / 2 - half, sum(paired) / 2 + half])
+    assert "delta_ci95" not in rows["vanilla"]
     assert rows["vanilla"]["delta_paired"] == [0.0, 0.0]
     assert rows["vanilla"]["u_fraction"][0] == 1.0  # private experts: every layer is a new expert
     assert rows["vanilla"]["zero_gate"][0] == 0.0  # softmax gates are never zero
@@ -66,3 +69,33 @@ def test_study_bad_input(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "study.py"), str(tmp_path / "nope.yaml")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "study file not found" in r.stderr
+
+
+@pytest.mark.parametrize("name, runs, tokens", [("cpu2.yaml", 28, "3,276,800"), ("gpu.yaml", 42, "2,000,158,720")])
+def test_plan_checks_every_run_of_the_study_files(name, runs, tokens, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "study.py"), str(ROOT / "experiments" / name),
+                        "--plan", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == f"{runs} runs: {runs} new"
+    assert all(f"{tokens} tokens" in line for line in lines[:-1])
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_plan_names_a_bad_field(tmp_path):
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({
+        "seeds": [0], "base": {"model": {}, "train": {"steps": 2}},
+        "variants": {"bad": {"norm_router_c": "match_gate:-1"}}}))
+    r = study(tmp_path, "--plan")
+    assert r.returncode != 0 and "model.norm_router_c" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_paired_confidence_interval_by_hand():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from study import ci95
+
+    se, lo, hi = ci95([-0.1, -0.3, -0.2, -0.2])  # mean -0.2, sd sqrt(0.02/3), t(3) = 3.182
+    sd = (0.02 / 3) ** 0.5
+    assert se == pytest.approx(sd / 2)
+    assert (lo, hi) == pytest.approx((-0.2 - 3.182 * sd / 2, -0.2 + 3.182 * sd / 2))
+    assert ci95([0.1]) is None

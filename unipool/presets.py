@@ -6,7 +6,8 @@
 
 The paper's five scales (Tables 6 and 8): 8 experts per layer for vanilla, M = 8L for UniPool, top-1,
 4H full-width SwiGLU experts, GPT-2 vocab padded to 51200, RoPE base 1e6; plus the reduced pools and
-grouped-sharing ablations, and two small CPU presets with short recipes (the paper's recipe would
+grouped-sharing ablations, the fine-grained rows (full-width experts, `*-182m-e16k2`, `*-182m-e32k4`),
+and two small CPU presets with short recipes (the paper's recipe would
 barely start in minutes on a CPU).
 """
 
@@ -37,6 +38,8 @@ PAPER_SCALES: dict[str, tuple[int, int, int, tuple[int, ...], float]] = {
 # The paper trains each scale on its own token budget; without one given, a paper preset runs this many
 # steps of the default recipe (set train.steps or train.tokens for a real run).
 PAPER_RECIPE: dict[str, Any] = {"steps": 10_000}
+# The 182M fine-grained sweep: (experts per layer, top-k), full-width experts.
+PAPER_FINE_GRAINED: tuple[tuple[int, int], ...] = ((16, 2), (32, 4))
 
 
 def _paper(n_layers: int, d_model: int, n_heads: int, **kw: Any) -> ModelConfig:
@@ -71,6 +74,14 @@ def _build_presets() -> dict[str, Preset]:
     for g in (2, 4, 6):
         presets[f"unipool-182m-g{g}"] = Preset(unipool(12, 768, 12, 1e-2, moe_mode="grouped", n_groups=g,
                                                        num_experts=8 * 12 // g), PAPER_RECIPE)
+    # Fine-grained rows at 182M (Fig. 2b, Table 3) as the paper ran them: full-width (4H) experts, 16
+    # per layer top-2 and 32 top-4, so active parameters grow (~268M and ~438M); UniPool pools 16L and
+    # 32L. `granularity` is another experiment: it splits experts and keeps active parameters fixed.
+    for n_experts, top_k in PAPER_FINE_GRAINED:
+        tag = f"182m-e{n_experts}k{top_k}"
+        presets[f"vanilla-{tag}"] = Preset(vanilla(12, 768, 12, num_experts=n_experts, top_k=top_k), PAPER_RECIPE)
+        presets[f"unipool-{tag}"] = Preset(unipool(12, 768, 12, 1e-2, num_experts=n_experts * 12, top_k=top_k),
+                                           PAPER_RECIPE)
 
     # debug: a forward+backward in milliseconds, 20 steps.
     small = {"vocab_size": 512, "vocab_multiple": 64, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,

@@ -40,8 +40,8 @@ class RunReportError(UnipoolError):
 
 def router_scales(model: Unipool) -> list[float] | None:
     """Each layer's NormRouter sigma, or None when the routers have none (collective under FSDP2)."""
-    scales = [getattr(layer.router, "scale", None) for layer in model.layers]
-    if any(s is None for s in scales):
+    scales = model.router_scales()  # sigma whatever its parametrisation (linear, softplus, exp)
+    if scales is None:
         return None
     scales = [s.full_tensor() if hasattr(s, "full_tensor") else s for s in scales]  # FSDP2 shards it
     return [float(s.detach().float().reshape(-1)[0]) for s in scales]

@@ -124,7 +124,8 @@ def hf_config_dict(model: Unipool, eos_id: int | None = None) -> dict:
         "num_experts_per_tok": cfg.routed_top_k,
         "expert_hidden": cfg.expert_hidden,
         "router": cfg.router,
-        "renormalize": cfg.renormalize,
+        # sigmoid with k > 1 always renormalises its gates (router.weights_at), as the official code does
+        "renormalize": cfg.renormalize or (cfg.router == "sigmoid" and cfg.routed_top_k > 1),
         "norm_router_c": _norm_router_c(model),
         "norm_router_eps": cfg.norm_router_eps,
         "random_gates": cfg.random_gates,

@@ -38,9 +38,21 @@ from unipool.errors import UnipoolError
 MOE_MODES = ("layerwise", "pool", "grouped")
 ROUTERS = ("softmax", "norm", "sigmoid", "random")
 POOL_LOSS_STATS = ("previous", "current")
+BALANCE_SCORES = ("raw", "normalized")
+NORM_ROUTER_SCALES = ("linear", "softplus", "exp")
 # Execution settings that earlier versions kept in the model config; from_dict drops them (a run's
 # config moves their values to its `exec` section).
 LEGACY_EXEC_FIELDS = ("dispatch", "fused_pool_wgrad")
+
+
+def _positive_number(v: Any) -> bool:
+    """A positive finite number, or a string that parses as one ("match_gate:0.19")."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            return False
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
 
 
 class ConfigError(UnipoolError, ValueError):
@@ -104,8 +116,13 @@ class ModelConfig:
     # --- router ---
     router: str = "norm"  # softmax | norm (NormRouter) | sigmoid (aux-loss-free bias) | random
     renormalize: bool = False  # renormalise the selected gates to sum to 1 (softmax/sigmoid)
-    norm_router_c: str | float = "monte_carlo"  # "monte_carlo" | "one" | a number
+    # "monte_carlo" (paper) | "one" | a number | "match_gate:<g>" (c such that the mean sum of picked
+    # gates at initialisation is g; see router.norm_router_c_value)
+    norm_router_c: str | float = "monte_carlo"
     norm_router_eps: float = 1e-8
+    # NormRouter sigma: "linear" (paper: sigma is the parameter, nothing keeps it >= 0), or
+    # "softplus" / "exp" of a parameter (always > 0; starts at sigma = 1)
+    norm_router_scale: str = "linear"
     random_gates: str = "uniform"  # router="random": "uniform" (1/k) or "model" (learned scores)
     aux_free_bias_rate: float = 1e-3  # sigmoid router: per-step bias update rate
 
@@ -114,6 +131,10 @@ class ModelConfig:
     pool_loss_coef: float = 1e-2  # pool-level loss alpha_pool (UniPool: 1e-2 at 182M, 2e-2 larger)
     pool_loss_stats: str = "previous"  # f-bar from the previous micro-batch (paper) or "current"
     z_loss_coef: float = 0.0
+    # P of the Switch and pool losses: "raw" mean scores (paper) or "normalized" (each token's scores
+    # divided by their sum, so an all-zero NormRouter row no longer lowers the loss)
+    balance_scores: str = "raw"
+    count_dead_picks: bool = True  # picks whose gate is exactly 0 count as load in f (paper: yes)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -186,8 +207,12 @@ class ModelConfig:
         for name in ("switch_loss_coef", "pool_loss_coef", "z_loss_coef", "aux_free_bias_rate"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         c = self.norm_router_c
-        need(c in ("monte_carlo", "one") or (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0),
-             "norm_router_c", "must be 'monte_carlo', 'one' or a positive number")
+        need(c in ("monte_carlo", "one") or _positive_number(c) or
+             (isinstance(c, str) and c.startswith("match_gate:") and _positive_number(c[len("match_gate:"):])),
+             "norm_router_c", "must be 'monte_carlo', 'one', a positive number or 'match_gate:<g>' with g > 0")
+        need(self.norm_router_scale in NORM_ROUTER_SCALES, "norm_router_scale", f"must be one of {NORM_ROUTER_SCALES}")
+        need(self.balance_scores in BALANCE_SCORES, "balance_scores", f"must be one of {BALANCE_SCORES}")
+        need(isinstance(self.count_dead_picks, bool), "count_dead_picks", "must be true or false")
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ Notable design choices
 - Balancing losses travel in `ModelOutput.aux_loss`; per-layer routing in `ModelOutput.routing`.
   The pool-level loss uses f-bar from the previous micro-batch by default (as the paper does); that
   statistic is a buffer that the training loop refreshes with `update_routing_state(output)` after
-  each forward, never inside forward.
+  each forward, never inside forward. Sigmoid routers' aux-loss-free biases move once per optimizer
+  step (`update_router_biases`, from counts summed over micro-batches and ranks).
 - No I/O, logging or distributed code here.
 """
 
@@ -28,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unipool.model.config import ModelConfig
 from unipool.model.moe import DISPATCH, ExpertPool
-from unipool.model.router import Router, RouterOutput, pool_loss
+from unipool.model.router import Router, RouterOutput, load_fraction, pool_loss
 
 
 @dataclass
@@ -108,7 +109,9 @@ class Block(nn.Module):
         self.router = Router(cfg.d_model, cfg.n_routed_experts, cfg.routed_top_k, cfg.router,
                              renormalize=cfg.renormalize, norm_c=cfg.norm_router_c, norm_eps=cfg.norm_router_eps,
                              random_gates=cfg.random_gates, switch_coef=cfg.switch_loss_coef,
-                             z_coef=cfg.z_loss_coef, bias_rate=cfg.aux_free_bias_rate)
+                             z_coef=cfg.z_loss_coef, bias_rate=cfg.aux_free_bias_rate,
+                             balance_scores=cfg.balance_scores, count_dead_picks=cfg.count_dead_picks,
+                             scale_param=cfg.norm_router_scale)
 
     def forward(self, x: torch.Tensor, pool: ExpertPool, cos: torch.Tensor, sin: torch.Tensor):
         x = x + self.attention(self.attention_norm(x), cos, sin)
@@ -177,8 +180,7 @@ class Unipool(nn.Module):
             for w in (block.attention.wq, block.attention.wk, block.attention.wv, block.router.gate):
                 nn.init.normal_(w.weight, std=std)
             nn.init.normal_(block.attention.wo.weight, std=out_std)
-            if hasattr(block.router, "scale"):
-                block.router.scale.fill_(1.0)
+            block.router.reset_scale()  # sigma = 1 (NormRouter only)
             block.attention_norm.weight.fill_(1.0)
             if block.attention.qk_norm != "none":
                 block.attention.q_norm.weight.fill_(1.0)
@@ -238,7 +240,8 @@ class Unipool(nn.Module):
         cfg = self.config
         loads_PE = torch.zeros_like(self.pool_load_PE)
         for i, r in enumerate(routing):
-            loads_PE[cfg.pool_of_layer(i)] += r.counts_E / r.expert_ids_TK.numel()
+            loads_PE[cfg.pool_of_layer(i)] += load_fraction(r.counts_E, r.expert_ids_TK.numel(),
+                                                            live_only=not cfg.count_dead_picks)
         return loads_PE / cfg.layers_per_pool
 
     def _pool_loss(self, routing: list[RouterOutput]) -> torch.Tensor:
@@ -251,18 +254,35 @@ class Unipool(nn.Module):
             loads_PE = self.pool_load_PE * self.pool_load_valid
         per_pool = cfg.layers_per_pool
         # Each pool has its own accumulator (grouped sharing); the losses of the pools add up.
-        return sum(pool_loss([r.scores_TE for r in routing[p * per_pool:(p + 1) * per_pool]], loads_PE[p])
-                   for p in range(cfg.n_pools))
+        normalized = cfg.balance_scores == "normalized"
+        return sum(pool_loss([r.scores_TE for r in routing[p * per_pool:(p + 1) * per_pool]], loads_PE[p],
+                             normalized) for p in range(cfg.n_pools))
 
     @torch.no_grad()
     def update_routing_state(self, output: ModelOutput) -> None:
-        """Call after each training forward: stores f-bar for the next micro-batch's pool loss and
-        nudges aux-loss-free router biases. Kept out of forward so recomputation (activation
-        checkpointing) and evaluation never change it."""
+        """Call after each training forward: stores f-bar for the next micro-batch's pool loss. Kept
+        out of forward so recomputation (activation checkpointing) and evaluation never change it."""
         self.pool_load_PE.copy_(self.pool_loads(output.routing))
         self.pool_load_valid.fill_(True)
-        for block, r in zip(self.layers, output.routing):
-            block.router.update_bias(r.counts_E)
+
+    @property
+    def has_router_biases(self) -> bool:
+        """Whether `update_router_biases` does anything (sigmoid routers with a bias rate)."""
+        return self.config.router == "sigmoid" and self.config.aux_free_bias_rate > 0
+
+    @torch.no_grad()
+    def update_router_biases(self, counts_LE: torch.Tensor) -> None:
+        """Aux-loss-free balancing, once per optimizer step (the official cadence): `counts_LE` are the
+        tokens each layer routed to each expert, summed over the step's micro-batches and all ranks
+        (the caller all-reduces), so every rank moves its biases the same way."""
+        for block, counts_E in zip(self.layers, counts_LE):
+            block.router.update_bias(counts_E)
+
+    def router_scales(self) -> list[torch.Tensor] | None:
+        """Each layer's NormRouter sigma (shape (1,), detached); None without NormRouters."""
+        if self.config.router != "norm":
+            return None
+        return [block.router.sigma().detach() for block in self.layers]
 
     # ---- parameter accounting ------------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:

@@ -12,7 +12,21 @@ accumulate into them.
 
 Dispatch is dropless and has no Python loop over experts and no host sync: the N (token, expert)
 pairs are sorted by expert, each expert's rows form one contiguous segment, and the experts run as
-grouped GEMMs over those segments (`torch._grouped_mm`). `_Experts` is a hand-written autograd
+grouped GEMMs over those segments (`torch._grouped_mm`).
+
+Dead rows are not computed: a routed row whose gate is exactly zero (the tie pick of a NormRouter
+token whose scores the ReLU zeroed, or for k > 1 a pick past its positive scores) adds
+gate x output = 0, so the sort puts those rows in a trailing segment after the last expert's, which
+no GEMM covers (grouped_mm ignores rows past the last offset). Their output rows are set to 0, their
+input gradient to 0. Outputs and every parameter gradient are unchanged: the only gradient that
+differs is that of the zero gate itself (0 instead of <expert output, output gradient>), and a gate
+is exactly 0 only where the function that made it has zero derivative (ReLU at z <= 0, a softmax or
+sigmoid that underflowed), so nothing upstream of the gate changes. No host sync: the segment's
+length stays on the device. (The exception would be sigma = 0 exactly in a linear-parametrised
+NormRouter; training refuses sigma <= 0.) `ExpertPool.skip_dead_rows` (default on) switches it off
+for benchmarks.
+
+`_Experts` is a hand-written autograd
 Function for gather -> SwiGLU experts -> un-permute: it saves only the layer input and the
 gate/up activations (autograd would also keep the gathered rows and the SwiGLU intermediates), and it
 can defer its weight gradients. `moe_reference` is the per-expert loop the fast path is tested against.
@@ -95,13 +109,15 @@ class _Experts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TD, w13_EFD, w2_EDF, order_N, offs_E, top_k, use_gmm, sink):
+    def forward(ctx, x_TD, w13_EFD, w2_EDF, order_N, offs_E, top_k, use_gmm, sink, dead_tail=False):
         token_N = order_N // top_k if top_k > 1 else order_N
         h_N2F = _segment_mm(x_TD[token_N], w13_EFD.transpose(1, 2), offs_E, use_gmm)
         gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
         y_ND = _segment_mm(F.silu(gate_NF) * up_NF, w2_EDF.transpose(1, 2), offs_E, use_gmm)
+        if dead_tail:  # rows past the last expert's segment were not computed (uninitialised memory)
+            y_ND = torch.where(_covered(offs_E, y_ND.shape[0]), y_ND, 0.0)
         ctx.save_for_backward(x_TD, w13_EFD, w2_EDF, order_N, offs_E, h_N2F)
-        ctx.top_k, ctx.use_gmm, ctx.sink = top_k, use_gmm, sink
+        ctx.top_k, ctx.use_gmm, ctx.sink, ctx.dead_tail = top_k, use_gmm, sink, dead_tail
         # Un-permute with a scatter by a permutation (deterministic, no atomics).
         return torch.empty_like(y_ND).index_copy_(0, order_N, y_ND)
 
@@ -116,6 +132,8 @@ class _Experts(torch.autograd.Function):
         da_NF = _segment_mm(dy_ND, w2_EDF, offs_E, use_gmm)
         dh_N2F = torch.cat([torch.ops.aten.silu_backward(da_NF * up_NF, gate_NF), da_NF * silu_NF], dim=-1)
         dx_ND = _segment_mm(dh_N2F, w13_EFD, offs_E, use_gmm)
+        if ctx.dead_tail:  # dead rows: no input gradient (the weight-gradient GEMMs stop at offs_E[-1])
+            dx_ND = torch.where(_covered(offs_E, dx_ND.shape[0]), dx_ND, 0.0)
         # Back to token order: each token's K rows sum in a fixed order (deterministic).
         dx_TD = torch.empty_like(dx_ND).index_copy_(0, order_N, dx_ND)
         if top_k > 1:
@@ -124,10 +142,15 @@ class _Experts(torch.autograd.Function):
         x_ND, a_NF = x_TD[token_N], silu_NF * up_NF
         if sink is not None:
             sink.stash.append((offs_E, x_ND, dh_N2F, a_NF, dy_ND))
-            return dx_TD, None, None, None, None, None, None, None
+            return dx_TD, None, None, None, None, None, None, None, None
         dw13 = _segment_wgrad(dh_N2F, x_ND, offs_E, use_gmm)
         dw2 = _segment_wgrad(dy_ND, a_NF, offs_E, use_gmm)
-        return dx_TD, dw13, dw2, None, None, None, None, None
+        return dx_TD, dw13, dw2, None, None, None, None, None, None
+
+
+def _covered(offs_E: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(N, 1) mask of the sorted rows some expert's segment covers (row < offs_E[-1]), on the device."""
+    return (torch.arange(n_rows, device=offs_E.device) < offs_E[-1]).unsqueeze(1)
 
 
 class _DeferredWGradSink(torch.autograd.Function):
@@ -203,8 +226,13 @@ class DeferredWGrad:
         if not self.stash:
             return None, None
         stash, self.stash = self.stash, []
+        n_rows = [s[1].shape[0] for s in stash]
+        # Each layer's dead rows (past its last offset) form one more segment, merged last: the GEMMs
+        # below cover only the first E segments.
         offs_LE = torch.stack([s[0] for s in stash])
-        dest, offs_E = _sorted_into_experts(offs_LE, [s[1].shape[0] for s in stash])
+        offs_LE = torch.cat([offs_LE, torch.tensor(n_rows, dtype=offs_LE.dtype, device=offs_LE.device)[:, None]], 1)
+        dest, offs_E = _sorted_into_experts(offs_LE, n_rows)
+        offs_E = offs_E[:-1]
         use_gmm = self.pool.dispatch != "loop" and grouped_mm_supported(stash[0][1], self.pool.d_model,
                                                                          self.pool.hidden)
 
@@ -224,11 +252,11 @@ class DeferredWGrad:
 
 def moe_dispatch(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                  w13_EFD: torch.Tensor, w2_EDF: torch.Tensor, impl: str = "auto",
-                 deferred: DeferredWGrad | None = None) -> torch.Tensor:
+                 deferred: DeferredWGrad | None = None, skip_dead_rows: bool = True) -> torch.Tensor:
     """y_t = sum_k weights[t, k] * expert_{ids[t, k]}(x_t), computed with sort + grouped GEMMs.
 
     With `deferred`, the weight gradients are left to `deferred` (see DeferredWGrad) and w13/w2 must
-    be its weights.
+    be its weights. skip_dead_rows: rows whose gate is exactly 0 run no expert (module docstring).
     """
     n_tokens, top_k = expert_ids_TK.shape
     n_experts, hidden = w2_EDF.shape[0], w2_EDF.shape[2]
@@ -236,14 +264,17 @@ def moe_dispatch(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: to
     use_gmm = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x_TD, x_TD.shape[1], hidden))
 
     flat_ids_N = expert_ids_TK.reshape(-1)
+    if skip_dead_rows:  # zero-gate rows sort as a virtual expert E, after every real one
+        flat_ids_N = torch.where(weights_TK.reshape(-1) == 0, n_experts, flat_ids_N)
     order_N = torch.argsort(flat_ids_N, stable=True)  # routed rows grouped by expert
     # scatter_add keeps the counts on the device (bincount syncs with the host on CUDA).
-    counts_E = torch.zeros(n_experts, dtype=torch.int32, device=x_TD.device).scatter_add_(
+    counts_E = torch.zeros(n_experts + 1, dtype=torch.int32, device=x_TD.device).scatter_add_(
         0, flat_ids_N, torch.ones_like(flat_ids_N, dtype=torch.int32))
-    offs_E = counts_E.cumsum(0, dtype=torch.int32)
+    offs_E = counts_E[:n_experts].cumsum(0, dtype=torch.int32)
 
     experts = _Experts.apply if deferred is None else _experts_deferred
-    y_ND = experts(x_TD.to(dtype), w13_EFD.to(dtype), w2_EDF.to(dtype), order_N, offs_E, top_k, use_gmm, deferred)
+    y_ND = experts(x_TD.to(dtype), w13_EFD.to(dtype), w2_EDF.to(dtype), order_N, offs_E, top_k, use_gmm, deferred,
+                   skip_dead_rows)
     gates_TK = weights_TK.to(dtype)
     if top_k == 1:
         return y_ND * gates_TK
@@ -271,13 +302,14 @@ class ExpertPool(nn.Module):
     def __init__(self, n_experts: int, d_model: int, hidden: int, dispatch: str = "auto"):
         super().__init__()
         self.n_experts, self.d_model, self.hidden, self.dispatch = n_experts, d_model, hidden, dispatch
+        self.skip_dead_rows = True  # zero-gate rows run no expert (exact; off only to measure the saving)
         self.w13_EFD = nn.Parameter(torch.empty(n_experts, 2 * hidden, d_model))
         self.w2_EDF = nn.Parameter(torch.empty(n_experts, d_model, hidden))
 
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 deferred: DeferredWGrad | None = None) -> torch.Tensor:
         w13, w2 = (self.w13_EFD, self.w2_EDF) if deferred is None else (deferred.w13_EFD, deferred.w2_EDF)
-        return moe_dispatch(x_TD, expert_ids_TK, weights_TK, w13, w2, self.dispatch, deferred)
+        return moe_dispatch(x_TD, expert_ids_TK, weights_TK, w13, w2, self.dispatch, deferred, self.skip_dead_rows)
 
     def defer_wgrad(self, x: torch.Tensor) -> DeferredWGrad:
         """A view of this pool for one forward whose weight gradients are fused over all calls

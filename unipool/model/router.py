@@ -19,11 +19,17 @@ The balancing losses use `scores_TE` (softmax probabilities, or NormRouter/sigmo
 - Switch loss per layer:  alpha * E * sum_i f_i P_i   with f_i = count_i / (T k), P_i = mean_t s_ti.
 - Pool loss (UniPool eqs. 4-6) is computed by the model from every layer's `scores_TE` and the
   f-bar statistics; see `pool_loss`.
+Options that are ours, not the paper's (defaults are the paper's; docs/design.md):
+- `balance_scores="normalized"`: P_i from each row's scores divided by their sum (`balance_probs`).
+- `count_dead_picks=False`: picks whose gate is exactly zero are no load: left out of counts_E and f.
+- `scale_param="softplus" | "exp"`: sigma = softplus(raw) or exp(raw), so it cannot cross zero.
+- `norm_c="match_gate:<g>"`: c chosen so that the mean sum of picked gates at initialisation is g.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +45,8 @@ class RouterOutput:
     scores_TE: torch.Tensor  # per-expert scores used by the balancing losses (with grad)
     counts_E: torch.Tensor  # float, tokens routed to each expert in this call (detached)
     aux_loss: torch.Tensor  # this layer's Switch + z loss (already scaled by coefficients)
+    # float scalar, detached: tokens whose picked gates are all exactly zero (their FFN output is 0)
+    dead_rows: torch.Tensor | None = None
 
 
 def norm_router_constant(num_experts: int, top_k: int, n_samples: int = 100_000, seed: int = 42) -> float:
@@ -69,31 +77,89 @@ def _norm_router_constant(num_experts: int, top_k: int, n_samples: int, seed: in
     return total / kept
 
 
-def switch_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def mean_picked_gate_sum(num_experts: int, top_k: int, n_samples: int = 100_000, seed: int = 42) -> float:
+    """E_x[sum of top_k(relu(x / ||x||))] for x ~ N(0, I_E): the mean sum of picked NormRouter gates
+    at initialisation per unit of c * sigma, from the same draw as `norm_router_constant`.
+
+    Why this is "at initialisation" whatever the init std: z = W h with W's entries i.i.d.
+    N(0, std^2) is, for any fixed input h != 0, an isotropic Gaussian N(0, std^2 ||h||^2 I_E), and
+    NormRouter divides z by its norm, so the scores' distribution depends neither on the std nor on
+    h. All-negative samples count with a gate sum of 0: they are the rows that start dead.
+    """
+    rng = np.random.RandomState(seed)
+    total, chunk = 0.0, 10_000
+    for start in range(0, n_samples, chunk):
+        x = rng.standard_normal((min(chunk, n_samples - start), num_experts))
+        y = np.maximum(x / np.linalg.norm(x, axis=1, keepdims=True), 0.0)
+        top = -np.partition(-y, top_k - 1, axis=1)[:, :top_k] if top_k < num_experts else y
+        total += float(top.sum())
+    return total / n_samples
+
+
+def norm_router_c_value(spec: str | float, num_experts: int, top_k: int) -> float:
+    """c for a `norm_router_c` setting: "monte_carlo" (the paper's), "one", a number, or
+    "match_gate:<g>" (the c that makes the mean sum of picked gates at initialisation g, sigma = 1)."""
+    if spec == "monte_carlo":
+        return norm_router_constant(num_experts, top_k)
+    if spec == "one":
+        return 1.0
+    if isinstance(spec, str) and spec.startswith("match_gate:"):
+        return float(spec.split(":", 1)[1]) / mean_picked_gate_sum(int(num_experts), int(top_k))
+    return float(spec)
+
+
+def balance_probs(scores_TE: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    """P_E of the balancing losses: the mean score per expert over the tokens ("raw", the paper's).
+
+    normalized: each row divided by its sum first, so that shrinking a whole row no longer lowers the
+    loss; rows whose scores are all zero (0/0) are left out of the mean, so they neither lower nor
+    raise it (ours; for softmax scores it is the raw P up to rounding)."""
+    scores_TE = scores_TE.float()
+    if not normalized:
+        return scores_TE.mean(0)
+    sum_T1 = scores_TE.sum(-1, keepdim=True)
+    live_T1 = sum_T1 > 0
+    probs_TE = torch.where(live_T1, scores_TE / sum_T1.clamp_min(1e-30), 0.0)
+    return probs_TE.sum(0) / live_T1.sum().clamp_min(1)
+
+
+def load_fraction(counts_E: torch.Tensor, n_picks: int, live_only: bool = False) -> torch.Tensor:
+    """f_E = count / (T k) (the paper's); live_only: count / (picks with a nonzero gate), for counts
+    that leave out the zero-gate picks (`count_dead_picks=False`), so f sums to 1 again."""
+    if live_only:
+        return counts_E / counts_E.sum().clamp_min(1)
+    return counts_E / max(n_picks, 1)
+
+
+def switch_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int, normalized: bool = False,
+                live_only: bool = False) -> torch.Tensor:
     """Unscaled Switch load-balancing loss E * sum_i f_i P_i (multiply by alpha outside)."""
     n_tokens, n_experts = scores_TE.shape
-    f_E = counts_E / max(n_tokens * top_k, 1)
-    return n_experts * (f_E * scores_TE.float().mean(0)).sum()
+    f_E = load_fraction(counts_E, n_tokens * top_k, live_only)
+    return n_experts * (f_E * balance_probs(scores_TE, normalized)).sum()
 
 
-def pool_loss(scores_LTE: list[torch.Tensor], load_E: torch.Tensor) -> torch.Tensor:
+def pool_loss(scores_LTE: list[torch.Tensor], load_E: torch.Tensor, normalized: bool = False) -> torch.Tensor:
     """Unscaled pool-level loss M * sum_i fbar_i * Pbar_i (UniPool eq. 6).
 
     `load_E` is f-bar, the layer-averaged routed fraction per expert (detached); Pbar_i is the mean
-    over layers of each layer's mean score. The gradient therefore flows only through the router
-    scores: into W and sigma, and (like Megatron's aux losses) through each router's input into the
-    residual stream, but never directly into the expert weights.
+    over layers of each layer's P_i (`balance_probs`). The gradient therefore flows only through the
+    router scores: into W and sigma, and (like Megatron's aux losses) through each router's input into
+    the residual stream, but never directly into the expert weights.
     """
     n_experts = load_E.shape[0]
-    p_bar_E = torch.stack([s.float().mean(0) for s in scores_LTE]).mean(0)
+    p_bar_E = torch.stack([balance_probs(s, normalized) for s in scores_LTE]).mean(0)
     return n_experts * (load_E.detach() * p_bar_E).sum()
 
 
-def expert_counts(ids_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert (float). Counting by scatter_add keeps the count on the device
-    (no host sync, unlike bincount)."""
-    return torch.zeros(n_experts, device=ids_TK.device).scatter_add_(
-        0, ids_TK.flatten(), torch.ones(ids_TK.numel(), device=ids_TK.device))
+def expert_counts(ids_TK: torch.Tensor, n_experts: int, weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens routed to each expert (float); with `weights_TK`, only picks whose gate is nonzero.
+    Counting by scatter_add keeps the count on the device (no host sync, unlike bincount)."""
+    ones = torch.ones(ids_TK.numel(), device=ids_TK.device)
+    if weights_TK is not None:
+        ones = (weights_TK.reshape(-1) != 0).float()
+    return torch.zeros(n_experts, device=ids_TK.device).scatter_add_(0, ids_TK.flatten(), ones)
 
 
 def random_topk(n_tokens: int, n_experts: int, top_k: int, device: torch.device,
@@ -107,42 +173,77 @@ def random_topk(n_tokens: int, n_experts: int, top_k: int, device: torch.device,
     return ids_TK if candidates_C is None else candidates_C.to(device)[ids_TK]
 
 
+# sigma as a function of its parameter, and the parameter value that gives sigma = 1
+SCALE_PARAMS = {
+    "linear": (lambda p: p, 1.0),  # the paper's: sigma is the parameter
+    "softplus": (F.softplus, math.log(math.e - 1.0)),
+    "exp": (torch.exp, 0.0),
+}
+
+
 class Router(nn.Module):
     def __init__(self, d_model: int, n_experts: int, top_k: int, kind: str = "softmax", *,
                  renormalize: bool = False, norm_c: str | float = "monte_carlo", norm_eps: float = 1e-8,
                  random_gates: str = "uniform", switch_coef: float = 0.0, z_coef: float = 0.0,
-                 bias_rate: float = 1e-3):
+                 bias_rate: float = 1e-3, balance_scores: str = "raw", count_dead_picks: bool = True,
+                 scale_param: str = "linear"):
         super().__init__()
         self.n_experts, self.top_k, self.kind = n_experts, top_k, kind
         self.renormalize, self.norm_eps = renormalize, norm_eps
         self.switch_coef, self.z_coef, self.bias_rate = switch_coef, z_coef, bias_rate
+        self.normalized_balance, self.count_dead_picks = balance_scores == "normalized", count_dead_picks
         self.gate = nn.Linear(d_model, n_experts, bias=False)
+        self.scale_param = scale_param if kind == "norm" else None
         if kind == "norm":
-            self.scale = nn.Parameter(torch.ones(1))  # sigma, learnable routing strength
-            if norm_c == "monte_carlo":
-                self.norm_c = norm_router_constant(n_experts, top_k)
+            # sigma, the learnable routing strength. Linear (the paper's): the parameter `scale` is
+            # sigma. Otherwise the parameter is `scale_raw` and sigma = softplus/exp of it: another
+            # name, so nothing that reads `scale` as sigma (e.g. the Hugging Face export) misreads it.
+            init = torch.full((1,), SCALE_PARAMS[scale_param][1])
+            if scale_param == "linear":
+                self.scale = nn.Parameter(init)
             else:
-                self.norm_c = 1.0 if norm_c == "one" else float(norm_c)
+                self.scale_raw = nn.Parameter(init)
+            self.norm_c = norm_router_c_value(norm_c, n_experts, top_k)
         if kind == "sigmoid":
             # Selection-only bias, updated by `update_bias` outside the gradient.
             self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
         # Gates of a model trained with random routing (config `random_gates`); None for learned routing.
         self.random_gates: str | None = random_gates if kind == "random" else None
 
+    def sigma(self) -> torch.Tensor | None:
+        """NormRouter's sigma (shape (1,), with grad); None for routers without one."""
+        if self.kind != "norm":
+            return None
+        if self.scale_param == "linear":
+            return self.scale
+        return SCALE_PARAMS[self.scale_param][0](self.scale_raw)
+
+    @torch.no_grad()
+    def reset_scale(self) -> None:
+        """sigma = 1, whatever the parametrisation."""
+        if self.kind == "norm":
+            param = self.scale if self.scale_param == "linear" else self.scale_raw
+            param.fill_(SCALE_PARAMS[self.scale_param][1])
+
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         logits_TE = logits_TE.float()
         if self.kind == "norm":
             norm_T1 = logits_TE.norm(dim=-1, keepdim=True)
-            return F.relu(logits_TE / (norm_T1 + self.norm_eps)) * self.scale * self.norm_c
+            return F.relu(logits_TE / (norm_T1 + self.norm_eps)) * self.sigma() * self.norm_c
         if self.kind == "sigmoid":
             return torch.sigmoid(logits_TE)
         return torch.softmax(logits_TE, dim=-1)  # softmax and random
 
     def weights_at(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         """The gates this router gives the experts `ids_TK`: their scores, renormalised over the k
-        picks if it renormalises. Public because the probe gates random picks the same way."""
+        picks if it renormalises. Public because the probe gates random picks the same way.
+
+        Sigmoid with k > 1 always renormalises, as the official code (Megatron's
+        topk_routing_with_score_function) does: gates / (sum + 1e-20)."""
         weights_TK = scores_TE.gather(1, ids_TK)
-        if self.renormalize and self.kind in ("softmax", "sigmoid"):
+        if self.kind == "sigmoid" and self.top_k > 1:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        elif self.renormalize and self.kind in ("softmax", "sigmoid"):
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         return weights_TK
 
@@ -160,16 +261,20 @@ class Router(nn.Module):
         else:
             weights_TK = self.weights_at(scores_TE, ids_TK)
 
-        counts_E = expert_counts(ids_TK, self.n_experts)
+        counts_E = expert_counts(ids_TK, self.n_experts, None if self.count_dead_picks else weights_TK.detach())
         aux = scores_TE.new_zeros(())
         if self.switch_coef > 0:
-            aux = aux + self.switch_coef * switch_loss(scores_TE, counts_E, self.top_k)
+            aux = aux + self.switch_coef * switch_loss(scores_TE, counts_E, self.top_k, self.normalized_balance,
+                                                       live_only=not self.count_dead_picks)
         if self.z_coef > 0:
             aux = aux + self.z_coef * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
-        return RouterOutput(ids_TK, weights_TK, scores_TE, counts_E, aux)
+        dead_rows = (weights_TK.detach() == 0).all(-1).sum().float()
+        return RouterOutput(ids_TK, weights_TK, scores_TE, counts_E, aux, dead_rows)
 
     @torch.no_grad()
     def update_bias(self, counts_E: torch.Tensor) -> None:
-        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
+        Called once per optimizer step with the counts of all its micro-batches and ranks (the
+        official cadence; `Unipool.update_router_biases`)."""
         if self.kind == "sigmoid" and self.bias_rate > 0:
             self.expert_bias += self.bias_rate * torch.sign(counts_E.mean() - counts_E)

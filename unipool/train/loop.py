@@ -133,6 +133,38 @@ class Metrics:
             self.tb.close()
 
 
+class RouterScaleError(UnipoolError, RuntimeError):
+    """A NormRouter's sigma crossed zero: its gates and the balance loss have turned negative."""
+
+
+def end_of_step_routing(model, step_counts_LE: torch.Tensor) -> None:
+    """Once per optimizer step: sigmoid routers' aux-loss-free biases move from the step's counts,
+    summed over its micro-batches and all-reduced over ranks (the official code's cadence)."""
+    if model.has_router_biases:
+        model.update_router_biases(dist.all_reduce_sum(step_counts_LE.clone()))
+
+
+def router_telemetry(model, dead_L: torch.Tensor, tokens: int) -> dict:
+    """Per layer since the last log: the share of tokens whose picked gates were all exactly zero
+    (`dead_rows`; accumulated on the device per micro-batch, read here once) and NormRouter sigma
+    (`router_scale`, absent without NormRouters). Collective under DDP/FSDP: every rank calls it."""
+    sums = dist.all_reduce_sum(torch.cat([dead_L, dead_L.new_tensor([float(tokens)])]))
+    record = {"dead_rows": [round(v, 5) for v in (sums[:-1] / sums[-1].clamp_min(1)).tolist()]}
+    scales = model.router_scales()
+    if scales is not None:  # FSDP2 shards them: gather each (a collective)
+        record["router_scale"] = [round(float(s.full_tensor() if hasattr(s, "full_tensor") else s), 6)
+                                  for s in scales]
+    return record
+
+
+def check_router_scales(record: dict) -> None:
+    """Refuse to go on once a NormRouter's sigma is <= 0 (possible with the paper's linear sigma)."""
+    bad = [f"layer {i} (sigma {s:.4g})" for i, s in enumerate(record.get("router_scale", [])) if not s > 0]
+    if bad:
+        raise RouterScaleError(f"step {record['step']}: NormRouter sigma crossed zero in {', '.join(bad)}; "
+                               "stopping (model.norm_router_scale=softplus or exp keeps it positive)")
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop checks it between steps. A second SIGINT interrupts at once."""
 
@@ -389,16 +421,20 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
     start_step, stopped, val_loss = step, False, None
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, disable=not (info.is_main and tc.progress))
     counts_LE = torch.zeros(run.model.n_layers, run.model.n_routed_experts, device=device)
+    step_counts_LE, dead_L, log_tokens = torch.zeros_like(counts_LE), torch.zeros(run.model.n_layers, device=device), 0
     train_time, interval_t0, interval_tokens = 0.0, time.time(), 0
     guard = DivergenceGuard(tc.on_nonfinite, tc.max_bad_steps, run_dir, on_stop=lambda: (bar.close(), metrics.close()))
 
     def rollback() -> int:
         """The guard's rollback: the latest checkpoint back into the live state; its step."""
+        nonlocal log_tokens
         restored = roll_back(run_dir, model, optimizer, sampler, mode, info, device)
         metrics.truncate(restored)
         bar.reset(total_steps)
         bar.update(restored)
         counts_LE.zero_()
+        dead_L.zero_()
+        log_tokens = 0
         return restored
     with StopFlag() as stop:
         while step < total_steps:
@@ -407,6 +443,7 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros(2, device=device)  # lm loss, aux loss (summed over micro-batches)
+            step_counts_LE.zero_()
             for micro in range(tc.grad_accum):
                 x, y = (t.to(device, non_blocking=True) for t in sampler.next_batch())
                 with dist.no_sync(wrapped, mode, skip=micro < tc.grad_accum - 1):
@@ -416,7 +453,11 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
                     # After backward: a compiled graph may keep the routing buffers for its backward.
                     model.update_routing_state(out_)
                 loss_sum += torch.stack([out_.loss.detach().float(), out_.aux_loss.detach().float()])
-                counts_LE += torch.stack([r.counts_E for r in out_.routing])
+                step_counts_LE += torch.stack([r.counts_E for r in out_.routing])
+                dead_L += torch.stack([r.dead_rows for r in out_.routing])
+                log_tokens += x.numel()
+            counts_LE += step_counts_LE
+            end_of_step_routing(model, step_counts_LE)
             grad_norm = dist.clip_grad_norm(model, tc.grad_clip)
             healthy = math.isfinite(grad_norm)  # the same float on every rank
             if healthy:
@@ -442,7 +483,11 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
                 if tc.routing_interval and (step % tc.routing_interval == 0 or last):
                     record["routing"] = load_stats(dist.all_reduce_sum(counts_LE.clone()), run.model.layers_per_pool)
                     counts_LE.zero_()
+                record.update(router_telemetry(model, dead_L, log_tokens))
+                dead_L.zero_()
+                log_tokens = 0
                 metrics.log(record)
+                check_router_scales(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_per_s:,.0f}", refresh=False)
                 interval_t0, interval_tokens = time.time(), 0
             if (tc.eval_interval and step % tc.eval_interval == 0) or last:
