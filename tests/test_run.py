@@ -94,7 +94,7 @@ def test_every_preset_is_a_model_and_a_recipe():
         run = preset_config(name)
         assert run.model == preset.model and run.preset == name
         assert run.train == TrainConfig(**preset.recipe)
-    assert preset_config("demo").train.steps == 150 and preset_config("unipool-182m").train.lr == 5e-4
+    assert preset_config("demo").train.steps == 720 and preset_config("demo").data.tokenizer == "bpe:4096" and preset_config("unipool-182m").train.lr == 5e-4
 
 
 def test_older_configs_move_execution_fields_into_exec():

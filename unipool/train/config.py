@@ -286,7 +286,11 @@ def preset_config(name: str) -> RunConfig:
         train = TrainConfig(**p.recipe)
     except TypeError as e:  # a recipe naming a field TrainConfig does not have
         raise ConfigError(f"preset {name!r}: bad recipe ({e})") from None
-    return RunConfig(model=p.model, train=train, data=DataConfig(), preset=name)
+    try:
+        data = DataConfig(**p.data)
+    except TypeError as e:
+        raise ConfigError(f"preset {name!r}: bad data section ({e})") from None
+    return RunConfig(model=p.model, train=train, data=data, preset=name)
 
 
 def default_config() -> RunConfig:
