@@ -187,9 +187,9 @@ def plot_report(data: dict, path: str | Path) -> Path:
              else f"{data['n_pools']} pools of {n_experts} experts" if data["moe_mode"] == "grouped"
              else f"{n_experts} experts per layer")
     tokens = max((r.get("tokens", 0) for r in records), default=0)
-    fig.suptitle(f"{data['name']}  ·  {data['preset']}: {n_layers} layers, {pools}, {data['router']} router  ·  "
-                 f"{params['total'] / 1e6:.1f}M params ({params['active'] / 1e6:.1f}M active)  ·  "
-                 f"step {data['step']}, {tokens_fmt(tokens)} tokens", fontsize=12, x=0.01, ha="left")
+    fig.suptitle(f"{data['name']} · {data['preset']}: {n_layers} layers, {pools}, {data['router']} router · "
+                 f"{params['total'] / 1e6:.1f}M params ({params['active'] / 1e6:.1f}M active) · "
+                 f"step {data['step']}, {tokens_fmt(tokens)} tokens", fontsize=11, x=0.01, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     path = Path(path)
     fig.savefig(path, dpi=100)
