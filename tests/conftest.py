@@ -1,4 +1,6 @@
 import os
+from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
@@ -16,3 +18,11 @@ def _seed_and_dtype():
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Real English text (Python's own help topics), scenes separated by form feeds like the default corpus."""
+    path = tmp_path_factory.mktemp("corpus") / "topics.txt"
+    path.write_text("\f".join(topics[k] for k in sorted(topics)[:60]))
+    return path

@@ -5,7 +5,6 @@ import dataclasses
 import glob
 import shlex
 from pathlib import Path
-from pydoc_data.topics import topics
 
 import pytest
 from PIL import Image
@@ -19,11 +18,9 @@ from unipool.train.loop import end_screen
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A real (tiny) training run through the CLI, and what it printed."""
+def trained(tmp_path_factory, corpus):
+    """The arguments of a real (tiny) training run through the CLI, and where it writes."""
     root = tmp_path_factory.mktemp("first")
-    corpus = root / "topics.txt"
-    corpus.write_text("\f".join(topics[k] for k in sorted(topics)[:60]))
     args = ["train", "--preset", "debug", "--data.sources", str(corpus), "--data.tokenizer", "bpe:320",
             "--data.data-dir", str(root / "prepared"), "--train.out-dir", str(root / "runs"),
             "--train.progress", "false", "--set", "train.batch_size=4", "--set", "train.seq_len=32",

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from pydoc_data.topics import topics
 
 import pytest
 import torch
@@ -32,13 +31,6 @@ from unipool.train import distributed
 from unipool.train.checkpoint import CheckpointError, load_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "topics.txt"
-    path.write_text("\f".join(topics[k] for k in sorted(topics)[:60]))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 from pathlib import Path
-from pydoc_data.topics import topics
 
 import pytest
 import torch
@@ -17,15 +16,6 @@ from unipool.model.config import ModelConfig
 from unipool.train.checkpoint import load_model
 from unipool.train.config import ConfigError, DataConfig, apply_override, preset_config
 from unipool.train.loop import lr_at, param_groups
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Real English text (Python's own help topics), scenes separated by form feeds like the default corpus."""
-    path = tmp_path_factory.mktemp("corpus") / "topics.txt"
-    docs = [topics[k] for k in sorted(topics)][:60]
-    path.write_text("\f".join(docs))
-    return path
 
 
 @pytest.fixture(scope="module")

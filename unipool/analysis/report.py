@@ -23,7 +23,8 @@ class ReportError(UnipoolError):
     pass
 
 
-def _curve(records: list[dict], key: str) -> list[tuple[float, float]]:
+def curve(records: list[dict], key: str) -> list[tuple[float, float]]:
+    """(tokens, value) of every record with a finite number under `key`."""
     return [(r["tokens"], float(r[key])) for r in records
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
@@ -42,7 +43,7 @@ def summarize_run(run_dir: str | Path) -> dict:
     cfg = run.config.model
     params = param_report(cfg)
     records, notes = run.metrics()
-    train, val = _curve(records, "loss"), _curve(records, "val_loss")
+    train, val = curve(records, "loss"), curve(records, "val_loss")
 
     try:
         summary = run.summary() or {}

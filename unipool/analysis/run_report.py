@@ -18,14 +18,13 @@ The last two panels are curves over training when the run logged them per step (
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from unipool.analysis.eval import add_data_args, check_data_args, eval_batches_for
-from unipool.analysis.report import smooth
+from unipool.analysis.report import curve, smooth
 from unipool.analysis.routing import collect_routing, routing_stats
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
@@ -115,10 +114,7 @@ def plot_report(data: dict, path: str | Path) -> Path:
     tokens_fmt = EngFormatter(sep="")
 
     # -- loss
-    train = [(r["tokens"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))
-             and math.isfinite(r["loss"])]
-    val = [(r["tokens"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))
-           and math.isfinite(r["val_loss"])]
+    train, val = curve(records, "loss"), curve(records, "val_loss")
     if train:
         xs, ys = zip(*train)
         ax_loss.plot(xs, ys, color="C0", alpha=0.25, lw=0.8)
