@@ -59,10 +59,19 @@ class ConfigError(UnipoolError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+def type_options(tp: Any) -> tuple:
+    """The alternatives of a field annotation: `int | None` -> (int, NoneType), `float` -> (float,)."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+def type_name(tp: Any) -> str:
+    """An annotation as an error message names it: `int`, `int | None`, `list[str]`."""
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
 def _has_type(value: Any, tp: Any) -> bool:
     """Whether `value` fits the annotation `tp` (float accepts an int; bool is never a number)."""
-    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    for opt in options:
+    for opt in type_options(tp):
         if opt is type(None) and value is None:
             return True
         if opt is bool and isinstance(value, bool):
@@ -82,8 +91,7 @@ def check_types_and_finite(obj: Any, section: str) -> None:
     for name, tp in typing.get_type_hints(type(obj)).items():
         value = getattr(obj, name)
         if not _has_type(value, tp):
-            expected = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            raise ConfigError(f"{section}.{name}: expected {expected}, got {value!r}")
+            raise ConfigError(f"{section}.{name}: expected {type_name(tp)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{section}.{name}: must be a finite number (got {value!r})")
 

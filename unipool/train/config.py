@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unipool.model.config import ConfigError, ModelConfig, check_types_and_finite
+from unipool.model.config import ConfigError, ModelConfig, check_types_and_finite, type_name, type_options
 from unipool.model.moe import DISPATCH
 from unipool.presets import DEFAULT_PRESET, preset
 
@@ -182,7 +181,7 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
         except json.JSONDecodeError:
             if value.lower() in ("true", "false", "yes", "no", "none", "null"):
                 value = {"true": True, "yes": True, "false": False, "no": False}.get(value.lower())
-    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    options = type_options(tp)
     for opt in options:
         if opt is type(None) and value is None:
             return None
@@ -201,8 +200,7 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
                 value = [v for v in value.split(",") if v]
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 return list(value)
-    name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-    raise ConfigError(f"{where}: expected {name}, got {value!r}")
+    raise ConfigError(f"{where}: expected {type_name(tp)}, got {value!r}")
 
 
 def _merge_section(obj: Any, section: str, values: dict[str, Any]) -> Any:
