@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from unipool.analysis import run_report
 from unipool.analysis.eval import evaluate
 from unipool.analysis.generate import generate
 from unipool.analysis.routing import load_stats
@@ -550,8 +551,6 @@ def write_end_report(run_dir: Path, model, val_ds, batch_size: int, seq_len: int
                      summary: dict) -> Path | None:
     """RUN/report.png from the finished model (every rank measures: FSDP2 forwards are collective; rank 0
     draws). A failure to draw is a warning, never a lost run."""
-    from unipool.analysis import run_report
-
     measured = run_report.measure(model, eval_batches(val_ds, batch_size, seq_len))
     if not is_main:
         return None
