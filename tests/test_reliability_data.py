@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -162,24 +161,28 @@ def test_single_document_corpus_trains_and_evaluates(tmp_path, capsys):
 
 def test_temporaries_of_a_killed_prepare_are_removed_by_the_next(tmp_path, bpe):
     src = tmp_path / "big.txt"
-    src.write_text((ENGLISH * 3)[:2_000_000])
+    src.write_text((ENGLISH * 3)[:400_000])
     bpe.save(tmp_path / "tok.json")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = ("import sys; from unipool.data.dataset import prepare; from unipool.data.tokenizer import Tokenizer; "
-             "prepare([sys.argv[1]], sys.argv[2], Tokenizer.load(sys.argv[3]), num_workers=1)")
-    proc = subprocess.Popen([sys.executable, "-c", child, str(src), str(out), str(tmp_path / "tok.json")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill it once it is writing shards
-        tmps = list(out.glob(f".prepare-{proc.pid}-*")) if out.is_dir() else []
-        if tmps and any(f.stat().st_size for f in tmps[0].iterdir()):
-            break
-        assert proc.poll() is None, "prepare ended before it could be killed"
-        time.sleep(0.05)
-    assert tmps, "prepare never wrote a shard"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # The child SIGKILLs itself right after its first shard write has reached the file: a kill -9 in the middle of
+    # prepare at a fixed point, however fast the machine (polling from outside raced a quick prepare to its end).
+    child = ("import os, signal, sys\n"
+             "from unipool.data import dataset\n"
+             "from unipool.data.tokenizer import Tokenizer\n"
+             "write = dataset._ShardWriter.write\n"
+             "def write_then_die(self, arr):\n"
+             "    write(self, arr)\n"
+             "    if arr.size:\n"
+             "        self.f.flush()\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "dataset._ShardWriter.write = write_then_die\n"
+             "dataset.prepare([sys.argv[1]], sys.argv[2], Tokenizer.load(sys.argv[3]), num_workers=1)\n")
+    proc = subprocess.run([sys.executable, "-c", child, str(src), str(out), str(tmp_path / "tok.json")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    tmps = list(out.glob(".prepare-*-*"))
+    assert len(tmps) == 1 and any(f.stat().st_size for f in tmps[0].iterdir()), "the killed prepare wrote no shard"
     assert [p.name for p in out.iterdir() if p.name.startswith(".prepare-")] == [tmps[0].name]
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
