@@ -114,7 +114,7 @@ def test_cli_errors_are_one_line(corpus, data_dir, tmp_path, capsys):
         (["--data.sources", str(tmp_path / "missing.txt")], "no such file"),
         (["--data.sources", str(empty), "--data.data-dir", str(tmp_path / "d2")], "no text found"),
         (["--set", "train.seq_len=4096"], "exceeds model.max_seq_len"),
-        (["--set", "model.fused_pool_wgrad=true", "--train.distributed", "fsdp"], "not supported with"),
+        (["--set", "train.on_nonfinite=rollback", "--train.distributed", "fsdp"], "rollback is not supported"),
     ]
     for extra, expected in cases:
         rc = cli.main(debug_args(corpus, data_dir, tmp_path, "bad", "--train.steps", "1", *extra))

@@ -214,9 +214,10 @@ class Unipool(nn.Module):
         x = self.tok_embeddings(input_ids)
         routing: list[RouterOutput] = []
         pools = list(self.experts)
-        if self.fused_pool_wgrad and self.training and torch.is_grad_enabled():
+        if self.fused_pool_wgrad and cfg.layers_per_pool > 1 and self.training and torch.is_grad_enabled():
             # Every layer calling a pool adds to the same weight gradient: compute it once per pool
             # at the end of backward, as one grouped GEMM over all layers' rows (moe.DeferredWGrad).
+            # A pool with one caller (per-layer MoE) has nothing to fuse.
             pools = [p.defer_wgrad(x) for p in pools]
         for i, block in enumerate(self.layers):
             pool = pools[cfg.pool_of_layer(i)]

@@ -36,9 +36,11 @@ layer's weight gradient as it comes means L grouped GEMMs with tokens/E rows per
 followed by a read-modify-write of the whole pool gradient, so the pool moves through memory L
 times (performance.md: 6-12x slower than the GEMMs need). Instead every layer's backward stashes
 its (rows, output-gradient) pairs, and `_DeferredWGradSink`, an identity applied to the pool
-weights once per forward before any layer uses them, runs after every layer's backward (autograd
-only runs a node once all its consumers are done) and computes each weight's gradient as ONE
-grouped GEMM over all layers' rows sorted by expert: grad_w[e] = X_e^T dY_e.
+weights once per forward, in the first layer's call before it uses them, runs after every layer's
+backward (autograd only runs a node once all its consumers are done) and computes each weight's
+gradient as ONE grouped GEMM over all layers' rows sorted by expert: grad_w[e] = X_e^T dY_e. The
+first call's inputs pass through the same identity, so a backward hook on them (FSDP2 reduces a
+module's gradients when the gradients of its inputs are ready) fires after the fused gradient exists.
 """
 
 from __future__ import annotations
@@ -154,17 +156,22 @@ def _covered(offs_E: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 class _DeferredWGradSink(torch.autograd.Function):
-    """Identity (plus the cast to the compute dtype, once per forward) on the pool weights; its
-    backward runs after every layer's and turns the stashed rows into the real gradients."""
+    """Identity (plus the cast to the compute dtype, once per forward) on the pool weights and on the
+    first calling layer's inputs; its backward runs after every layer's and turns the stashed rows into
+    the real gradients.
+
+    The inputs pass through so that whatever hooks them in backward (FSDP2's post-backward reduce of
+    the pool's gradients) runs after this, the last node to touch the pool, and not before."""
 
     @staticmethod
-    def forward(ctx, w13_EFD, w2_EDF, deferred, dtype):
+    def forward(ctx, w13_EFD, w2_EDF, deferred, dtype, *inputs):
         ctx.deferred, ctx.dtypes = deferred, (w13_EFD.dtype, w2_EDF.dtype)
         ctx.set_materialize_grads(False)  # layers return None: no pool-sized zeros
-        return w13_EFD.to(dtype).view_as(w13_EFD), w2_EDF.to(dtype).view_as(w2_EDF)
+        return (w13_EFD.to(dtype).view_as(w13_EFD), w2_EDF.to(dtype).view_as(w2_EDF),
+                *(t.view_as(t) for t in inputs))
 
     @staticmethod
-    def backward(ctx, dw13_in, dw2_in):
+    def backward(ctx, dw13_in, dw2_in, *d_inputs):
         dw13, dw2 = ctx.deferred.fused_wgrad()
         if dw13 is None:  # no layer contributed
             dw13, dw2 = dw13_in, dw2_in
@@ -173,19 +180,27 @@ class _DeferredWGradSink(torch.autograd.Function):
             # Any other use of the weights (none in the model) adds up as usual.
             dw13 = dw13 if dw13_in is None else dw13 + dw13_in
             dw2 = dw2 if dw2_in is None else dw2 + dw2_in
-        return dw13, dw2, None, None
+        return dw13, dw2, None, None, *d_inputs
 
 
 # With a deferred weight gradient the backward has a side effect (the stash) that a traced graph
-# would run once at trace time: under torch.compile these two calls run eagerly (graph breaks).
+# would run once at trace time: under torch.compile these calls run eagerly (graph breaks).
 @torch.compiler.disable
 def _experts_deferred(*args):
     return _Experts.apply(*args)
 
 
 @torch.compiler.disable
-def _sink(w13_EFD, w2_EDF, deferred, dtype):
-    return _DeferredWGradSink.apply(w13_EFD, w2_EDF, deferred, dtype)
+def _bind(deferred: "DeferredWGrad", pool: "ExpertPool", x_TD: torch.Tensor, weights_TK: torch.Tensor):
+    """The pool weights of this forward (the first call binds them) and the call's inputs."""
+    if deferred.w13_EFD is not None:
+        return deferred.w13_EFD, deferred.w2_EDF, x_TD, weights_TK
+    grad_inputs = [t for t in (x_TD, weights_TK) if t.requires_grad]
+    out = _DeferredWGradSink.apply(pool.w13_EFD, pool.w2_EDF, deferred, deferred.dtype, *grad_inputs)
+    deferred.w13_EFD, deferred.w2_EDF = out[0], out[1]
+    passed = iter(out[2:])
+    x_TD, weights_TK = (next(passed) if t.requires_grad else t for t in (x_TD, weights_TK))
+    return deferred.w13_EFD, deferred.w2_EDF, x_TD, weights_TK
 
 
 def _sorted_into_experts(offs_LE: torch.Tensor, n_rows: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -209,14 +224,16 @@ def _sorted_into_experts(offs_LE: torch.Tensor, n_rows: list[int]) -> tuple[list
 class DeferredWGrad:
     """One forward's view of an ExpertPool whose weight gradients are computed at the end of backward.
 
-    Call it like the pool. Created by `ExpertPool.defer_wgrad(x)` once per forward, before the first
-    layer calls the pool (outside any activation-checkpointed region).
+    Call it like the pool. Created by `ExpertPool.defer_wgrad(x)` once per forward. The weights are
+    bound inside the pool's first call (`_bind`), where a wrapper that shards the pool (FSDP2) has
+    gathered them; later calls, an activation-checkpointed layer's recomputation included, reuse them.
     """
 
     def __init__(self, pool: "ExpertPool", dtype: torch.dtype):
-        self.pool = pool
+        self.pool, self.dtype = pool, dtype
         self.stash: list[tuple[torch.Tensor, ...]] = []
-        self.w13_EFD, self.w2_EDF = _sink(pool.w13_EFD, pool.w2_EDF, self, dtype)
+        self.w13_EFD: torch.Tensor | None = None
+        self.w2_EDF: torch.Tensor | None = None
 
     def __call__(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         return self.pool(x_TD, expert_ids_TK, weights_TK, deferred=self)
@@ -308,7 +325,9 @@ class ExpertPool(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 deferred: DeferredWGrad | None = None) -> torch.Tensor:
-        w13, w2 = (self.w13_EFD, self.w2_EDF) if deferred is None else (deferred.w13_EFD, deferred.w2_EDF)
+        w13, w2 = self.w13_EFD, self.w2_EDF
+        if deferred is not None:
+            w13, w2, x_TD, weights_TK = _bind(deferred, self, x_TD, weights_TK)
         return moe_dispatch(x_TD, expert_ids_TK, weights_TK, w13, w2, self.dispatch, deferred, self.skip_dead_rows)
 
     def defer_wgrad(self, x: torch.Tensor) -> DeferredWGrad:

@@ -129,7 +129,7 @@ class DataConfig:
 class ExecConfig:
     """How the run computes, not what: free to change when resuming."""
     dispatch: str = "auto"  # expert kernels: auto | grouped_mm | loop
-    fused_pool_wgrad: bool = False  # a shared pool's weight gradient as one grouped GEMM over all layers
+    fused_pool_wgrad: bool = True  # a shared pool's weight gradient as one grouped GEMM over all layers
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile the model (slow first step, faster after)
 

@@ -295,10 +295,6 @@ def autocast_dtype(run: RunConfig, device: torch.device) -> torch.dtype | None:
 def check_feasible(run: RunConfig, info: dist.DistInfo, mode: str) -> None:
     """Refuse what cannot run, before any data or model work."""
     tc = run.train
-    if mode == "fsdp" and run.exec.fused_pool_wgrad:
-        # The deferred weight gradient reads the pool's weights outside the pool's own forward, where
-        # FSDP2 has them sharded: not supported until that is handled.
-        raise ConfigError("exec.fused_pool_wgrad: not supported with train.distributed=fsdp yet")
     if tc.batch_size % info.world_size:
         raise ConfigError(f"train.batch_size: {tc.batch_size} is not divisible by {info.world_size} ranks")
     if tc.seq_len > run.model.max_seq_len:
