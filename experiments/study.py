@@ -11,13 +11,15 @@ run in OUT/<variant>-s<seed>, launched as its own process. A run with a summary.
 and skipped; a run with checkpoints but no summary is resumed from its latest checkpoint, so the
 study can be interrupted (Ctrl-C) and started again with the same command.
 
-The report (OUT/results.md, OUT/results.json, OUT/report/curves.png and zero_gate.png, and each
-run's routing analysis in RUN/routing/) gives, per variant, mean +- std over seeds of the final
-validation loss and perplexity, the loss difference to vanilla paired by seed, the expert budget
-relative to the matched vanilla model with its standard error and 95% confidence interval (t
-distribution over the seeds' paired differences), and routing statistics on the validation split: tokens whose
-picked gates are all zero, the mean sum of picked gates (how strongly the MoE output is scaled),
-distinct experts per token U(x) over the layers (zero-gate picks left out), dead experts.
+The report (OUT/results.md, results.json, contrasts.json, OUT/report/curves.png, dead_rows.png and
+zero_gate.png, and each run's routing analysis in RUN/routing/) gives, per variant: mean +- std over
+seeds of the final validation loss and perplexity; the loss difference to vanilla paired by seed, with
+its standard error and 95% confidence interval (t distribution over the seeds' paired differences); the
+expert budget relative to the matched vanilla model; and routing statistics on the validation split
+(tokens whose picked gates are all zero, the mean sum of picked gates, i.e. how strongly the MoE output
+is scaled, distinct experts per token U(x) over the layers with zero-gate picks left out, dead experts).
+A study file's optional `contrasts` ({name: [a, b]}) adds the same paired statistics for a − b, and
+dead_rows.png shows when rows die during training (the runs' `dead_rows` and `router_scale` telemetry).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def load_study(path: Path) -> dict:
     for key in ("base", "variants", "seeds"):
         if key not in study:
             sys.exit(f"error: {path} has no '{key}' section")
+    for name, pair in (study.get("contrasts") or {}).items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(v in study["variants"] for v in pair)):
+            sys.exit(f"error: {path}: contrast {name!r} must be [variant, variant] of the study's variants, got {pair!r}")
     return study
 
 
@@ -134,7 +139,7 @@ def routing_summary(run_dir: Path, max_tokens: int = 16384) -> dict:
 
 
 def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None:
-    """curves.png (seed-mean training and validation loss per variant) and zero_gate.png."""
+    """curves.png (seed-mean training and validation loss per variant), dead_rows.png and zero_gate.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,6 +173,35 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+
+    # When rows die: the training-time dead-row share (metrics.jsonl `dead_rows`, per layer at every log
+    # step), averaged over layers and seeds, and NormRouter's mean sigma (`router_scale`).
+    fig, (ax_d, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (variant, dirs) in enumerate(runs.items()):
+        per_key = {}
+        for key in ("dead_rows", "router_scale"):
+            series = []
+            for d in dirs:
+                records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+                series.append([(r["tokens"], statistics.fmean(r[key])) for r in records if r.get(key)])
+            n = min((len(x) for x in series), default=0)
+            if n:
+                per_key[key] = ([t for t, _ in series[0][:n]], [statistics.fmean(x[j][1] for x in series) for j in range(n)])
+        if "dead_rows" in per_key:
+            xs, ys = per_key["dead_rows"]
+            ax_d.plot(xs, [100 * y for y in smooth(ys, window)], color=f"C{i}", label=variant)
+        if "router_scale" in per_key:
+            ax_s.plot(*per_key["router_scale"], color=f"C{i}", label=variant)
+    ax_d.set(xlabel="tokens", ylabel="% of (token, layer) rows",
+             title=f"training rows whose gates are all zero (mean over layers and seeds, running mean of {window})")
+    ax_s.set(xlabel="tokens", ylabel="sigma", title="NormRouter scale sigma (mean over layers and seeds)")
+    for ax in (ax_d, ax_s):
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "dead_rows.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -224,6 +258,7 @@ def report(study: dict, out: Path) -> str:
             ci = ci95(deltas) if r is not base else None
             if ci:
                 r["delta_se"], r["delta_ci95"] = ci[0], [ci[1], ci[2]]
+    contrasts = paired_contrasts(study, rows)
     header = ("| variant | router | experts/pool x pools | expert budget | seeds | val loss | Δ vs vanilla (paired) "
               "| Δ 95% CI | val ppl | zero-gate tokens | gate sum | U(x)/L | dead experts |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -238,12 +273,43 @@ def report(study: dict, out: Path) -> str:
             f"{fmt(r.get('zero_gate'), 1, 100) + '%' if ok else '–'} | {fmt(r.get('gate_sum'), 3)} | "
             f"{fmt(r.get('u_fraction'), 3)} | "
             f"{fmt(r.get('dead_experts'), 1)} |")
+    if contrasts:
+        lines += ["", "Paired contrasts (the study's `contrasts`: a − b on the same seeds):", "",
+                  "| contrast | a − b | seeds | mean | SE | 95% CI | per seed |", "|---|---|---|---|---|---|---|"]
+        for c in contrasts:
+            ci = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c.get("ci95") else "–"
+            se = f"{c['se']:.4f}" if c.get("se") is not None else "–"
+            per_seed = ", ".join(f"{d:+.3f}" for d in c["deltas"].values())
+            lines.append(f"| {c['name']} | {c['a']} − {c['b']} | {len(c['deltas'])} | {c['mean']:+.4f} | {se} | {ci} "
+                         f"| {per_seed} |")
     table = "\n".join(lines)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
+    if contrasts:
+        (out / "contrasts.json").write_text(json.dumps(contrasts, indent=2))
     (out / "results.md").write_text(table + "\n")
     if any(runs.values()):
         plot_study(rows, runs, out / "report")
     return table
+
+
+def paired_contrasts(study: dict, rows: list[dict]) -> list[dict]:
+    """The study file's `contrasts` ({name: [a, b]}): a − b in final validation loss over the seeds both
+    finished, with the standard error and 95% t interval of the mean paired difference."""
+    by_name = {r["variant"]: r for r in rows}
+    found = []
+    for name, pair in (study.get("contrasts") or {}).items():
+        a, b = pair
+        la, lb = by_name[a]["val_losses"], by_name[b]["val_losses"]
+        seeds = sorted(set(la) & set(lb))
+        if not seeds:
+            continue
+        deltas = {seed: la[seed] - lb[seed] for seed in seeds}
+        c = {"name": name, "a": a, "b": b, "deltas": deltas, "mean": statistics.fmean(deltas.values())}
+        ci = ci95(list(deltas.values()))
+        if ci:
+            c["se"], c["ci95"] = ci[0], [ci[1], ci[2]]
+        found.append(c)
+    return found
 
 
 def plan(study: dict, out: Path, names: list[tuple[str, str, int]], steps: int | None) -> None:

@@ -30,7 +30,8 @@ def test_study_runs_skips_and_reports(tmp_path):
                  "data": {"sources": [str(corpus)], "tokenizer": "bpe:320", "data_dir": str(tmp_path / "data")}},
         "variants": {"vanilla": {"moe_mode": "layerwise", "num_experts": 4, "router": "softmax",
                                  "switch_loss_coef": 0.01, "pool_loss_coef": 0.0},
-                     "unipool": {"moe_mode": "pool", "num_experts": 8, "router": "norm", "pool_loss_coef": 0.01}}},
+                     "unipool": {"moe_mode": "pool", "num_experts": 8, "router": "norm", "pool_loss_coef": 0.01}},
+        "contrasts": {"unipool minus vanilla": ["unipool", "vanilla"]}},
         sort_keys=False))
 
     first = study(tmp_path, "--jobs", "2")
@@ -47,12 +48,16 @@ def test_study_runs_skips_and_reports(tmp_path):
     half = 12.706 * abs(paired[0] - paired[1]) / 2  # t(1) x sd / sqrt(2), sd = |a - b| / sqrt(2)
     assert rows["unipool"]["delta_ci95"] == pytest.approx([sum(paired) / 2 - half, sum(paired) / 2 + half])
     assert "delta_ci95" not in rows["vanilla"]
+    [contrast] = json.loads((tmp_path / "out" / "contrasts.json").read_text())  # the same pairs, named
+    assert contrast["mean"] == pytest.approx(rows["unipool"]["delta_paired"][0])
+    assert contrast["ci95"] == pytest.approx(rows["unipool"]["delta_ci95"])
+    assert "| unipool minus vanilla | unipool − vanilla | 2 |" in (tmp_path / "out" / "results.md").read_text()
     assert rows["vanilla"]["delta_paired"] == [0.0, 0.0]
     assert rows["vanilla"]["u_fraction"][0] == 1.0  # private experts: every layer is a new expert
     assert rows["vanilla"]["zero_gate"][0] == 0.0  # softmax gates are never zero
     assert rows["unipool"]["expert_budget"] == 0.5  # 8 experts vs 8 per layer x 2 layers
     assert rows["vanilla"]["n_pools"] == 2
-    for png in ("curves.png", "zero_gate.png"):
+    for png in ("curves.png", "zero_gate.png", "dead_rows.png"):
         assert (tmp_path / "out" / "report" / png).read_bytes()[:4] == b"\x89PNG"
 
     again = study(tmp_path)  # finished runs are skipped, the table is the same
@@ -69,6 +74,10 @@ def test_study_bad_input(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "study.py"), str(tmp_path / "nope.yaml")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "study file not found" in r.stderr
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"seeds": [0], "base": {}, "variants": {"a": {}},
+                                                          "contrasts": {"a vs b": ["a", "b"]}}))
+    r = study(tmp_path, "--plan")
+    assert r.returncode != 0 and "contrast 'a vs b' must be [variant, variant]" in r.stderr
 
 
 @pytest.mark.parametrize("name, runs, tokens", [("cpu2.yaml", 28, "3,276,800"), ("gpu.yaml", 42, "2,000,158,720")])
