@@ -159,6 +159,27 @@ def test_export_grouped_gemm_experts_match_the_loop(name, tokenizer, tmp_path):
     assert {pool.kernel for pool in loop.model.experts} == {"loop"}
 
 
+def test_export_skips_dead_rows_and_still_matches(tokenizer, tmp_path):
+    # Every router row points the same way (negated): a token whose normalised hidden state has a positive
+    # component along it gets no positive score in any expert, so about half the (token, layer) rows are
+    # dead. The exported experts skip those rows in both kernels; the logits stay ours.
+    ours = _perturbed(_config("pool-norm", tokenizer.vocab_size))
+    with torch.no_grad():
+        for block in ours.layers:
+            w_ED = block.router.gate.weight
+            w_ED.copy_(-w_ED[:1].abs().expand_as(w_ED) + 0.01 * torch.randn_like(w_ED))
+    ids = torch.tensor([tokenizer.encode(t)[:16] for t in TEXT])
+    with torch.no_grad():
+        out = ours(ids)
+    dead = torch.stack([(r.weights_TK == 0).all(-1).float().mean() for r in out.routing])
+    assert 0.2 < float(dead.mean()) < 0.8, dead
+    hf = _load_hf(export_hf(ours, tokenizer, tmp_path / "hf"))
+    for kernel in ("grouped_mm", "loop") if hasattr(torch, "_grouped_mm") else ("loop",):
+        _set_kernel(hf, kernel)
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, out.logits, atol=1e-5, rtol=1e-5, msg=kernel)
+
+
 def test_export_tokenizer_round_trips(tokenizer, tmp_path):
     out = export_hf(_perturbed(_config("pool-norm", tokenizer.vocab_size)), tokenizer, tmp_path / "hf")
     text = "Mixture-of-Experts: «every layer» routes into one pool.\n\n  def f(x):\n\treturn x ** 2  # ✓"

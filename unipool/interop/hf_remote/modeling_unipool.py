@@ -186,16 +186,21 @@ class UnipoolExperts(nn.Module):
         return x_TD.device.type == "cpu"
 
     def _grouped(self, x_TD, ids_TK, weights_TK):
-        """Sort the T*K routed rows by expert, run each weight as one grouped GEMM over the segments."""
+        """Sort the T*K routed rows by expert, run each weight as one grouped GEMM over the segments.
+        Rows whose gate is exactly zero (a NormRouter row with every score at zero) sort last, past every
+        expert's segment: no GEMM computes them and their output is zero, as it would be after gating."""
         n_tokens, top_k = ids_TK.shape
-        flat_ids_N = ids_TK.reshape(-1)
+        n_experts = self.down_proj.shape[0]
+        flat_ids_N = torch.where(weights_TK.reshape(-1) == 0, n_experts, ids_TK.reshape(-1))
         order_N = torch.argsort(flat_ids_N, stable=True)
-        counts_E = torch.zeros(self.down_proj.shape[0], dtype=torch.int32, device=x_TD.device).scatter_add_(
+        counts_E = torch.zeros(n_experts + 1, dtype=torch.int32, device=x_TD.device).scatter_add_(
             0, flat_ids_N, torch.ones_like(flat_ids_N, dtype=torch.int32))
-        offs_E = counts_E.cumsum(0, dtype=torch.int32)
+        offs_E = counts_E[:n_experts].cumsum(0, dtype=torch.int32)
         gate, up = torch._grouped_mm(x_TD[order_N // top_k], self.gate_up_proj.transpose(1, 2),
                                      offs=offs_E).chunk(2, dim=-1)
         y_ND = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs_E)
+        covered_N1 = (torch.arange(y_ND.shape[0], device=y_ND.device) < offs_E[-1]).unsqueeze(1)
+        y_ND = torch.where(covered_N1, y_ND, 0.0)  # the skipped rows hold uninitialised memory
         y_ND = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND)  # back to (token, slot) order
         gates_TK = weights_TK.to(y_ND.dtype)
         if top_k == 1:
@@ -204,8 +209,9 @@ class UnipoolExperts(nn.Module):
 
     def _loop(self, x_TD, ids_TK, weights_TK):
         out_TD = torch.zeros_like(x_TD)
-        for e in ids_TK.unique().tolist():
-            token_idx, slot = torch.where(ids_TK == e)
+        live_TK = weights_TK != 0  # zero-gate rows add nothing: not computed
+        for e in ids_TK[live_TK].unique().tolist():
+            token_idx, slot = torch.where((ids_TK == e) & live_TK)
             gate, up = F.linear(x_TD[token_idx], self.gate_up_proj[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down_proj[e])
             out_TD.index_add_(0, token_idx, y * weights_TK[token_idx, slot, None].to(y.dtype))
