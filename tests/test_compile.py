@@ -33,6 +33,16 @@ def test_graph_breaks_only_at_fp32_grouped_gemms():
     for brk in fp32.break_reasons:
         assert "torch.compiler.disable" in str(brk.reason)
         assert brk.user_stack[-1].filename.endswith("unipool/model/moe.py") and brk.user_stack[-1].name == "_grouped_mm"
+    # The fused pool weight gradient (the training default) has a side effect in backward, so its two calls
+    # per layer run eagerly: binding the pool's weights (`_bind`) and the deferred expert call. Still no
+    # break in attention, norms, router or losses.
+    model.set_execution(fused_pool_wgrad=True)
+    fused = _explain(model, ids, autocast=True)
+    assert 0 < fused.graph_break_count <= 2 * cfg.n_layers + 1
+    for brk in fused.break_reasons:
+        assert "torch.compiler.disable" in str(brk.reason)
+        assert "_bind" in str(brk.reason) or "_experts_deferred" in str(brk.reason), brk.reason
+        assert brk.user_stack[-1].filename.endswith("unipool/model/moe.py")
 
 
 def test_compiled_training_matches_eager(tmp_path):
