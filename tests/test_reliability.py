@@ -310,6 +310,18 @@ def test_full_disk_says_so_and_keeps_the_previous_checkpoint(corpus, data_dir, s
     assert steps_on_disk(run)[-1] == 6
 
 
+def test_full_disk_anywhere_else_is_one_line(corpus, data_dir, small_disk, capsys):
+    """Outside checkpoints (a new run's config.json, the end-of-run files): the same one line, no traceback."""
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * shutil.disk_usage(small_disk).free)  # nothing left at all
+    for name in ("new", "again"):
+        rc = cli.main(args(corpus, data_dir, small_disk, name))
+        err = one_line_error(capsys)
+        assert rc == 2 and "No space left on device" in err and "--resume" in err, err
+    filler.unlink()  # space again: the same command now trains
+    assert cli.main(args(corpus, data_dir, small_disk, "new")) == 0, capsys.readouterr().err
+
+
 # ---- damaged checkpoints and run files -----------------------------------------------------------
 
 def _edit_meta(**changes):

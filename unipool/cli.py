@@ -20,7 +20,7 @@ from unipool import __version__
 from unipool.analysis import eval as eval_
 from unipool.analysis import generate, probe, report, routing, run_report
 from unipool.data import dataset
-from unipool.errors import UnipoolError
+from unipool.errors import UnipoolError, is_disk_full
 from unipool.interop import hf, lm_eval
 from unipool.model import params
 from unipool.train import loop
@@ -88,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk wherever it strikes (run files, prepared data, exports, plots)
+        if not is_disk_full(e):
+            raise
+        where = getattr(e, "filename", None)
+        print(f"error: No space left on device{f' while writing {where}' if where else ''}: free some space and "
+              "run the command again (a training run continues from its latest checkpoint with --resume)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
