@@ -196,11 +196,12 @@ def _bind(deferred: "DeferredWGrad", pool: "ExpertPool", x_TD: torch.Tensor, wei
     if deferred.w13_EFD is not None:
         return deferred.w13_EFD, deferred.w2_EDF, x_TD, weights_TK
     grad_inputs = [t for t in (x_TD, weights_TK) if t.requires_grad]
-    out = _DeferredWGradSink.apply(pool.w13_EFD, pool.w2_EDF, deferred, deferred.dtype, *grad_inputs)
-    deferred.w13_EFD, deferred.w2_EDF = out[0], out[1]
-    passed = iter(out[2:])
-    x_TD, weights_TK = (next(passed) if t.requires_grad else t for t in (x_TD, weights_TK))
-    return deferred.w13_EFD, deferred.w2_EDF, x_TD, weights_TK
+    w13, w2, *passed = _DeferredWGradSink.apply(pool.w13_EFD, pool.w2_EDF, deferred, deferred.dtype, *grad_inputs)
+    deferred.w13_EFD, deferred.w2_EDF = w13, w2
+    passed = iter(passed)
+    x_TD = next(passed) if x_TD.requires_grad else x_TD
+    weights_TK = next(passed) if weights_TK.requires_grad else weights_TK
+    return w13, w2, x_TD, weights_TK
 
 
 def _sorted_into_experts(offs_LE: torch.Tensor, n_rows: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
