@@ -407,7 +407,8 @@ def moe_layer_speed(suite: Suite, rec: dict) -> None:
 
 
 def step_case(suite: Suite, preset: str, mode: str, batch: int, seq: int, *, checkpointing: bool = False,
-              layers: int | None = None, optimizer: bool = True, repeats: int | None = None) -> dict:
+              layers: int | None = None, optimizer: bool = True, repeats: int | None = None,
+              compile_model: bool = False) -> dict:
     """One training step (fwd + bwd [+ AdamW]) of `preset`; tok/s, MFU, peak memory."""
     import train_step
 
@@ -422,9 +423,9 @@ def step_case(suite: Suite, preset: str, mode: str, batch: int, seq: int, *, che
     dtype = torch.float32 if suite.smoke else torch.bfloat16
     tokens = batch * seq
     flops = train_step.model_flops_per_step(model, tokens, seq)
-    step = train_step.make_step(model, batch, seq, dev, dtype, optimizer, False)
+    step = train_step.make_step(model, batch, seq, dev, dtype, optimizer, compile_model)
     reset_peak(dev)
-    s = timed(step, dev, repeats or (2 if suite.smoke else 3), 1 if suite.smoke else 2)
+    s = timed(step, dev, repeats or (2 if suite.smoke else 3), (1 if suite.smoke else 2) + (2 if compile_model else 0))
     peak = peak_bytes(dev)
     del model, step
     gc.collect()
@@ -455,6 +456,25 @@ def train_step_speed(suite: Suite, rec: dict) -> None:
     for r in rows:
         base = next((b for b in rows if b["scale"] == r["scale"] and b["mode"] == "vanilla"), None)
         r["vs_vanilla"] = r["tok_per_s"] / base["tok_per_s"] if base else None
+    rec["rows"] = rows
+
+
+def compiled_step(suite: Suite, rec: dict) -> None:
+    """182m UniPool under torch.compile: the plain pool gradient (no graph breaks in bf16) vs the fused one
+    (two eager calls per layer), against eager fused from train_step. Decides which to use with compile."""
+    preset, batch, seq = ("debug", 2, 32) if suite.smoke else ("unipool-182m", 16, 1024)
+    rows = []
+    for mode in ("naive", "fused"):
+        if not suite.fits(5 if suite.smoke else 90):
+            rec.setdefault("skipped", []).append(mode)
+            continue
+        row = step_case(suite, preset, mode, batch, seq, compile_model="aot_eager" if suite.smoke else True)
+        rows.append(row)
+        print(f"  compiled {mode}: {row['tok_per_s']:,.0f} tok/s, MFU {row['mfu']:.3f}", flush=True)
+    eager = next((r for r in suite.results["sections"].get("train_step", {}).get("rows", [])
+                  if r["mode"] == "fused" and r["scale"] in ("182m", "debug")), None)
+    for r in rows:
+        r["vs_eager_fused"] = r["tok_per_s"] / eager["tok_per_s"] if eager else None
     rec["rows"] = rows
 
 
@@ -612,6 +632,13 @@ def markdown(results: dict) -> str:
             for r in rows:
                 lines.append(f"| {r['preset']} | {r['mode']} | {r.get('M', '-')} | {r['tokens']} | {r['tok_per_s']:,.0f} | "
                              f"{_f(r.get('vs_vanilla'))} | {_f(r['mfu'])} | {_f(r['mfu_spec'])} | {_f(r['peak_gb'], '.1f')} |")
+    rows = sec.get("compiled_step", {}).get("rows")
+    if rows:
+        lines += ["", "## torch.compile, UniPool 182m (16 x 1024): plain vs fused pool gradient", "",
+                  "| mode | tok/s | vs eager fused | MFU | peak GB |", "|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| compiled {r['mode']} | {r['tok_per_s']:,.0f} | {_f(r.get('vs_eager_fused'))} | "
+                         f"{_f(r['mfu'])} | {_f(r['peak_gb'], '.1f')} |")
     p = sec.get("pool_wgrad_830m", {})
     if p.get("fused_vs_naive"):
         lines.append(f"\nfused / naive at 830m: {p['fused_vs_naive']:.2f}x (target 2x)")
@@ -664,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         ("pool_wgrad_830m", 90, pool_wgrad_830m),
         ("reduced_pools", 60, reduced_pool_memory),
         ("real_run", 120, real_run),
+        ("compiled_step", 180, compiled_step),
     ]
     only = set(args.only.split(",")) if args.only else None
     for name, estimate, fn in sections:

@@ -72,13 +72,15 @@ def measure_cpu_peak() -> float:
     return 2 * 2048**3 / min(t)
 
 
-def make_step(model, batch: int, seq: int, device, dtype, optimizer: bool, compile_model: bool):
+def make_step(model, batch: int, seq: int, device, dtype, optimizer: bool, compile_model: bool | str):
+    """One training step as a closure; `compile_model`: False, True (inductor) or a torch.compile backend."""
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     targets = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if optimizer else None
-    fwd = torch.compile(model) if compile_model else model
+    backend = compile_model if isinstance(compile_model, str) else "inductor"
+    fwd = torch.compile(model, backend=backend) if compile_model else model
     autocast = dtype == torch.bfloat16
 
     def step():

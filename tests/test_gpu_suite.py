@@ -18,7 +18,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     sections = results["sections"]
     assert list(sections) == ["environment", "dispatch_vs_reference", "fused_wgrad_vs_plain", "no_host_syncs",
                               "compile_block", "loss_and_resume", "moe_layer", "train_step", "microbatch_sweep",
-                              "pool_wgrad_830m", "reduced_pools", "real_run"]
+                              "pool_wgrad_830m", "reduced_pools", "real_run", "compiled_step"]
     for name, rec in sections.items():
         assert rec["status"] in ("ok", "skipped"), (name, rec.get("error"), rec.get("traceback"))
         assert rec.get("ok", True), (name, rec)
@@ -26,6 +26,8 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert sections["environment"]["gemm_tflops"] > 0 and sections["environment"]["copy_gbps"] > 0
     assert sections["loss_and_resume"]["resume_max_abs_diff"] == 0.0  # exact on CPU
     assert {r["mode"] for r in sections["train_step"]["rows"]} == {"vanilla", "naive", "fused"}
+    assert [r["mode"] for r in sections["compiled_step"]["rows"]] == ["naive", "fused"]
+    assert all(r["vs_eager_fused"] > 0 for r in sections["compiled_step"]["rows"])
     assert len(sections["real_run"]["runs"]) == 2 and (out / "curves.png").is_file()
     md = (out / "results.md").read_text()
     assert "| section | status |" in md and "## MoE layer" in md and "## Real run" in md
