@@ -329,6 +329,7 @@ def test_unipool_hook_matches_a_hand_written_reference(router, gates, layers, re
         assert torch.equal(r.expert_ids_TK, ids_TK) and torch.equal(r.weights_TK, weights_TK)
         assert torch.equal(r.counts_E, torch.bincount(ids_TK.flatten(), minlength=target.n_experts).float())
         assert torch.equal(r.scores_TE, learned.scores_TE) and torch.equal(r.aux_loss, learned.aux_loss)
+        assert r.dead_rows == (weights_TK == 0).all(-1).sum()  # the telemetry describes the picks made
         if i in layers and restrict:
             assert set(ids_TK.unique().tolist()) <= set(candidates[i].tolist())
 

@@ -173,7 +173,8 @@ class RandomRouting:
             else:
                 weights_TK = router.weights_at(out.scores_TE, ids_TK)
             return dataclasses.replace(out, expert_ids_TK=ids_TK, weights_TK=weights_TK,
-                                       counts_E=expert_counts(ids_TK, router.n_experts))
+                                       counts_E=expert_counts(ids_TK, router.n_experts),
+                                       dead_rows=(weights_TK == 0).all(-1).sum().float())
 
         return hook
 
