@@ -194,8 +194,9 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
         if "router_scale" in per_key:
             ax_s.plot(*per_key["router_scale"], color=f"C{i}", label=variant)
     ax_d.set(xlabel="tokens", ylabel="% of (token, layer) rows",
-             title=f"training rows whose gates are all zero (mean over layers and seeds, running mean of {window})")
-    ax_s.set(xlabel="tokens", ylabel="sigma", title="NormRouter scale sigma (mean over layers and seeds)")
+             title="training rows with every gate at zero\n"
+                   f"(mean over layers and seeds, running mean of {window} logs)")
+    ax_s.set(xlabel="tokens", ylabel="sigma", title="NormRouter scale sigma\n(mean over layers and seeds)")
     for ax in (ax_d, ax_s):
         ax.grid(alpha=0.3)
         if ax.get_lines():
