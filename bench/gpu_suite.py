@@ -408,8 +408,9 @@ def moe_layer_speed(suite: Suite, rec: dict) -> None:
 
 def step_case(suite: Suite, preset: str, mode: str, batch: int, seq: int, *, checkpointing: bool = False,
               layers: int | None = None, optimizer: bool = True, repeats: int | None = None,
-              compile_model: bool = False) -> dict:
-    """One training step (fwd + bwd [+ AdamW]) of `preset`; tok/s, MFU, peak memory."""
+              compile_model: bool | str = False) -> dict:
+    """One training step (fwd + bwd [+ AdamW]) of `preset`; tok/s, MFU, peak memory. `compile_model`: as in
+    train_step.make_step (False, True for inductor, or a backend name)."""
     import train_step
 
     dev = suite.device

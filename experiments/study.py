@@ -43,7 +43,7 @@ from unipool.analysis.routing import analyse
 from unipool.data.dataset import prepare_run_data
 from unipool.model.config import ModelConfig
 from unipool.model.params import param_report
-from unipool.run import Run
+from unipool.run import Run, read_metrics
 from unipool.train.config import run_config_from_dict
 
 
@@ -179,12 +179,11 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
     # step), averaged over layers and seeds, and NormRouter's mean sigma (`router_scale`).
     fig, (ax_d, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (variant, dirs) in enumerate(runs.items()):
+        records_per_run = [read_metrics(d / "metrics.jsonl")[0] for d in dirs]
         per_key = {}
         for key in ("dead_rows", "router_scale"):
-            series = []
-            for d in dirs:
-                records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-                series.append([(r["tokens"], statistics.fmean(r[key])) for r in records if r.get(key)])
+            series = [[(r["tokens"], statistics.fmean(r[key])) for r in records if r.get(key)]
+                      for records in records_per_run]
             n = min((len(x) for x in series), default=0)
             if n:
                 per_key[key] = ([t for t, _ in series[0][:n]], [statistics.fmean(x[j][1] for x in series) for j in range(n)])
@@ -251,10 +250,9 @@ def report(study: dict, out: Path) -> str:
             row["dead_experts"] = mean_std([r["dead_experts"] for r in routing])
         rows.append(row)
     base = next((r for r in rows if r["variant"] == "vanilla" and "val_loss" in r), None)
-    for r in rows:  # paired by seed: the same seed means the same data order
-        common = sorted(set(r["val_losses"]) & set(base["val_losses"])) if base and "val_loss" in r else []
-        if common:
-            deltas = [r["val_losses"][s] - base["val_losses"][s] for s in common]
+    for r in rows:
+        deltas = list(paired_deltas(r["val_losses"], base["val_losses"]).values()) if base and "val_loss" in r else []
+        if deltas:
             r["delta_paired"] = mean_std(deltas)
             ci = ci95(deltas) if r is not base else None
             if ci:
@@ -293,6 +291,11 @@ def report(study: dict, out: Path) -> str:
     return table
 
 
+def paired_deltas(losses_a: dict, losses_b: dict) -> dict:
+    """{seed: a − b} over the seeds both finished: paired by seed, the same seed is the same data order."""
+    return {seed: losses_a[seed] - losses_b[seed] for seed in sorted(set(losses_a) & set(losses_b))}
+
+
 def paired_contrasts(study: dict, rows: list[dict]) -> list[dict]:
     """The study file's `contrasts` ({name: [a, b]}): a − b in final validation loss over the seeds both
     finished, with the standard error and 95% t interval of the mean paired difference."""
@@ -300,11 +303,9 @@ def paired_contrasts(study: dict, rows: list[dict]) -> list[dict]:
     found = []
     for name, pair in (study.get("contrasts") or {}).items():
         a, b = pair
-        la, lb = by_name[a]["val_losses"], by_name[b]["val_losses"]
-        seeds = sorted(set(la) & set(lb))
-        if not seeds:
+        deltas = paired_deltas(by_name[a]["val_losses"], by_name[b]["val_losses"])
+        if not deltas:
             continue
-        deltas = {seed: la[seed] - lb[seed] for seed in seeds}
         c = {"name": name, "a": a, "b": b, "deltas": deltas, "mean": statistics.fmean(deltas.values())}
         ci = ci95(list(deltas.values()))
         if ci:

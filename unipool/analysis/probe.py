@@ -50,7 +50,7 @@ from unipool.interop.hf_moe import (
 )
 from unipool.interop.lm_eval import require_lm_eval, run_lm_eval
 from unipool.model.model import Unipool
-from unipool.model.router import Router, RouterOutput, expert_counts, random_topk
+from unipool.model.router import Router, RouterOutput, dead_row_count, expert_counts, random_topk
 from unipool.run import Run, default_device
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -174,7 +174,7 @@ class RandomRouting:
                 weights_TK = router.weights_at(out.scores_TE, ids_TK)
             return dataclasses.replace(out, expert_ids_TK=ids_TK, weights_TK=weights_TK,
                                        counts_E=expert_counts(ids_TK, router.n_experts),
-                                       dead_rows=(weights_TK == 0).all(-1).sum().float())
+                                       dead_rows=dead_row_count(weights_TK))
 
         return hook
 

@@ -162,6 +162,12 @@ def expert_counts(ids_TK: torch.Tensor, n_experts: int, weights_TK: torch.Tensor
     return torch.zeros(n_experts, device=ids_TK.device).scatter_add_(0, ids_TK.flatten(), ones)
 
 
+def dead_row_count(weights_TK: torch.Tensor) -> torch.Tensor:
+    """Tokens whose picked gates are all exactly zero (their FFN output is 0), as a detached float scalar
+    on the device (no host sync)."""
+    return (weights_TK.detach() == 0).all(-1).sum().float()
+
+
 def random_topk(n_tokens: int, n_experts: int, top_k: int, device: torch.device,
                 generator: torch.Generator | None = None,
                 candidates_C: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,8 +274,7 @@ class Router(nn.Module):
                                                        live_only=not self.count_dead_picks)
         if self.z_coef > 0:
             aux = aux + self.z_coef * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
-        dead_rows = (weights_TK.detach() == 0).all(-1).sum().float()
-        return RouterOutput(ids_TK, weights_TK, scores_TE, counts_E, aux, dead_rows)
+        return RouterOutput(ids_TK, weights_TK, scores_TE, counts_E, aux, dead_row_count(weights_TK))
 
     @torch.no_grad()
     def update_bias(self, counts_E: torch.Tensor) -> None:
