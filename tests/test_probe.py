@@ -459,6 +459,8 @@ def test_cli_errors_are_one_line(tmp_path, bpe, text_file, capsys):
     assert "not MoE layers" in capsys.readouterr().err  # layer 0 is dense (first_k_dense_replace=1)
     assert main(["probe", str(model_dir), "--device", "cpu"]) == 2
     assert "need --data" in capsys.readouterr().err
+    assert main(["probe", str(model_dir), "--data", str(text_file), "--seq-len", "0", "--device", "cpu"]) == 2
+    assert "--seq-len must be between 1" in capsys.readouterr().err  # 0 is refused, not read as "default"
     assert main(["probe", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 

@@ -508,7 +508,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if (data / "index.json").is_file():
             raise ProbeError(f"--data: {data} is a prepared token directory; with HF models pass raw text")
         max_pos = getattr(target.model.config, "max_position_embeddings", 1024)
-        seq_len = args.seq_len or min(1024, max_pos)
+        seq_len = min(1024, max_pos) if args.seq_len is None else args.seq_len
         if not 1 <= seq_len <= max_pos:
             raise ProbeError(f"--seq-len must be between 1 and max_position_embeddings={max_pos}")
         batches = hf_text_batches(target.tokenizer, data, args.batch_size, seq_len, args.max_tokens, args.text_field)
