@@ -473,6 +473,22 @@ def test_bad_sampling_values_are_one_line(tiny_run, capsys, extra, expected):
     assert rc == 2 and expected in err, err
 
 
+EVAL_CASES = [
+    (["eval", "--seq-len", "0"], "--seq-len must be between 1"),  # was ignored (0 read as the default)
+    (["eval", "--seq-len", "100000"], "--seq-len must be between 1"),
+    (["eval", "--batch-size", "0"], "--batch-size must be positive"),
+    (["eval", "--max-tokens", "0"], "--max-tokens must be positive"),
+    (["routing", "--seq-len", "0"], "--seq-len must be between 1"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", EVAL_CASES, ids=[" ".join(e) for e, _ in EVAL_CASES])
+def test_bad_eval_values_are_one_line(tiny_run, capsys, extra, expected):
+    rc = cli.main([extra[0], str(tiny_run), *extra[1:]])
+    err = one_line_error(capsys)
+    assert rc == 2 and expected in err, err
+
+
 def test_a_diverged_model_samples_in_one_line(tmp_path, capsys):
     root, model = make_run(tmp_path / "run")
     with torch.no_grad():
