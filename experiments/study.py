@@ -272,15 +272,14 @@ def report(study: dict, out: Path) -> str:
             f"{fmt(r.get('zero_gate'), 1, 100) + '%' if ok else '–'} | {fmt(r.get('gate_sum'), 3)} | "
             f"{fmt(r.get('u_fraction'), 3)} | "
             f"{fmt(r.get('dead_experts'), 1)} |")
+    target = study.get("target_se")
+    vs_vanilla = paired_contrasts({"contrasts": {r["variant"]: [r["variant"], "vanilla"] for r in rows
+                                                 if r is not base and "val_loss" in r}}, rows) if base else []
+    if vs_vanilla:
+        lines += ["", "Each variant − vanilla, paired by seed:", "", *contrast_table(vs_vanilla, target)]
     if contrasts:
         lines += ["", "Paired contrasts (the study's `contrasts`: a − b on the same seeds):", "",
-                  "| contrast | a − b | seeds | mean | SE | 95% CI | per seed |", "|---|---|---|---|---|---|---|"]
-        for c in contrasts:
-            ci = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c.get("ci95") else "–"
-            se = f"{c['se']:.4f}" if c.get("se") is not None else "–"
-            per_seed = ", ".join(f"{d:+.3f}" for d in c["deltas"].values())
-            lines.append(f"| {c['name']} | {c['a']} − {c['b']} | {len(c['deltas'])} | {c['mean']:+.4f} | {se} | {ci} "
-                         f"| {per_seed} |")
+                  *contrast_table(contrasts, target)]
     table = "\n".join(lines)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     if contrasts:
@@ -289,6 +288,32 @@ def report(study: dict, out: Path) -> str:
     if any(runs.values()):
         plot_study(rows, runs, out / "report")
     return table
+
+
+def seeds_for_se(deltas: list[float], target: float) -> int | None:
+    """Seeds at which the paired standard error would reach `target`, at the spread seen so far
+    (itself uncertain with few seeds): ceil((sd / target)^2), at least 2."""
+    if len(deltas) < 2:
+        return None
+    return max(2, math.ceil((statistics.stdev(deltas) / target) ** 2))
+
+
+def contrast_table(contrasts: list[dict], target: float | None) -> list[str]:
+    """Markdown rows of paired contrasts: mean, SE, 95% CI, the per-seed values and, when the study
+    names a `target_se`, the seeds that SE would take at the observed spread."""
+    extra = f" seeds for SE ≤ {target} |" if target else ""
+    lines = [f"| contrast | a − b | seeds | mean | SE | 95% CI | per seed |{extra}",
+             "|---|---|---|---|---|---|---|" + ("---|" if target else "")]
+    for c in contrasts:
+        ci = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c.get("ci95") else "–"
+        se = f"{c['se']:.4f}" if c.get("se") is not None else "–"
+        per_seed = ", ".join(f"{d:+.3f}" for d in c["deltas"].values())
+        row = f"| {c['name']} | {c['a']} − {c['b']} | {len(c['deltas'])} | {c['mean']:+.4f} | {se} | {ci} | {per_seed} |"
+        if target:
+            need = seeds_for_se(list(c["deltas"].values()), target)
+            row += f" {need if need is not None else '–'} |"
+        lines.append(row)
+    return lines
 
 
 def paired_deltas(losses_a: dict, losses_b: dict) -> dict:

@@ -1,6 +1,7 @@
 """experiments/study.py end to end: parallel runs, skip on rerun, the paired table and the routing columns."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def test_study_runs_skips_and_reports(tmp_path):
     train = dict(steps=4, batch_size=2, seq_len=32, lr=3e-3, eval_interval=2, eval_tokens=256, ckpt_interval=2,
                  routing_interval=2, sample_tokens=0, log_interval=1, precision="fp32")
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({
-        "out_dir": str(tmp_path / "out"), "seeds": [0, 1],
+        "out_dir": str(tmp_path / "out"), "seeds": [0, 1], "target_se": 0.01,
         "base": {"model": small, "train": train,
                  "data": {"sources": [str(corpus)], "tokenizer": "bpe:320", "data_dir": str(tmp_path / "data")}},
         "variants": {"vanilla": {"moe_mode": "layerwise", "num_experts": 4, "router": "softmax",
@@ -51,7 +52,12 @@ def test_study_runs_skips_and_reports(tmp_path):
     [contrast] = json.loads((tmp_path / "out" / "contrasts.json").read_text())  # the same pairs, named
     assert contrast["mean"] == pytest.approx(rows["unipool"]["delta_paired"][0])
     assert contrast["ci95"] == pytest.approx(rows["unipool"]["delta_ci95"])
-    assert "| unipool minus vanilla | unipool − vanilla | 2 |" in (tmp_path / "out" / "results.md").read_text()
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| unipool minus vanilla | unipool − vanilla | 2 |" in table
+    # every variant against vanilla, with the seeds the target SE would take at this spread: (sd / 0.01)^2
+    need = max(2, math.ceil((abs(paired[0] - paired[1]) / math.sqrt(2) / 0.01) ** 2))
+    [vs] = [line for line in table.splitlines() if line.startswith("| unipool | unipool − vanilla |")]
+    assert "seeds for SE ≤ 0.01" in table and vs.endswith(f"| {need} |")
     assert rows["vanilla"]["delta_paired"] == [0.0, 0.0]
     assert rows["vanilla"]["u_fraction"][0] == 1.0  # private experts: every layer is a new expert
     assert rows["vanilla"]["zero_gate"][0] == 0.0  # softmax gates are never zero
