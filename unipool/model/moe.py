@@ -45,6 +45,8 @@ module's gradients when the gradients of its inputs are ready) fires after the f
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,14 +167,19 @@ class _DeferredWGradSink(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w13_EFD, w2_EDF, deferred, dtype, *inputs):
-        ctx.deferred, ctx.dtypes = deferred, (w13_EFD.dtype, w2_EDF.dtype)
+        # A weak reference: `deferred` holds this node's outputs (the bound weights), so a strong one
+        # would close a cycle through the autograd graph that Python's collector cannot see, and every
+        # step would leave its bound weights (under autocast a fresh copy of the pool) behind. The
+        # layers' `_Experts` nodes hold `deferred` strongly for as long as the graph lives.
+        ctx.deferred, ctx.dtypes = weakref.ref(deferred), (w13_EFD.dtype, w2_EDF.dtype)
         ctx.set_materialize_grads(False)  # layers return None: no pool-sized zeros
         return (w13_EFD.to(dtype).view_as(w13_EFD), w2_EDF.to(dtype).view_as(w2_EDF),
                 *(t.view_as(t) for t in inputs))
 
     @staticmethod
     def backward(ctx, dw13_in, dw2_in, *d_inputs):
-        dw13, dw2 = ctx.deferred.fused_wgrad()
+        deferred = ctx.deferred()
+        dw13, dw2 = (None, None) if deferred is None else deferred.fused_wgrad()
         if dw13 is None:  # no layer contributed
             dw13, dw2 = dw13_in, dw2_in
         else:

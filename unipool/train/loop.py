@@ -453,6 +453,7 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
                 step_counts_LE += torch.stack([r.counts_E for r in out_.routing])
                 dead_L += torch.stack([r.dead_rows for r in out_.routing])
                 log_tokens += x.numel()
+                del out_  # its logits and routing must not live on into the next forward
             counts_LE += step_counts_LE
             end_of_step_routing(model, step_counts_LE)
             grad_norm = dist.clip_grad_norm(model, tc.grad_clip)
