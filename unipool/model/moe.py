@@ -122,8 +122,10 @@ class _Experts(torch.autograd.Function):
             y_ND = torch.where(_covered(offs_E, y_ND.shape[0]), y_ND, 0.0)
         ctx.save_for_backward(x_TD, w13_EFD, w2_EDF, order_N, offs_E, h_N2F)
         ctx.top_k, ctx.use_gmm, ctx.sink, ctx.dead_tail = top_k, use_gmm, sink, dead_tail
-        # Un-permute with a scatter by a permutation (deterministic, no atomics).
-        return torch.empty_like(y_ND).index_copy_(0, order_N, y_ND)
+        # Un-permute with a scatter by a permutation (deterministic, no atomics). Out of place: torch
+        # 2.11's compile loses the backward of an in-place copy into a fresh tensor returned from here (every
+        # input gradient came back zero in bf16).
+        return torch.empty_like(y_ND).index_copy(0, order_N, y_ND)
 
     @staticmethod
     def backward(ctx, dy_flat_ND):
@@ -139,7 +141,7 @@ class _Experts(torch.autograd.Function):
         if ctx.dead_tail:  # dead rows: no input gradient (the weight-gradient GEMMs stop at offs_E[-1])
             dx_ND = torch.where(_covered(offs_E, dx_ND.shape[0]), dx_ND, 0.0)
         # Back to token order: each token's K rows sum in a fixed order (deterministic).
-        dx_TD = torch.empty_like(dx_ND).index_copy_(0, order_N, dx_ND)
+        dx_TD = torch.empty_like(dx_ND).index_copy(0, order_N, dx_ND)
         if top_k > 1:
             dx_TD = dx_TD.view(-1, top_k, dx_TD.shape[-1]).sum(1)
 

@@ -201,7 +201,7 @@ class UnipoolExperts(nn.Module):
         y_ND = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs_E)
         covered_N1 = (torch.arange(y_ND.shape[0], device=y_ND.device) < offs_E[-1]).unsqueeze(1)
         y_ND = torch.where(covered_N1, y_ND, 0.0)  # the skipped rows hold uninitialised memory
-        y_ND = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND)  # back to (token, slot) order
+        y_ND = torch.empty_like(y_ND).index_copy(0, order_N, y_ND)  # back to (token, slot) order (out of place: see moe.py)
         gates_TK = weights_TK.to(y_ND.dtype)
         if top_k == 1:
             return y_ND * gates_TK
