@@ -3,6 +3,10 @@
     python bench/train_step.py                          # GPU: 182m and 469m, bf16 autocast, 16 x 1024 tokens
     python bench/train_step.py --compile                # the same under torch.compile
     python bench/train_step.py --quick                  # CPU: 2 layers, vocab 4096, 2 x 256 tokens, fp32
+    python bench/train_step.py --scales demo,cpu2 --batch 8 --seq 128   # CPU: the demo and the CPU study's model
+
+Besides the paper's scales, `demo` is the `demo` / `demo-vanilla` preset pair (6 layers, d=128, M = 48) and
+`cpu2` the model of experiments/cpu2.yaml (12 layers, d=64, M = 96 against 12 x 8).
 
 Modes: vanilla (8 experts per layer, `vanilla-SCALE`), unipool (one pool of M = 8L, `unipool-SCALE`,
 per-layer weight gradients) and unipool-fused (the same with `model.set_execution(fused_pool_wgrad=True)`).
@@ -46,9 +50,23 @@ GPU_PEAK_BF16 = 989e12
 MODES = ("vanilla", "unipool", "unipool-fused")
 
 
+# The CPU study's model (experiments/cpu2.yaml): 12 layers at d=64, bpe:4096; vanilla 12 x 8, UniPool M = 96.
+CPU2 = {"vocab_size": 4096, "d_model": 64, "n_layers": 12, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 256,
+        "max_seq_len": 256, "rope_base": 1e4}
+
+
+def named_config(scale: str, mode: str):
+    if scale == "demo":
+        return get_preset("demo-vanilla" if mode == "vanilla" else "demo")
+    if scale == "cpu2":
+        return (get_preset("demo-vanilla") if mode == "vanilla" else get_preset("demo")).replace(**CPU2, num_experts=(
+            8 if mode == "vanilla" else 96))
+    return get_preset(("vanilla-" if mode == "vanilla" else "unipool-") + scale)
+
+
 def bench_config(scale: str, mode: str, layers: int | None, vocab: int | None, seq: int):
-    """The paper preset for (scale, mode), optionally with fewer layers (M stays 8 L) or a smaller vocab."""
-    cfg = get_preset(("vanilla-" if mode == "vanilla" else "unipool-") + scale)
+    """The preset for (scale, mode), optionally with fewer layers (M stays 8 L) or a smaller vocab."""
+    cfg = named_config(scale, mode)
     changes = {"max_seq_len": max(seq, cfg.max_seq_len),
                "norm_router_c": "one"}  # c only rescales gates; skips a Monte Carlo estimate at build
     if layers:
@@ -118,7 +136,9 @@ def run_case(scale, mode, args, device, dtype, optimizer=True) -> dict:
 
 def cpu_peak_rss(script: str, scale: str, mode: str, argv: list[str]) -> int:
     """Peak RSS of a fresh process running two steps of one case (CPU has no allocator counter)."""
-    cmd = [sys.executable, script, *argv, "--only", f"{scale}:{mode}", "--repeats", "1", "--warmup", "1",
+    # Enough steps that memory kept from one step to the next would show in the peak (it did: one bf16 copy
+    # of the pool per step, before the fused gradient's fix).
+    cmd = [sys.executable, script, *argv, "--only", f"{scale}:{mode}", "--repeats", "20", "--warmup", "1",
            "--json", "/dev/null", "--no-memory"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return int(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK_RSS")))
