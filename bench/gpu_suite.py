@@ -303,9 +303,9 @@ def compile_block(suite: Suite, rec: dict) -> None:
 def training_run(suite: Suite, *, preset: str, steps: int, batch: int, seq: int, tokenizer: str, name: str,
                  extra: dict | None = None) -> dict:
     """`unipool train` through its Python entry point; returns the summary and the metrics."""
+    from unipool.config import DataConfig, preset_config
     from unipool.data.corpus import default_corpus_files
     from unipool.run import Run
-    from unipool.train.config import DataConfig, preset_config
     from unipool.train.loop import train
 
     cfg = preset_config(preset)

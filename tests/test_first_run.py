@@ -11,9 +11,9 @@ from PIL import Image
 
 from unipool import cli
 from unipool.analysis.run_report import measure, report_data
+from unipool.config import preset_config
 from unipool.presets import PRESETS
 from unipool.run import Run
-from unipool.train.config import preset_config
 from unipool.train.loop import end_screen
 
 

@@ -17,7 +17,7 @@ from unipool.data.tokenizer import train_bpe
 from unipool.interop.hf import HFError, export_hf, import_hf
 from unipool.model.model import build_model
 from unipool.presets import get_preset
-from unipool.train.checkpoint import load_model, save_model
+from unipool.weights import add_weights, load_model
 
 TEXT = [
     "The while statement is used for repeated execution as long as an expression is true.",
@@ -239,8 +239,7 @@ def _run_in_pty(argv, timeout=120) -> str:
 def test_cli_export_then_import_restores_the_model(tokenizer, tmp_path, capsys):
     ours = _perturbed(_config("grouped-norm-g2", tokenizer.vocab_size))
     run = tmp_path / "run"
-    save_model(ours, run / "checkpoints" / "step_000005", {"step": 5})
-    (run / "checkpoints" / "LATEST").write_text("step_000005\n")
+    add_weights(run / "checkpoints", 5, ours)
     tokenizer.save(run / "tokenizer.json")
 
     assert cli.main(["export", str(run), "--hf", str(tmp_path / "hf")]) == 0

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 from unipool import __version__
 from unipool.analysis import eval as eval_
-from unipool.analysis import generate, probe, report, routing, run_report
+from unipool.analysis import generate, params, probe, report, routing, run_report
 from unipool.data import dataset
 from unipool.errors import UnipoolError, is_disk_full
 from unipool.interop import hf, lm_eval
-from unipool.model import params
 from unipool.train import loop
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from unipool.config import RunConfig, run_config_from_dict
 from unipool.data.tokenizer import Tokenizer, atomic_write_text
 from unipool.errors import UnipoolError, read_json
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool
-from unipool.train.checkpoint import CheckpointError, load_model, meta_model_config, read_meta, resolve_checkpoint
-from unipool.train.config import RunConfig, run_config_from_dict
+from unipool.weights import CheckpointError, add_weights, load_model, meta_model_config, read_meta, resolve_checkpoint
 
 CONFIG = "config.json"
 
@@ -143,6 +143,15 @@ class Run:
         if self.path is None:
             raise RunError(f"{self.checkpoint} is not inside a run directory")
         return self.path
+
+    def add_weights(self, model: Unipool, step: int, meta: dict | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+        """`model`'s weights as checkpoint `step` of this run, through the atomic commit (LATEST then names
+        it); the run now opens at it. Training checkpoints add their optimizer and RNG state to the same
+        commit (unipool.train.checkpoint)."""
+        self.checkpoint = add_weights(self.checkpoints_dir, step, model, meta, dtype)
+        self._meta = None
+        return self.checkpoint
 
     # ---- contents ----------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path:

@@ -39,13 +39,13 @@ from pathlib import Path
 
 import torch
 
+from unipool.config import default_config
 from unipool.data.tokenizer import TokenizerError, as_tokenizers, eos_token
 from unipool.errors import UnipoolError, read_json
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool, build_model
 from unipool.run import Run
-from unipool.train.checkpoint import DTYPES, load_model, load_state, main_dtype, save_model
-from unipool.train.config import default_config
+from unipool.weights import DTYPES, load_model, load_state, main_dtype
 
 REMOTE_DIR = Path(__file__).parent / "hf_remote"
 REMOTE_FILES = ("configuration_unipool.py", "modeling_unipool.py")
@@ -520,10 +520,8 @@ def write_run(model: Unipool, out_dir: str | Path, tokenizer_json: Path | None =
     tokenizer = tokenizer_json if tokenizer_json is not None and tokenizer_json.is_file() else None
     # with force, a config.json already there (a transformers directory's) is replaced: check_target has
     # refused a run
-    Run.create(out, default_config().replace(model=model.config, preset="custom"), tokenizer, exist_ok=force)
-    ckpt = out / "checkpoints" / "step_000000"
-    save_model(model, ckpt, {"step": 0, "source": source}, dtype)
-    (out / "checkpoints" / "LATEST").write_text(ckpt.name + "\n")
+    Run.create(out, default_config().replace(model=model.config, preset="custom"), tokenizer,
+               exist_ok=force).add_weights(model, 0, {"source": source}, dtype)
     return out
 
 

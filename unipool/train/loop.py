@@ -47,6 +47,7 @@ from unipool.analysis import run_report
 from unipool.analysis.eval import evaluate
 from unipool.analysis.generate import generate
 from unipool.analysis.routing import load_stats
+from unipool.config import RunConfig, add_config_args, resolve_config, resume_incompatibilities
 from unipool.data.corpus import DataError
 from unipool.data.dataset import TokenDataset, WindowSampler, eval_batches, prepare_run_data, unigram_loss
 from unipool.errors import DiskFullError, UnipoolError, is_disk_full
@@ -55,7 +56,6 @@ from unipool.model.model import ModelOutput, build_model
 from unipool.run import Run
 from unipool.train import checkpoint as ckpt
 from unipool.train import distributed as dist
-from unipool.train.config import RunConfig, add_config_args, resolve_config, resume_incompatibilities
 
 # ---- pieces the loop calls ---------------------------------------------------------------------------
 
@@ -625,10 +625,3 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         dist.teardown()
     return 130 if summary["interrupted"] else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m unipool.train ...` (and torchrun -m unipool.train) = `unipool train ...`."""
-    from unipool.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
