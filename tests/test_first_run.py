@@ -14,7 +14,7 @@ from unipool.analysis.run_report import measure, report_data
 from unipool.config import preset_config
 from unipool.presets import PRESETS
 from unipool.run import Run
-from unipool.train.loop import end_screen
+from unipool.train.summary import end_screen
 
 
 @pytest.fixture(scope="module")

@@ -166,7 +166,7 @@ def test_diverging_learning_rate_keeps_the_good_checkpoints(corpus, data_dir, st
                    "--train.ckpt-interval", "10", "--train.keep-last", "1"])
     err = one_line_error(capsys)
     # NormRouter's sigma may cross zero before the first non-finite step; training then stops at that
-    # log step with its own one line (train.loop.check_router_scales), also before any bad checkpoint.
+    # log step with its own one line (train.telemetry.check_router_scales), also before any bad checkpoint.
     assert rc == 2 and (("training diverged at step" in err and "--train.lr LR" in err)
                         or "NormRouter sigma crossed zero" in err), err
     assert 6 in steps_on_disk(run)

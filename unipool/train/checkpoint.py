@@ -32,8 +32,12 @@ from unipool.weights import (
     begin_checkpoint,
     checkpoint_name,
     commit_checkpoint,
+    latest_target,
+    load_state,
+    load_weights,
     read_latest,
     read_meta,
+    remove_stale_tmp,
     save_weights,
     tmp_checkpoint_dir,
 )
@@ -212,3 +216,50 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """A run's training checkpoints, built once per run: save (with retention), restore, and rollback of the
+    live model. Everything about RUN/checkpoints during training goes through it.
+
+    `protect` names the last checkpoint written before the first non-finite step: retention keeps it for
+    the rest of the run. Rollback loads full weights into the live model in place (wrappers and compiled
+    graphs stay valid); under FSDP2 the parameters are shards, so training refuses rollback there."""
+
+    def __init__(self, root: Path, model: Unipool, optimizer, sampler, mode: str, info: dist.DistInfo,
+                 keep_last: int, keep_every: int = 0):
+        self.root, self.model, self.optimizer, self.sampler = root, model, optimizer, sampler
+        self.mode, self.info, self.keep_last, self.keep_every = mode, info, keep_last, keep_every
+        self.protect: tuple[str, ...] = ()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root.parent
+
+    def latest(self) -> str | None:
+        """The name of the newest complete checkpoint (None before the first)."""
+        return read_latest(self.root)
+
+    def protect_latest(self) -> None:
+        if not self.protect and self.latest():
+            self.protect = (self.latest(),)
+
+    def remove_stale(self) -> None:
+        """Rank 0 at start: temporary directories a crash left behind."""
+        remove_stale_tmp(self.root)
+
+    def save(self, step: int, tokens: int) -> Path:
+        """Checkpoint `step` (collective); NonFiniteStateError, writing nothing, on NaN/inf state."""
+        return save_checkpoint(self.root, step, tokens, self.model, self.optimizer, self.sampler, self.mode,
+                               self.info, self.keep_last, self.keep_every, self.protect)
+
+    def restore(self, ckpt_dir: Path) -> int:
+        """Optimizer, sampler, routing buffers and RNG from `ckpt_dir` (the weights are in the model
+        already: loaded before wrapping); its step."""
+        return restore_checkpoint(ckpt_dir, self.model, self.optimizer, self.sampler, self.mode, self.info)
+
+    def rollback(self, device: torch.device) -> int:
+        """The latest checkpoint back into the live model, optimizer, sampler, buffers and RNG; its step."""
+        ckpt_dir = latest_target(self.root / "LATEST")
+        load_state(self.model, load_weights(ckpt_dir, device), ckpt_dir)
+        return self.restore(ckpt_dir)
