@@ -2,13 +2,22 @@
 
 On the lent GPU machine (torch preinstalled, unipool on PYTHONPATH; recipe in docs/benchmarks.md):
     python3 bench/gpu_suite.py --out $OUT --budget-s 480
-On a CPU, the same sections on tiny shapes, in about a minute (tests/test_gpu_suite.py runs it in CI):
+On a CPU, the same sections on tiny shapes, in a few minutes (tests/test_gpu_suite.py runs it in CI):
     python bench/gpu_suite.py --cpu-smoke --out /tmp/suite
 
 Writes OUT/results.json (every figure, every skip with its reason, every failure with its message),
 OUT/results.md (the tables, each target stated beside its number) and OUT/curves.png. Sections run in
-order of priority, each within what is left of --budget-s; results are written after every section,
-so a run cut short still leaves everything measured so far. A failing case is recorded, not fatal.
+order of priority, each within what is left of --budget-s; results are written (atomically) after every
+section, so a run cut short still leaves everything measured so far. A failing case is recorded, not
+fatal: an out-of-memory in one row frees the memory and the section goes on with its other rows. A case
+whose estimated memory exceeds the device's free memory is skipped with the estimate in its row.
+SIGTERM (or Ctrl-C) records the current section as interrupted, writes the results and exits (status 143).
+
+Every training-step row also records the memory after each step (CUDA: torch.cuda.memory_allocated; CPU
+smoke: the number of live tensors) and its growth per step from step N/2 to step N; growth above
+GROWTH_BOUND_MB (1 MB/step) marks the row FAIL. Steady-state steps leave exactly the same tensors alive,
+so the growth should be 0 bytes; the leak this guards against kept one bf16 copy of the pool per step
+(1.36 GB at 182m), and even one layer's saved activation at 16k tokens is 25 MB.
 
 Ratios use this machine's own limits, measured first: the bf16 dense GEMM rate (TFLOP/s of a large
 square matmul) and the copy bandwidth (read + write of a large tensor). MFU = model FLOPs per second /
@@ -32,12 +41,17 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -50,9 +64,60 @@ from unipool.model.router import Router  # noqa: E402
 from unipool.presets import get_preset  # noqa: E402
 
 SPEC_PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16, for comparison with published MFU figures
+GROWTH_BOUND_MB = 1.0  # CUDA: memory_allocated growth per training step above which a row FAILs
+GROWTH_BOUND_TENSORS = 0.5  # CPU smoke: live tensors gained per step (one leaked tensor a step gives 1.0)
+SYNC_EXPECTED_FP32 = "expected: fp32 grouped_mm syncs on CUDA (its fallback copies group offsets to the host)"
+
+
+# ---- stopping on SIGTERM -----------------------------------------------------------------------------
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached the suite. A BaseException, so no per-case `except Exception` goes on.
+    args: (signal name, where it was caught)."""
+
+    @property
+    def signal_name(self) -> str:
+        return self.args[0]
+
+    def __str__(self) -> str:
+        return " ".join(str(a) for a in self.args)
+
+
+_stopping = False
+
+
+def _on_signal(signum: int, frame) -> None:
+    global _stopping
+    if _stopping:  # already on the way out, writing results: a second signal must not cut that short
+        return
+    _stopping = True
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def install_signal_handlers() -> None:
+    """Ours, again: the training loop installs its own (it saves a checkpoint and returns instead of
+    stopping) and restores ours on exit; re-installing before every section keeps any other code that
+    replaced them from keeping the suite alive."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _on_signal)
+
+
+def stop_now(signal_name: str, where: str) -> Interrupted:
+    """For a signal that someone else caught (the training loop): stop the suite as our handler would."""
+    global _stopping
+    _stopping = True
+    return Interrupted(signal_name, where)
 
 
 # ---- the suite: a deadline, sections, incremental results ------------------------------------------
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write beside the target, then rename over it: a kill mid-write leaves the previous file whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
 
 class Suite:
     def __init__(self, out: Path, work: Path, budget_s: float, smoke: bool, device: torch.device):
@@ -66,36 +131,90 @@ class Suite:
     def fits(self, estimate_s: float) -> bool:
         return self.remaining() >= estimate_s
 
+    def case_fits(self, gpu_s: float, smoke_s: float = 1.0) -> bool:
+        """Whether one case of a section (estimated at `gpu_s` on the GPU) still fits the budget."""
+        return self.fits(smoke_s if self.smoke else gpu_s)
+
     @contextlib.contextmanager
-    def section(self, name: str, estimate_s: float):
-        """Run the block if `estimate_s` still fits the budget; record ok / failed / skipped."""
+    def section(self, name: str, estimate_s: float) -> Iterator[dict | None]:
+        """Run the block if `estimate_s` still fits the budget; record ok / failed / skipped / interrupted."""
         record: dict = {"estimate_s": estimate_s}
         self.results["sections"][name] = record
         if not self.fits(estimate_s):
             record.update(status="skipped", reason=f"budget: {self.remaining():.0f} s left, needs ~{estimate_s:.0f} s")
             print(f"[{name}] skipped ({record['reason']})", flush=True)
+            self.write()
             yield None
             return
+        install_signal_handlers()
         t = time.time()
-        print(f"[{name}] ... ({self.remaining():.0f} s left)", flush=True)
+        print(f"[{name}] ... ({self.remaining():.0f} s left, ~{estimate_s:.0f} s estimated)", flush=True)
         try:
             yield record
             record["status"] = record.get("status", "ok")
+        except Interrupted as e:
+            record.update(status="interrupted", reason=f"{e} during this section")
+            print(f"[{name}] interrupted ({e})", flush=True)
+            raise
         except Exception as e:  # noqa: BLE001 -- one broken case must not cost the rest of the GPU time
-            record.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
-                          traceback=traceback.format_exc()[-3000:])
+            record.update(status="failed", error=error_text(e), traceback=traceback.format_exc()[-3000:])
             print(f"[{name}] FAILED: {record['error']}", flush=True)
         finally:
             record["seconds"] = round(time.time() - t, 1)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            gc.collect()
+            free_memory(self.device)
             self.write()
 
     def write(self) -> None:
         self.results["elapsed_s"] = round(time.time() - self.t0, 1)
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
-        (self.out / "results.md").write_text(markdown(self.results))
+        atomic_write(self.out / "results.json", json.dumps(self.results, indent=1, default=str))
+        try:
+            md = markdown(self.results)
+        except Exception as e:  # noqa: BLE001 -- results.json has every figure; the tables are a convenience
+            md = f"# GPU suite\n\nresults.md could not be rendered ({error_text(e)}); see results.json.\n"
+        atomic_write(self.out / "results.md", md)
+
+
+def error_text(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def free_gb(device: torch.device) -> float:
+    """Memory a new case can use: the device's free memory plus what this process's allocator holds
+    unused (CUDA), or MemAvailable (CPU)."""
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return (torch.cuda.mem_get_info(device)[0] + cached) / 1e9
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("MemAvailable:"))) * 1024 / 1e9
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def guarded(fn: Callable[[], dict], device: torch.device, row: dict | None = None) -> dict:
+    """One case: its figures merged into `row`, or, if it raised, `row` marked failed (`oom` for an out of
+    memory) with the message. The memory the case held is freed either way, so the next case starts clean."""
+    row = dict(row or {})
+    try:
+        row.update(fn())
+        return row  # what the case built went with its frame
+    except Exception as exc:  # noqa: BLE001 -- the section's other rows must survive one bad case
+        row.update(status="oom" if is_oom(exc) else "failed", ok=False, error=error_text(exc))
+    # After the except block: the traceback, and the tensors its frames held, are gone by now.
+    free_memory(device)
+    return row
 
 
 def sync(device: torch.device) -> None:
@@ -119,6 +238,81 @@ def reset_peak(device) -> None:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ---- memory per step and memory estimates ------------------------------------------------------------
+
+def live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on deprecated module attributes (torch.distributed.reduce_op)
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def memory_probe(device: torch.device) -> tuple[Callable[[], float], str, float]:
+    """(probe, unit, growth bound per step). Called right after a synchronised step."""
+    if device.type == "cuda":
+        return (lambda: torch.cuda.memory_allocated(device) / 1e6), "MB", GROWTH_BOUND_MB
+    return live_tensors, "tensors", GROWTH_BOUND_TENSORS
+
+
+def growth_per_step(trace: list[float]) -> float | None:
+    """Slope of the memory after each step from step N/2 to step N: past the first steps, which allocate
+    the optimizer's state and (compiled) warm up."""
+    n = len(trace)
+    if n < 4:
+        return None
+    half = n // 2
+    return (trace[-1] - trace[half - 1]) / (n - half)
+
+
+def estimate_step_gb(cfg, mode: str, batch: int, seq: int, *, autocast: bool, optimizer: bool = True,
+                     checkpointing: bool = False) -> dict[str, float]:
+    """A rough peak of one training step (GB), by part, so a case that cannot fit is skipped, not run into
+    an out-of-memory. Parameters, gradients and AdamW state in fp32 (16 bytes a parameter; 8 without the
+    optimizer); under bf16 autocast one bf16 copy of every weight, plus, for the plain pool gradient without
+    checkpointing, one bf16 copy of the pool per calling layer (each layer's grouped GEMM saves its own
+    cast); the pool weight gradient's transient (bf16, then its fp32 cast); activations from a per-token
+    count (attention ~22 d bytes, MoE rows 2(2kd + 3kf), router 8E, logits (2 + 8) V) with a 25% margin."""
+    model = build_model(cfg, "meta")
+    params = sum(p.numel() for p in model.parameters())
+    pool = sum(p.numel() for p in model.experts.parameters()) / cfg.n_pools  # the weights one layer calls
+    del model
+    tokens, b = batch * seq, (2 if autocast else 4)
+    d, f, k, e, n_layers = cfg.d_model, cfg.expert_hidden, cfg.routed_top_k, cfg.n_routed_experts, cfg.n_layers
+    parts = {"state": params * (16 if optimizer else 8)}
+    copies = 2 * params if autocast else 0
+    if autocast and mode == "naive" and cfg.layers_per_pool > 1 and not checkpointing:
+        copies += 2 * pool * (n_layers - cfg.n_pools)  # the other calling layers' copies of their pool
+    parts["bf16_copies"] = copies
+    parts["wgrad_transient"] = pool * (6 if autocast else 4)
+    per_layer = b / 2 * (22 * d + 4 * k * d + 6 * k * f) + 8 * e  # bytes per token
+    layers = (n_layers * 4 * d + per_layer) if checkpointing else n_layers * per_layer
+    if mode == "fused" and checkpointing:  # the deferred gradient's stash outlives the recomputed layers
+        layers += n_layers * b * (2 * k * d + 3 * k * f)
+    parts["activations"] = 1.25 * tokens * (layers + cfg.padded_vocab_size * (b + 8))
+    parts["slack"] = 0.5e9  # cuBLAS workspace, allocator rounding
+    gb = {name: v / 1e9 for name, v in parts.items()}
+    gb["total"] = sum(gb.values())
+    return gb
+
+
+def estimate_layer_gb(variant: str, d: int, f: int, e: int, k: int, tokens: int, dtype: torch.dtype) -> float:
+    """A rough peak of one MoE-layer case (GB): weights and their gradients in `dtype` (HF blocks are built
+    in fp32 on the device first), routed-row activations and the router's fp32 scores."""
+    b = dtype.itemsize
+    weights = 3 * d * f * (1 if variant == "dense" else e)
+    total = weights * 2 * b + (weights * 4 if variant.startswith("hf-") else 0)
+    total += tokens * k * (4 * d + 9 * f) * b + tokens * e * 8
+    return total / 1e9 + 0.5
+
+
+def memory_skip(estimate_gb: float, device: torch.device) -> tuple[float, str | None]:
+    """(free GB, a skip reason if the estimate does not fit)."""
+    free = free_gb(device)
+    if estimate_gb > free:
+        return free, f"memory: ~{estimate_gb:.1f} GB estimated, {free:.1f} GB free"
+    return free, None
 
 
 # ---- 1. environment ------------------------------------------------------------------------------
@@ -170,11 +364,8 @@ def dispatch_vs_reference(suite: Suite, rec: dict) -> None:
             for dtype in dtypes:
                 case = {"shape": [d, f, e, k], "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
                         "tolerance": tol[dtype]}
-                cases.append(case)
-                try:
-                    case.update(_compare_dispatch(d, f, e, k, dtype, tokens, dev, tol[dtype]))
-                except Exception as exc:  # noqa: BLE001 -- e.g. a dtype the device's grouped_mm lacks
-                    case.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                # e.g. a dtype the device's grouped_mm lacks, or an out-of-memory: recorded in the case
+                cases.append(guarded(lambda: _compare_dispatch(d, f, e, k, dtype, tokens, dev, tol[dtype]), dev, case))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     rec["cases"] = cases
@@ -182,13 +373,16 @@ def dispatch_vs_reference(suite: Suite, rec: dict) -> None:
 
 
 def _compare_dispatch(d, f, e, k, dtype, tokens, dev, tol) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, d, generator=gen).to(dev, dtype)
-    w13 = (torch.randn(e, 2 * f, d, generator=gen) * 0.02).to(dev, dtype)
-    w2 = (torch.randn(e, d, f, generator=gen) * 0.02).to(dev, dtype)
-    ids = torch.randint(0, e, (tokens, k), generator=gen).to(dev)
-    gates = torch.rand(tokens, k, generator=gen).to(dev, dtype)
-    cot = torch.randn(tokens, d, generator=gen).to(dev, dtype)
+    # Drawn on the device: 0.7G random values at the pool shape take seconds on one CPU core.
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(*shape, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=dev) * scale).to(dtype)
+
+    x, w13, w2 = randn(tokens, d), randn(e, 2 * f, d, scale=0.02), randn(e, d, f, scale=0.02)
+    ids = torch.randint(0, e, (tokens, k), generator=gen, device=dev)
+    gates = torch.rand(tokens, k, generator=gen, device=dev).to(dtype)
+    cot = randn(tokens, d)
     grads = {}
     for name, fn in (("ours", moe_dispatch), ("reference", moe_reference)):
         leaves = [t.clone().requires_grad_() for t in (x, w13, w2)]
@@ -233,39 +427,64 @@ def fused_wgrad_vs_plain(suite: Suite, rec: dict) -> None:
     rec["ok"] = max(errs.values()) <= rec["tolerance"] and rec["max_rel_err_rest"] <= rec["tolerance"]
 
 
+def sync_checks(run_one: Callable[[torch.dtype], None]) -> dict[str, str]:
+    """`run_one(dtype)` raises if the step synchronised with the host. bf16, the training dtype, runs first
+    and is the check; fp32 runs after it and is recorded as what it is: its grouped GEMM falls back to a
+    path that copies the group offsets to the host by design, so a sync there is expected, not a failure."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        try:
+            run_one(dtype)
+            out[name] = "no host sync"
+        except Exception as exc:  # noqa: BLE001 -- each dtype's result is recorded on its own
+            syncs = "synchroniz" in str(exc).lower()
+            if dtype == torch.float32:
+                out[name] = SYNC_EXPECTED_FP32 if syncs else f"not checked ({error_text(exc)})"
+            else:
+                out[name] = f"FAIL: {error_text(exc)}"
+    return out
+
+
 def no_host_syncs(suite: Suite, rec: dict) -> None:
     """A MoE layer's forward and backward (router + dispatch) with CUDA sync debugging set to error."""
     if suite.device.type != "cuda":
         rec.update(status="skipped", reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
         return
     dev, d, f, e, k, tokens = suite.device, 768, 3072, 96, 1, 4096
-    checked = []
+    results = {}
     for kind in ("norm", "softmax"):
         router = Router(d, e, k, kind, norm_c="one", switch_coef=1e-2).to(dev)
         w13 = (torch.randn(e, 2 * f, d, device=dev) * 0.02).requires_grad_()
         w2 = (torch.randn(e, d, f, device=dev) * 0.02).requires_grad_()
         x = torch.randn(tokens, d, device=dev, requires_grad=True)
         cot = torch.randn(tokens, d, device=dev)
-        for dtype in (torch.float32, torch.bfloat16):
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype == torch.bfloat16):
+
+        def run_one(dtype: torch.dtype) -> None:
+            bf16 = dtype == torch.bfloat16
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                 warm = moe_dispatch(x, *(lambda r: (r.expert_ids_TK, r.weights_TK))(router(x)), w13, w2)
             warm.backward(cot.to(warm.dtype))  # warm-up outside the check (lazy init may sync)
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                with torch.autocast("cuda", dtype=dtype, enabled=dtype == torch.bfloat16):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                     r = router(x)
                     y = moe_dispatch(x, r.expert_ids_TK, r.weights_TK, w13, w2)
                     loss_aux = r.aux_loss
                 torch.autograd.backward([y, loss_aux], [cot.to(y.dtype), torch.ones_like(loss_aux)])
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-            checked.append(f"{kind}/{str(dtype).removeprefix('torch.')}")
-    rec["checked"], rec["ok"] = checked, True
+
+        results[kind] = sync_checks(run_one)
+    rec["bf16"] = {kind: r["bfloat16"] for kind, r in results.items()}
+    rec["fp32"] = {kind: r["float32"] for kind, r in results.items()}
+    rec["ok"] = all(v == "no host sync" for v in rec["bf16"].values())
 
 
 def compile_block(suite: Suite, rec: dict) -> None:
-    """torch.compile of one transformer block: same output and gradients as eager; graph breaks counted."""
+    """torch.compile of one transformer block: same output and gradients as eager; graph breaks counted
+    on the graph that is compiled (bf16 autocast on the GPU: fp32 takes other, syncing, paths)."""
     dev = suite.device
     cfg = tiny_pool_config(suite.smoke)
     torch.manual_seed(0)
@@ -276,9 +495,12 @@ def compile_block(suite: Suite, rec: dict) -> None:
     dtype = torch.float32 if suite.smoke else torch.bfloat16
     x = torch.randn(2, seq, cfg.d_model, device=dev)
 
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
     def run(fn):
         xx = x.clone().requires_grad_()
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype == torch.bfloat16):
+        with autocast():
             y, routed = fn(xx, pool, cos, sin)
         (y.float().square().mean() + routed.aux_loss).backward()
         out = [y.detach().float(), xx.grad.float()] + [p.grad.float().clone() for p in block.parameters()]
@@ -287,7 +509,9 @@ def compile_block(suite: Suite, rec: dict) -> None:
         return out
 
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(block)(x, pool, cos, sin)
+    with autocast():
+        explanation = torch._dynamo.explain(block)(x, pool, cos, sin)
+    rec["graph_dtype"] = str(dtype).removeprefix("torch.")
     rec["graph_breaks"] = explanation.graph_break_count
     rec["break_reasons"] = sorted({str(b.reason).splitlines()[0][:160] for b in explanation.break_reasons})
     backend = "aot_eager" if suite.smoke else "inductor"
@@ -298,11 +522,13 @@ def compile_block(suite: Suite, rec: dict) -> None:
     rec["max_rel_err"] = max(rel_err(a, b) for a, b in zip(comp, eager))
     rec["tolerance"] = 1e-4 if dtype == torch.float32 else 3e-2
     rec["ok"] = rec["max_rel_err"] <= rec["tolerance"]
+    torch._dynamo.reset()
 
 
 def training_run(suite: Suite, *, preset: str, steps: int, batch: int, seq: int, tokenizer: str, name: str,
-                 extra: dict | None = None) -> dict:
-    """`unipool train` through its Python entry point; returns the summary and the metrics."""
+                 extra: dict | None = None, keep_run: bool = False) -> dict:
+    """`unipool train` through its Python entry point; returns the summary and the metrics. One checkpoint
+    (the final one, which the loop always writes), deleted with the run unless `keep_run`."""
     from unipool.config import DataConfig, preset_config
     from unipool.data.corpus import default_corpus_files
     from unipool.run import Run
@@ -311,16 +537,24 @@ def training_run(suite: Suite, *, preset: str, steps: int, batch: int, seq: int,
     cfg = preset_config(preset)
     sources = [str(p) for p in small_corpus(suite)] if suite.smoke else [str(p) for p in default_corpus_files()]
     fields = {"steps": steps, "batch_size": batch, "seq_len": seq, "progress": False, "out_dir": str(suite.work / "runs"),
-              "run_name": name, "sample_tokens": 0, "eval_interval": 0, "eval_tokens": 8 * seq, "ckpt_interval": steps,
-              "keep_last": 2, "log_interval": 1, "routing_interval": 0, "warmup_frac": 0.05, **(extra or {})}
+              "run_name": name, "sample_tokens": 0, "eval_interval": 0, "eval_tokens": 8 * seq, "ckpt_interval": 0,
+              "keep_last": 1, "keep_every": 0, "log_interval": 1, "routing_interval": 0, "warmup_frac": 0.05,
+              **(extra or {})}
     train_cfg = dataclasses.replace(cfg.train, **fields)
     model_cfg = cfg.model.replace(max_seq_len=max(seq, cfg.model.max_seq_len))
     run_cfg = cfg.replace(model=model_cfg, train=train_cfg,
                           data=DataConfig(sources=sources, tokenizer=tokenizer,
                                           data_dir=str(suite.work / "data" / tokenizer.replace(":", ""))))
-    shutil.rmtree(suite.work / "runs" / name, ignore_errors=True)
-    summary = train(run_cfg)
-    records, _ = Run.open(suite.work / "runs" / name).metrics()
+    run_dir = suite.work / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        summary = train(run_cfg)
+        if summary.get("interrupted"):  # the loop caught the SIGTERM (and saved); the suite stops too
+            raise stop_now("SIGTERM", "in a training run (it saved a checkpoint and returned)")
+        records, _ = Run.open(run_dir).metrics()
+    finally:
+        if not keep_run:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return {"summary": summary, "losses": [r["loss"] for r in records if "loss" in r],
             "tok_per_s": [r["tok_per_s"] for r in records if "tok_per_s" in r]}
 
@@ -340,21 +574,27 @@ def loss_falls_and_resume(suite: Suite, rec: dict) -> None:
     second half to the same losses (within bf16 nondeterminism on a GPU)."""
     from unipool.run import Run
     from unipool.train.loop import train
+    from unipool.weights import write_latest
 
     tok = "bpe:512" if suite.smoke else "bpe:8192"
-    res = training_run(suite, preset="debug" if suite.smoke else "demo", steps=20, batch=8,
-                       seq=32 if suite.smoke else 256, tokenizer=tok, name="resume",
-                       extra={"ckpt_interval": 10, "keep_last": 2, "lr": 3e-3})
-    losses = res["losses"]
-    rec["first_loss"], rec["last_loss"] = losses[0], losses[-1]
-    rec["loss_falls"] = sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
     run_dir = suite.work / "runs" / "resume"
-    ckpts = run_dir / "checkpoints"
-    shutil.rmtree(ckpts / "step_000020")
-    (ckpts / "LATEST").write_text("step_000010\n")
-    run = Run.open(run_dir)
-    train(run.config, resume=run)
-    replay, _ = Run.open(run_dir).metrics()
+    try:
+        # Two checkpoints, the fewest the check allows: step 10 (resumed from) and step 20 (the loop's final one).
+        res = training_run(suite, preset="debug" if suite.smoke else "demo", steps=20, batch=8,
+                           seq=32 if suite.smoke else 256, tokenizer=tok, name="resume", keep_run=True,
+                           extra={"ckpt_interval": 10, "keep_last": 2, "lr": 3e-3})
+        losses = res["losses"]
+        rec["first_loss"], rec["last_loss"] = losses[0], losses[-1]
+        rec["loss_falls"] = sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+        ckpts = run_dir / "checkpoints"
+        shutil.rmtree(ckpts / "step_000020")
+        write_latest(ckpts, "step_000010")  # rewind: resume from step 10 and replay 10-20
+        run = Run.open(run_dir)
+        if train(run.config, resume=run).get("interrupted"):
+            raise stop_now("SIGTERM", "in a training run (it saved a checkpoint and returned)")
+        replay, _ = Run.open(run_dir).metrics()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     second = [r["loss"] for r in replay if "loss" in r][10:20]
     rec["resume_max_abs_diff"] = max(abs(a - b) for a, b in zip(second, losses[10:20]))
     rec["resume_tolerance"] = 0.0 if suite.device.type == "cpu" else 2e-2
@@ -362,6 +602,51 @@ def loss_falls_and_resume(suite: Suite, rec: dict) -> None:
 
 
 # ---- 3. speed, side by side ------------------------------------------------------------------------
+
+def layer_case(variant: str, d: int, f: int, e: int, k: int, tokens: int, dev: torch.device, dtype: torch.dtype,
+               hf_impl: str = "grouped_mm") -> Callable[[], None]:
+    """bench/moe_layer.build with every tensor made on the device: its CPU draws (~20G random values at
+    the largest pools) take minutes on one core. A closure running one forward + backward."""
+    import moe_layer
+
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def randn(*shape, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=dev) * std).to(dtype)
+
+    def w(*shape, std=0.02):
+        return randn(*shape, std=std).requires_grad_()
+
+    x, cot = w(tokens, d, std=0.5), randn(tokens, d, std=1.0)
+    if variant == "dense":
+        xn, cot_n = w(tokens * k, d, std=0.5), randn(tokens * k, d, std=1.0)
+        w13, w2 = w(2 * f, d), w(d, f)
+
+        def step():
+            gate, up = torch.nn.functional.linear(xn, w13).chunk(2, dim=-1)
+            torch.autograd.backward(torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2), cot_n)
+        return step
+    if variant in ("ours", "loop"):
+        route, _ = moe_layer.make_router(d, e, k, dev, dtype)
+        w13, w2 = w(e, 2 * f, d), w(e, d, f)
+        fn = moe_dispatch if variant == "ours" else moe_reference
+
+        def step():
+            ids, gates = route(x)
+            torch.autograd.backward(fn(x, ids, gates, w13, w2), cot)
+        return step
+    with torch.device(dev):  # parameters allocated on the device (uninitialised), filled there below
+        block = moe_layer.make_hf_block(variant, d, f, e, k, hf_impl)
+    block = block.to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02, generator=gen)
+    x3, cot3 = x.view(1, tokens, d), cot.view(1, tokens, d)
+
+    def step():
+        torch.autograd.backward(block(x3), cot3)
+    return step
+
 
 def moe_layer_speed(suite: Suite, rec: dict) -> None:
     """ours vs the per-expert loop vs HF Mixtral / OLMoE / Qwen3 blocks vs the dense limit (fwd + bwd)."""
@@ -375,29 +660,41 @@ def moe_layer_speed(suite: Suite, rec: dict) -> None:
     variants = list(moe_layer.VARIANTS)
     rows = []
     for d, f, e, k, label in shapes:
-        if not suite.fits(20 if not suite.smoke else 1):
+        if not suite.case_fits(3.5):  # ~6 variants of ~0.5 s: build on the device, 2 + 5 passes of <= 50 ms
             rec.setdefault("skipped_shapes", []).append(label)
             continue
-        row = {"label": label, "d": d, "f": f, "E": e, "k": k, "tokens": tokens}
+        row: dict = {"label": label, "d": d, "f": f, "E": e, "k": k, "tokens": tokens}
         flops = 3 * 3 * 2 * d * f * tokens * k
         for v in variants:
+            row[v] = None
             if v == "loop" and e > 128 and not suite.smoke:
-                row[v] = None  # a Python loop over hundreds of experts: minutes, known to be slow
+                row.setdefault("skipped", {})[v] = "a Python loop over hundreds of experts: minutes, known slow"
                 continue
-            try:
-                step = moe_layer.build(v, d, f, e, k, tokens, dev, dtype, "grouped_mm")
+            est = estimate_layer_gb(v, d, f, e, k, tokens, dtype)
+            _, reason = memory_skip(est, dev)
+            if reason:
+                row.setdefault("skipped", {})[v] = reason
+                continue
+
+            def measure(v=v) -> dict:
+                step = layer_case(v, d, f, e, k, tokens, dev, dtype)
                 s = timed(step, dev, 2 if suite.smoke else 5, 1 if suite.smoke else 2)
-                row[v] = flops / s["median_s"] / 1e12
-                del step
-            except Exception as exc:  # noqa: BLE001 -- e.g. an HF block this transformers lacks
-                row[v] = None
-                row.setdefault("errors", {})[v] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                return {"tflops": flops / s["median_s"] / 1e12}
+
+            case = guarded(measure, dev)  # an HF block this transformers lacks, an out-of-memory, ...
+            if "error" in case:
+                row.setdefault("errors", {})[v] = case["error"]
+                if case["status"] == "oom":
+                    row.setdefault("oom", []).append(v)
+            else:
+                row[v] = case["tflops"]
         hf = [row[v] for v in variants if v.startswith("hf-") and row.get(v)]
-        row["ours_vs_dense"] = row["ours"] / row["dense"] if row.get("dense") else None
-        row["ours_vs_best_hf"] = row["ours"] / max(hf) if hf else None
+        row["ours_vs_dense"] = row["ours"] / row["dense"] if row.get("ours") and row.get("dense") else None
+        row["ours_vs_best_hf"] = row["ours"] / max(hf) if hf and row.get("ours") else None
         rows.append(row)
-        print(f"  {label} d={d} E={e} k={k}: ours {row['ours']:.1f} dense {row['dense']:.1f} TFLOP/s", flush=True)
-        gc.collect()
+        print(f"  {label} d={d} E={e} k={k}: ours {_f(row.get('ours'), '.1f')} dense {_f(row.get('dense'), '.1f')} "
+              "TFLOP/s" + (f" (errors: {', '.join(row['errors'])})" if row.get("errors") else ""), flush=True)
+        free_memory(dev)  # the next shape's weights should not meet a fragmented cache
     rec["rows"], rec["dtype"] = rows, str(dtype).removeprefix("torch.")
     vanilla = [r for r in rows if r["E"] == 8]
     rec["target_vs_dense"] = {"target": 0.9, "worst_vanilla": min((r["ours_vs_dense"] for r in vanilla
@@ -408,56 +705,115 @@ def moe_layer_speed(suite: Suite, rec: dict) -> None:
 
 def step_case(suite: Suite, preset: str, mode: str, batch: int, seq: int, *, checkpointing: bool = False,
               layers: int | None = None, optimizer: bool = True, repeats: int | None = None,
-              compile_model: bool | str = False) -> dict:
-    """One training step (fwd + bwd [+ AdamW]) of `preset`; tok/s, MFU, peak memory. `compile_model`: as in
-    train_step.make_step (False, True for inductor, or a backend name)."""
-    import train_step
-
+              warmup: int | None = None, compile_model: bool | str = False, memory_check: bool = False) -> dict:
+    """One training step (fwd + bwd [+ AdamW]) of `preset`: tok/s, MFU, peak memory, and the memory after
+    every step with its growth per step (always on CUDA, where it is free; on CPU with `memory_check`).
+    Skipped if the memory estimate exceeds the free memory; an exception (an out-of-memory) makes a failed
+    row. `compile_model`: as in train_step.make_step (False, True for inductor, or a backend name)."""
     dev = suite.device
     cfg = get_preset(preset).replace(max_seq_len=max(seq, 64), norm_router_c="one")
     if layers:
         cfg = cfg.replace(n_layers=layers, **({"num_experts": 8 * layers} if cfg.moe_mode == "pool" else {}))
+    dtype = torch.float32 if suite.smoke else torch.bfloat16
+    row: dict = {"preset": preset, "mode": mode, "M": cfg.num_experts if cfg.moe_mode == "pool" else None,
+                 "batch": batch, "seq": seq, "tokens": batch * seq, "checkpointing": checkpointing}
+    est = estimate_step_gb(cfg, mode, batch, seq, autocast=dtype == torch.bfloat16, optimizer=optimizer,
+                           checkpointing=checkpointing)
+    row["mem_estimate_gb"] = round(est["total"], 2)
+    row["free_gb"], reason = memory_skip(est["total"], dev)
+    if reason:
+        row.update(status="skipped", reason=reason,
+                   mem_estimate_parts_gb={k: round(v, 1) for k, v in est.items() if k != "total"})
+        return row
+    warmup = warmup if warmup is not None else (1 if suite.smoke else 2) + (2 if compile_model else 0)
+    repeats = repeats or (2 if suite.smoke else 3)
+    track = dev.type == "cuda" or memory_check
+    row = guarded(lambda: _run_steps(suite, cfg, mode, batch, seq, dtype, checkpointing, optimizer, warmup,
+                                     repeats, compile_model, track), dev, row)
+    if compile_model:
+        torch._dynamo.reset()  # the compiled graphs (and what their guards hold) go with the model
+    free_memory(dev)  # a 182m model and its AdamW state: start the next case from a clean allocator
+    growth, bound = row.get("mem_growth_per_step"), row.get("mem_growth_bound")
+    if growth is not None and growth > bound:
+        row.update(ok=False, status="failed",
+                   error=f"memory grows {growth:.2f} {row['mem_unit']}/step from step {len(row['mem_trace']) // 2} "
+                         f"to {len(row['mem_trace'])} (bound {bound} {row['mem_unit']}/step)")
+    elif "error" not in row:
+        row.update(status="ok", ok=True)
+    return row
+
+
+def _run_steps(suite: Suite, cfg, mode: str, batch: int, seq: int, dtype: torch.dtype, checkpointing: bool,
+               optimizer: bool, warmup: int, repeats: int, compile_model: bool | str, track: bool) -> dict:
+    """Build, then `warmup` + `repeats` synchronised steps; the memory probe runs after each (not timed)."""
+    import train_step
+
+    dev = suite.device
     torch.manual_seed(0)
     model = build_model(cfg, dev)
     model.train()
     model.set_execution(fused_pool_wgrad=mode == "fused", activation_checkpointing=checkpointing)
-    dtype = torch.float32 if suite.smoke else torch.bfloat16
     tokens = batch * seq
     flops = train_step.model_flops_per_step(model, tokens, seq)
     step = train_step.make_step(model, batch, seq, dev, dtype, optimizer, compile_model)
+    probe, unit, bound = memory_probe(dev)
     reset_peak(dev)
-    s = timed(step, dev, repeats or (2 if suite.smoke else 3), (1 if suite.smoke else 2) + (2 if compile_model else 0))
+    times, trace = [], []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        step()
+        sync(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        if track:
+            trace.append(round(probe(), 3))
     peak = peak_bytes(dev)
-    del model, step
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"preset": preset, "mode": mode, "batch": batch, "seq": seq, "tokens": tokens,
-            "checkpointing": checkpointing, "median_s": s["median_s"], "spread": s["spread"],
-            "tok_per_s": tokens / s["median_s"], "tflops": flops / s["median_s"] / 1e12,
-            "mfu": flops / s["median_s"] / suite.results.get("peak_flops", SPEC_PEAK_BF16),
-            "mfu_spec": flops / s["median_s"] / SPEC_PEAK_BF16,
-            "peak_gb": peak / 1e9 if peak else None}
+    s = summarize(times)
+    out = {"median_s": s["median_s"], "spread": s["spread"], "steps": warmup + repeats,
+           "tok_per_s": tokens / s["median_s"], "tflops": flops / s["median_s"] / 1e12,
+           "mfu": flops / s["median_s"] / suite.results.get("peak_flops", SPEC_PEAK_BF16),
+           "mfu_spec": flops / s["median_s"] / SPEC_PEAK_BF16, "peak_gb": peak / 1e9 if peak else None}
+    if track:
+        out.update(mem_trace=trace, mem_unit=unit, mem_growth_bound=bound, mem_growth_per_step=growth_per_step(trace))
+    return out
+
+
+def describe(row: dict) -> str:
+    """One line for the log, whatever the row holds."""
+    if row.get("status") in ("skipped", "oom") or row.get("tok_per_s") is None:
+        return f"{row.get('status', '?')}: {row.get('reason') or row.get('error') or ''}"
+    text = f"{row['tok_per_s']:,.0f} tok/s, MFU {_f(row.get('mfu'))}"
+    if row.get("mem_growth_per_step") is not None:
+        text += f", memory {row['mem_growth_per_step']:+.2f} {row['mem_unit']}/step"
+    return text + (f" -- FAIL: {row['error']}" if row.get("ok") is False else "")
+
+
+def rows_ok(rows: list[dict]) -> bool:
+    """A section passes unless a row failed (skipped rows do not count against it)."""
+    return all(r.get("ok") is not False for r in rows)
 
 
 def train_step_speed(suite: Suite, rec: dict) -> None:
-    """182m and 469m: vanilla / UniPool naive / UniPool fused at the paper's micro-batch (16 x 1024)."""
+    """182m and 469m: vanilla / UniPool naive / UniPool fused at the paper's micro-batch (16 x 1024), with
+    the memory after each of 8 steps (a leak of the fused path once kept a bf16 pool copy per step)."""
     scales = [("debug", 2, 4, 32)] if suite.smoke else [("182m", None, 16, 1024), ("469m", None, 16, 1024)]
     rows = []
     for scale, layers, batch, seq in scales:
         for mode in ("vanilla", "naive", "fused"):
-            if not suite.fits(5 if suite.smoke else 40):
+            if not suite.case_fits(7):  # build ~1-2 s + 8 steps of <= 0.5 s
                 rec.setdefault("skipped", []).append(f"{scale}/{mode}")
                 continue
             preset = ("debug-vanilla" if mode == "vanilla" else "debug") if suite.smoke else \
                 (f"vanilla-{scale}" if mode == "vanilla" else f"unipool-{scale}")
-            row = {"scale": scale, **step_case(suite, preset, mode, batch, seq, layers=layers)}
+            row = {"scale": scale, **step_case(suite, preset, mode, batch, seq, layers=layers, memory_check=True,
+                                               warmup=1 if suite.smoke else 2, repeats=5 if suite.smoke else 6)}
             rows.append(row)
-            print(f"  {scale} {mode}: {row['tok_per_s']:,.0f} tok/s, MFU {row['mfu']:.3f}", flush=True)
+            print(f"  {scale} {mode}: {describe(row)}", flush=True)
     for r in rows:
         base = next((b for b in rows if b["scale"] == r["scale"] and b["mode"] == "vanilla"), None)
-        r["vs_vanilla"] = r["tok_per_s"] / base["tok_per_s"] if base else None
-    rec["rows"] = rows
+        ok = r.get("tok_per_s") and base and base.get("tok_per_s")
+        r["vs_vanilla"] = r["tok_per_s"] / base["tok_per_s"] if ok else None
+    rec["rows"], rec["ok"] = rows, rows_ok(rows)
 
 
 def compiled_step(suite: Suite, rec: dict) -> None:
@@ -466,17 +822,18 @@ def compiled_step(suite: Suite, rec: dict) -> None:
     preset, batch, seq = ("debug", 2, 32) if suite.smoke else ("unipool-182m", 16, 1024)
     rows = []
     for mode in ("naive", "fused"):
-        if not suite.fits(5 if suite.smoke else 90):
+        if not suite.case_fits(40):  # an inductor compile of 12 layers fwd + bwd (~30 s cold) + 10 steps
             rec.setdefault("skipped", []).append(mode)
             continue
-        row = step_case(suite, preset, mode, batch, seq, compile_model="aot_eager" if suite.smoke else True)
+        row = step_case(suite, preset, mode, batch, seq, compile_model="aot_eager" if suite.smoke else True,
+                        warmup=3 if suite.smoke else 4, repeats=5 if suite.smoke else 6, memory_check=True)
         rows.append(row)
-        print(f"  compiled {mode}: {row['tok_per_s']:,.0f} tok/s, MFU {row['mfu']:.3f}", flush=True)
+        print(f"  compiled {mode}: {describe(row)}", flush=True)
     eager = next((r for r in suite.results["sections"].get("train_step", {}).get("rows", [])
-                  if r["mode"] == "fused" and r["scale"] in ("182m", "debug")), None)
+                  if r.get("mode") == "fused" and r.get("scale") in ("182m", "debug") and r.get("tok_per_s")), None)
     for r in rows:
-        r["vs_eager_fused"] = r["tok_per_s"] / eager["tok_per_s"] if eager else None
-    rec["rows"] = rows
+        r["vs_eager_fused"] = r["tok_per_s"] / eager["tok_per_s"] if eager and r.get("tok_per_s") else None
+    rec["rows"], rec["ok"] = rows, rows_ok(rows)
 
 
 def pool_wgrad_830m(suite: Suite, rec: dict) -> None:
@@ -484,17 +841,17 @@ def pool_wgrad_830m(suite: Suite, rec: dict) -> None:
     forward + backward without the optimizer."""
     rows = []
     for mode in ("vanilla", "naive", "fused"):
-        if not suite.fits(5 if suite.smoke else 60):
+        if not suite.case_fits(12):  # naive moves ~6 TB a step (~1.5-2 s) x 5 steps; the others < 0.5 s
             rec.setdefault("skipped", []).append(mode)
             continue
         preset = ("debug-vanilla" if mode == "vanilla" else "debug") if suite.smoke else \
             ("vanilla-830m" if mode == "vanilla" else "unipool-830m")
         batch, seq = (2, 32) if suite.smoke else (8, 1024)
         rows.append(step_case(suite, preset, mode, batch, seq, optimizer=False, checkpointing=not suite.smoke))
-        print(f"  830m {mode}: {rows[-1]['tok_per_s']:,.0f} tok/s", flush=True)
-    rec["rows"] = rows
-    naive = next((r for r in rows if r["mode"] == "naive"), None)
-    fused = next((r for r in rows if r["mode"] == "fused"), None)
+        print(f"  830m {mode}: {describe(rows[-1])}", flush=True)
+    rec["rows"], rec["ok"] = rows, rows_ok(rows)
+    naive = next((r for r in rows if r["mode"] == "naive" and r.get("median_s")), None)
+    fused = next((r for r in rows if r["mode"] == "fused" and r.get("median_s")), None)
     rec["fused_vs_naive"] = naive["median_s"] / fused["median_s"] if naive and fused else None
     rec["target"] = 2.0
 
@@ -505,7 +862,7 @@ def reduced_pool_memory(suite: Suite, rec: dict) -> None:
     presets = [("debug", 8), ("debug", 6), ("debug", 4)] if suite.smoke else \
         [("unipool-182m", 96), ("unipool-182m-m64", 64), ("unipool-182m-m48", 48)]
     for preset, m in presets:
-        if not suite.fits(5 if suite.smoke else 30):
+        if not suite.case_fits(5):
             rec.setdefault("skipped", []).append(f"M={m}")
             continue
         if suite.smoke:  # the debug preset with a smaller pool
@@ -514,9 +871,9 @@ def reduced_pool_memory(suite: Suite, rec: dict) -> None:
             presets_mod.PRESETS[f"smoke-m{m}"] = dataclasses.replace(base, model=base.model.replace(num_experts=m))
             preset = f"smoke-m{m}"
         row = step_case(suite, preset, "naive", 2 if suite.smoke else 16, 32 if suite.smoke else 1024)
-        rows.append({"M": m, **row})
-        print(f"  M={m}: peak {row['peak_gb'] or 0:.1f} GB, {row['tok_per_s']:,.0f} tok/s", flush=True)
-    rec["rows"] = rows
+        rows.append({**row, "M": m})
+        print(f"  M={m}: peak {_f(row.get('peak_gb'), '.1f')} GB, {describe(row)}", flush=True)
+    rec["rows"], rec["ok"] = rows, rows_ok(rows)
 
 
 def microbatch_sweep(suite: Suite, rec: dict) -> None:
@@ -527,24 +884,28 @@ def microbatch_sweep(suite: Suite, rec: dict) -> None:
     rows = []
     for batch in batches:
         ckpt = not suite.smoke and batch * seq >= 32768
-        row = {"tokens": batch * seq, "checkpointing": ckpt}
+        row: dict = {"tokens": batch * seq, "checkpointing": ckpt}
         for mode in ("vanilla", "naive", "fused"):
-            if not suite.fits(3 if suite.smoke else 45):
+            if not suite.case_fits(2.5):  # build ~1 s + 5 steps of 0.05-0.6 s
                 rec.setdefault("skipped", []).append(f"{batch * seq}/{mode}")
                 continue
             preset = ("debug-vanilla" if mode == "vanilla" else "debug") if suite.smoke else \
                 ("vanilla-182m" if mode == "vanilla" else "unipool-182m")
             r = step_case(suite, preset, mode, batch, seq, checkpointing=ckpt, repeats=None if suite.smoke else 3)
-            row[f"{mode}_tok_s"] = r["tok_per_s"]
-        if "vanilla_tok_s" in row:
-            for mode in ("naive", "fused"):
-                if f"{mode}_tok_s" in row:
-                    row[f"{mode}_vs_vanilla"] = row[f"{mode}_tok_s"] / row["vanilla_tok_s"]
+            row[f"{mode}_tok_s"] = r.get("tok_per_s")
+            if r.get("status") == "skipped":
+                row.setdefault("skipped", {})[mode] = r["reason"]
+            elif r.get("ok") is False:
+                row.setdefault("errors", {})[mode] = r.get("error")
+        for mode in ("naive", "fused"):
+            if row.get(f"{mode}_tok_s") and row.get("vanilla_tok_s"):
+                row[f"{mode}_vs_vanilla"] = row[f"{mode}_tok_s"] / row["vanilla_tok_s"]
         rows.append(row)
-        print(f"  {row['tokens']} tokens: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_vanilla")),
-              flush=True)
+        print(f"  {row['tokens']} tokens: " + ", ".join(f"{k} {_f(v)}" for k, v in row.items() if k.endswith("_vanilla"))
+              + (f" (failed: {', '.join(row['errors'])})" if row.get("errors") else ""), flush=True)
     rec["rows"] = rows
-    within = [r["tokens"] for r in rows if r.get("fused_vs_vanilla", 0) >= 0.97]
+    rec["ok"] = not any(r.get("errors") for r in rows)
+    within = [r["tokens"] for r in rows if (r.get("fused_vs_vanilla") or 0) >= 0.97]
     rec["smallest_within_3pct"] = min(within) if within else None
 
 
@@ -552,23 +913,30 @@ def microbatch_sweep(suite: Suite, rec: dict) -> None:
 
 def real_run(suite: Suite, rec: dict) -> None:
     """The 182M UniPool and vanilla presets on the embedded corpus (Shakespeare) with the GPT-2 tokenizer."""
-    steps = 8 if suite.smoke else 200
+    steps = 8 if suite.smoke else 120  # 120 x 16k tokens: ~2M tokens, 1.5 passes over the plays
     runs = {}
     for preset in (("debug", "debug-vanilla") if suite.smoke else ("unipool-182m", "vanilla-182m")):
-        if not suite.fits(5 if suite.smoke else 90):
+        if not suite.case_fits(25):  # 120 steps of <= 0.15 s, GPT-2 tokenization, eval, a ~9 GB final checkpoint
             rec.setdefault("skipped", []).append(preset)
             continue
-        res = training_run(suite, preset=preset, steps=steps, batch=4 if suite.smoke else 16,
-                           seq=32 if suite.smoke else 1024, tokenizer="gpt2", name=preset,
-                           extra={"lr": 3e-3 if suite.smoke else 5e-4, "eval_tokens": 4096 if suite.smoke else 65536})
-        s = res["summary"]
-        runs[preset] = {"losses": res["losses"], "val_loss": s.get("val_loss"), "unigram_loss": s.get("unigram_loss"),
-                        "tok_per_s": s.get("tok_per_s"), "params": s.get("params"), "steps": steps,
-                        "active_params": s.get("active_params")}
-        print(f"  {preset}: val loss {s.get('val_loss'):.3f}, {s.get('tok_per_s'):,.0f} tok/s", flush=True)
-    rec["runs"] = runs
-    if runs:
-        plot_curves(runs, suite.out / "curves.png")
+
+        def one(preset=preset) -> dict:
+            res = training_run(suite, preset=preset, steps=steps, batch=4 if suite.smoke else 16,
+                               seq=32 if suite.smoke else 1024, tokenizer="gpt2", name=preset,
+                               extra={"lr": 3e-3 if suite.smoke else 5e-4, "eval_tokens": 4096 if suite.smoke else 65536})
+            s = res["summary"]
+            return {"losses": res["losses"], "val_loss": s.get("val_loss"), "unigram_loss": s.get("unigram_loss"),
+                    "tok_per_s": s.get("tok_per_s"), "params": s.get("params"), "steps": steps,
+                    "active_params": s.get("active_params"), "ok": True}
+
+        runs[preset] = guarded(one, suite.device, {"steps": steps})
+        r = runs[preset]
+        print(f"  {preset}: " + (f"val loss {_f(r.get('val_loss'))}, {_f(r.get('tok_per_s'), ',.0f')} tok/s"
+                                 if r.get("ok") else f"{r['status']}: {r['error']}"), flush=True)
+    rec["runs"], rec["ok"] = runs, rows_ok(list(runs.values()))
+    curves = {name: r for name, r in runs.items() if r.get("losses")}
+    if curves:
+        plot_curves(curves, suite.out / "curves.png")
 
 
 def plot_curves(runs: dict, path: Path) -> None:
@@ -580,7 +948,7 @@ def plot_curves(runs: dict, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, r in runs.items():
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=f"{name} (val {r['val_loss']:.3f})")
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=f"{name} (val {_f(r.get('val_loss'))})")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend()
@@ -592,21 +960,51 @@ def plot_curves(runs: dict, path: Path) -> None:
 # ---- results.md ------------------------------------------------------------------------------------
 
 def _f(x, spec=".3f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    try:
+        return format(x, spec)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "/").replace("\n", " ")
+
+
+def _check(r: dict) -> str:
+    """A row's verdict: PASS, FAIL (why), oom (message), or skipped (why)."""
+    if r.get("status") == "skipped":
+        return _cell(f"skipped: {r.get('reason', '')}")
+    if r.get("status") == "oom":
+        return _cell(f"oom: {r.get('error', '')}")
+    if r.get("ok") is False:
+        return _cell(f"FAIL: {r.get('error') or r.get('reason') or ''}")
+    return "PASS" if r.get("ok") else "-"
+
+
+def _growth(r: dict) -> str:
+    g = r.get("mem_growth_per_step")
+    return "-" if g is None else f"{g:+.2f} {r.get('mem_unit', '')}"
 
 
 def markdown(results: dict) -> str:
     sec = results["sections"]
-    lines = [f"# GPU suite ({results['mode']}), {results.get('elapsed_s', 0):.0f} s of a {results['budget_s']:.0f} s budget", ""]
-    lines += ["| section | status | seconds | note |", "|---|---|---|---|"]
+    lines = [f"# GPU suite ({results['mode']}), {results.get('elapsed_s', 0):.0f} s of a {results['budget_s']:.0f} s "
+             f"budget (sections estimated at {_f(results.get('estimated_total_s'), '.0f')} s on an H200)", ""]
+    if results.get("interrupted"):
+        lines += [f"**Interrupted** by {results['interrupted'].get('signal')} "
+                  f"in {results['interrupted'].get('section')}.", ""]
+    lines += ["| section | status | estimated s | actual s | note |", "|---|---|---|---|---|"]
     for name, r in sec.items():
-        note = r.get("reason") or r.get("error") or ""
-        lines.append(f"| {name} | {r.get('status', 'running')} | {r.get('seconds', '-')} | {note} |")
+        note = _cell(r.get("reason") or r.get("error") or "")
+        lines.append(f"| {name} | {r.get('status', 'running')} | {_f(r.get('estimate_s'), '.0f')} | "
+                     f"{_f(r.get('seconds'), '.1f')} | {note} |")
     env = sec.get("environment", {})
     if env.get("gemm_tflops"):
         lines += ["", f"Environment: {env.get('gpu', 'CPU')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
-                  f"transformers {env.get('transformers')}; measured {env['gemm_dtype']} GEMM "
-                  f"{env['gemm_tflops']:.1f} TFLOP/s, copy {env['copy_gbps']:.0f} GB/s."]
+                  f"transformers {env.get('transformers')}; measured {env.get('gemm_dtype')} GEMM "
+                  f"{_f(env.get('gemm_tflops'), '.1f')} TFLOP/s, copy {_f(env.get('copy_gbps'), '.0f')} GB/s."]
     for name in ("dispatch_vs_reference", "fused_wgrad_vs_plain", "no_host_syncs", "compile_block", "loss_and_resume"):
         r = sec.get(name, {})
         if "ok" in r:
@@ -614,53 +1012,85 @@ def markdown(results: dict) -> str:
             lines.append(f"- {name}: {'PASS' if r['ok'] else 'FAIL'} {json.dumps(detail, default=str)[:400]}")
     m = sec.get("moe_layer", {})
     if m.get("rows"):
-        lines += ["", f"## MoE layer fwd+bwd, {m['dtype']}, TFLOP/s (target: ours >= 0.9 x dense at the vanilla "
+        lines += ["", f"## MoE layer fwd+bwd, {m.get('dtype')}, TFLOP/s (target: ours >= 0.9 x dense at the vanilla "
                   "shapes and >= 1.5 x the best HF block)", "",
-                  "| shape | d | f | E | k | dense | ours | loop | HF Mixtral | HF OLMoE | HF Qwen3 | ours/dense | ours/best HF |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| shape | d | f | E | k | dense | ours | loop | HF Mixtral | HF OLMoE | HF Qwen3 | ours/dense | "
+                  "ours/best HF | errors |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
-            lines.append(f"| {r['label']} | {r['d']} | {r['f']} | {r['E']} | {r['k']} | {_f(r.get('dense'), '.1f')} | "
-                         f"{_f(r.get('ours'), '.1f')} | {_f(r.get('loop'), '.1f')} | {_f(r.get('hf-mixtral'), '.1f')} | "
-                         f"{_f(r.get('hf-olmoe'), '.1f')} | {_f(r.get('hf-qwen3'), '.1f')} | "
-                         f"{_f(r.get('ours_vs_dense'), '.2f')} | {_f(r.get('ours_vs_best_hf'), '.2f')} |")
+            errors = "; ".join(f"{v}: {e}" for v, e in (r.get("errors") or {}).items())
+            lines.append(f"| {r.get('label')} | {r.get('d')} | {r.get('f')} | {r.get('E')} | {r.get('k')} | "
+                         f"{_f(r.get('dense'), '.1f')} | {_f(r.get('ours'), '.1f')} | {_f(r.get('loop'), '.1f')} | "
+                         f"{_f(r.get('hf-mixtral'), '.1f')} | {_f(r.get('hf-olmoe'), '.1f')} | "
+                         f"{_f(r.get('hf-qwen3'), '.1f')} | {_f(r.get('ours_vs_dense'), '.2f')} | "
+                         f"{_f(r.get('ours_vs_best_hf'), '.2f')} | {_cell(errors)[:300]} |")
+    growth_note = (f"memory growth per step from step N/2 to N: FAIL above {GROWTH_BOUND_MB} MB/step on CUDA "
+                   f"({GROWTH_BOUND_TENSORS} live tensors/step on the CPU smoke)")
     for name, title in (("train_step", "Training step (fwd + bwd + AdamW) at 16 x 1024 tokens; target MFU >= 0.40 at 469m"),
                         ("pool_wgrad_830m", "830m shape fwd + bwd (8 x 1024, checkpointing); target fused >= 2 x naive"),
                         ("reduced_pools", "Peak memory of reduced pools at 182m (16 x 1024)")):
         rows = sec.get(name, {}).get("rows")
         if rows:
-            lines += ["", f"## {title}", "", "| preset | mode | M | tokens | tok/s | vs vanilla | MFU | MFU (989 spec) | peak GB |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += ["", f"## {title}", "", f"({growth_note})", "",
+                      "| preset | mode | M | tokens | tok/s | vs vanilla | MFU | MFU (989 spec) | peak GB | est. GB | "
+                      "growth/step | check |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in rows:
-                lines.append(f"| {r['preset']} | {r['mode']} | {r.get('M', '-')} | {r['tokens']} | {r['tok_per_s']:,.0f} | "
-                             f"{_f(r.get('vs_vanilla'))} | {_f(r['mfu'])} | {_f(r['mfu_spec'])} | {_f(r['peak_gb'], '.1f')} |")
+                lines.append(f"| {r.get('preset')} | {r.get('mode')} | {r.get('M') or '-'} | {r.get('tokens')} | "
+                             f"{_f(r.get('tok_per_s'), ',.0f')} | {_f(r.get('vs_vanilla'))} | {_f(r.get('mfu'))} | "
+                             f"{_f(r.get('mfu_spec'))} | {_f(r.get('peak_gb'), '.1f')} | "
+                             f"{_f(r.get('mem_estimate_gb'), '.1f')} | {_growth(r)} | {_check(r)} |")
     rows = sec.get("compiled_step", {}).get("rows")
     if rows:
-        lines += ["", "## torch.compile, UniPool 182m (16 x 1024): plain vs fused pool gradient", "",
-                  "| mode | tok/s | vs eager fused | MFU | peak GB |", "|---|---|---|---|---|"]
+        lines += ["", "## torch.compile, UniPool 182m (16 x 1024): plain vs fused pool gradient", "", f"({growth_note})", "",
+                  "| mode | tok/s | vs eager fused | MFU | peak GB | est. GB | growth/step | check |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| compiled {r['mode']} | {r['tok_per_s']:,.0f} | {_f(r.get('vs_eager_fused'))} | "
-                         f"{_f(r['mfu'])} | {_f(r['peak_gb'], '.1f')} |")
+            lines.append(f"| compiled {r.get('mode')} | {_f(r.get('tok_per_s'), ',.0f')} | {_f(r.get('vs_eager_fused'))} | "
+                         f"{_f(r.get('mfu'))} | {_f(r.get('peak_gb'), '.1f')} | {_f(r.get('mem_estimate_gb'), '.1f')} | "
+                         f"{_growth(r)} | {_check(r)} |")
     p = sec.get("pool_wgrad_830m", {})
     if p.get("fused_vs_naive"):
         lines.append(f"\nfused / naive at 830m: {p['fused_vs_naive']:.2f}x (target 2x)")
     s = sec.get("microbatch_sweep", {})
     if s.get("rows"):
         lines += ["", "## UniPool / vanilla step ratio vs micro-batch at 182m (target: fused within 3%)", "",
-                  "| tokens | checkpointing | vanilla tok/s | naive / vanilla | fused / vanilla |", "|---|---|---|---|---|"]
+                  "| tokens | checkpointing | vanilla tok/s | naive / vanilla | fused / vanilla | not measured |",
+                  "|---|---|---|---|---|---|"]
         for r in s["rows"]:
-            lines.append(f"| {r['tokens']} | {r['checkpointing']} | {_f(r.get('vanilla_tok_s'), ',.0f')} | "
-                         f"{_f(r.get('naive_vs_vanilla'))} | {_f(r.get('fused_vs_vanilla'))} |")
+            missing = {**(r.get("skipped") or {}), **(r.get("errors") or {})}
+            lines.append(f"| {r.get('tokens')} | {r.get('checkpointing')} | {_f(r.get('vanilla_tok_s'), ',.0f')} | "
+                         f"{_f(r.get('naive_vs_vanilla'))} | {_f(r.get('fused_vs_vanilla'))} | "
+                         f"{_cell('; '.join(f'{k}: {v}' for k, v in missing.items()))[:300]} |")
         lines.append(f"\nsmallest micro-batch with fused within 3% of vanilla: {s.get('smallest_within_3pct')}")
     rr = sec.get("real_run", {}).get("runs")
     if rr:
-        lines += ["", "## Real run (embedded corpus, GPT-2 tokenizer)", "", "| preset | steps | val loss | unigram | tok/s |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## Real run (embedded corpus, GPT-2 tokenizer)", "", "| preset | steps | val loss | unigram | tok/s | check |",
+                  "|---|---|---|---|---|---|"]
         for name, r in rr.items():
-            lines.append(f"| {name} | {r['steps']} | {_f(r['val_loss'])} | {_f(r['unigram_loss'])} | {_f(r['tok_per_s'], ',.0f')} |")
+            lines.append(f"| {name} | {r.get('steps')} | {_f(r.get('val_loss'))} | {_f(r.get('unigram_loss'))} | "
+                         f"{_f(r.get('tok_per_s'), ',.0f')} | {_check(r)} |")
     return "\n".join(lines) + "\n"
 
 
 # ---- main ------------------------------------------------------------------------------------------
+
+# (name, estimated seconds on one H200, function), in order of priority. The estimates include each
+# section's first CUDA calls and compile warm-ups; they add up to 406 s, so --budget-s 420 runs them all.
+SECTIONS: list[tuple[str, float, Callable[[Suite, dict], None]]] = [
+    ("environment", 15, environment),  # CUDA context + cuBLAS init, transformers import, 25 GEMMs of 8192^3
+    ("dispatch_vs_reference", 10, dispatch_vs_reference),  # 3 shapes x 2 dtypes, 4096 tokens
+    ("fused_wgrad_vs_plain", 8, fused_wgrad_vs_plain),  # two 6-layer models, 2 micro-batches each
+    ("no_host_syncs", 8, no_host_syncs),  # 2 routers x 2 dtypes, one layer
+    ("compile_block", 35, compile_block),  # dynamo explain + one cold inductor compile of a block (fwd + bwd)
+    ("loss_and_resume", 25, loss_falls_and_resume),  # BPE-8192 training, 30 demo steps, 3 evals, 3 small checkpoints
+    ("moe_layer", 50, moe_layer_speed),  # 14 shapes x <= 6 variants, ~0.5 s each
+    ("train_step", 35, train_step_speed),  # 5 cases (469m naive needs ~200 GB: skipped), 8 steps each
+    ("microbatch_sweep", 40, microbatch_sweep),  # 15 cases at 182m, 4k-64k tokens, 5 steps each
+    ("pool_wgrad_830m", 35, pool_wgrad_830m),  # naive ~2 s a step x 5, vanilla and fused well under 1 s
+    ("reduced_pools", 15, reduced_pool_memory),  # 3 cases at 182m
+    ("real_run", 50, real_run),  # 2 x 120 steps of 16k tokens + tokenization, eval, a ~9 GB final checkpoint
+    ("compiled_step", 80, compiled_step),  # two inductor compiles of the 182m model (~30-40 s each) + 9 steps
+]
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -677,30 +1107,22 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     suite = Suite(args.out, args.work, args.budget_s, args.cpu_smoke, device)
-    smoke = args.cpu_smoke
-    # (name, estimate in seconds on the GPU, function): in order of priority
-    sections = [
-        ("environment", 20, environment),
-        ("dispatch_vs_reference", 15, dispatch_vs_reference),
-        ("fused_wgrad_vs_plain", 15, fused_wgrad_vs_plain),
-        ("no_host_syncs", 10, no_host_syncs),
-        ("compile_block", 60, compile_block),
-        ("loss_and_resume", 40, loss_falls_and_resume),
-        ("moe_layer", 90, moe_layer_speed),
-        ("train_step", 120, train_step_speed),
-        ("microbatch_sweep", 120, microbatch_sweep),
-        ("pool_wgrad_830m", 90, pool_wgrad_830m),
-        ("reduced_pools", 60, reduced_pool_memory),
-        ("real_run", 120, real_run),
-        ("compiled_step", 180, compiled_step),
-    ]
     only = set(args.only.split(",")) if args.only else None
-    for name, estimate, fn in sections:
-        if only and name not in only:
-            continue
-        with suite.section(name, 1 if smoke else min(estimate, 60)) as rec:
-            if rec is not None:
-                fn(suite, rec)
+    chosen = [(name, estimate, fn) for name, estimate, fn in SECTIONS if not only or name in only]
+    suite.results["estimated_total_s"] = sum(estimate for _, estimate, _ in chosen)
+    install_signal_handlers()
+    try:
+        for name, estimate, fn in chosen:
+            with suite.section(name, 1 if args.cpu_smoke else estimate) as rec:
+                if rec is not None:
+                    fn(suite, rec)
+    except Interrupted as e:
+        where = next((n for n, r in suite.results["sections"].items() if r.get("status") == "interrupted"),
+                     "between sections")
+        suite.results["interrupted"] = {"signal": e.signal_name, "section": where, "detail": str(e)}
+        suite.write()
+        print(f"\ninterrupted ({e}) in {where}; wrote {args.out / 'results.json'}", flush=True)
+        return 128 + int(signal.Signals[e.signal_name])
     suite.write()
     failed = [n for n, r in suite.results["sections"].items() if r.get("status") == "failed" or r.get("ok") is False]
     print(f"\nwrote {args.out / 'results.json'}, {args.out / 'results.md'}; "

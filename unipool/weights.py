@@ -243,14 +243,22 @@ def commit_checkpoint(root: Path, step: int, keep_last: int | None, keep_every: 
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync(root)
-    latest_tmp = root / "LATEST.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    _fsync(latest_tmp)
-    os.replace(latest_tmp, root / "LATEST")
-    _fsync(root)
+    write_latest(root, final.name)
     if keep_last is not None:
         prune_checkpoints(root, keep_last, keep_every, protect)
     return final
+
+
+def write_latest(root: Path, name: str) -> None:
+    """Point LATEST at checkpoint `name` (write + fsync + os.replace: the one writer of LATEST). Besides the
+    commit, for a deliberate rewind to an earlier checkpoint that is still there."""
+    if not (root / name / "model.safetensors").is_file():
+        raise CheckpointError(f"cannot point {root / 'LATEST'} at {name}: no such checkpoint")
+    latest_tmp = root / "LATEST.tmp"
+    latest_tmp.write_text(name + "\n")
+    _fsync(latest_tmp)
+    os.replace(latest_tmp, root / "LATEST")
+    _fsync(root)
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
