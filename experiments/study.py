@@ -37,11 +37,11 @@ from pathlib import Path
 
 import yaml
 
+from unipool.analysis.compare import smooth, summarize_run
 from unipool.analysis.eval import eval_batches_for
-from unipool.analysis.report import smooth, summarize_run
 from unipool.analysis.routing import analyse
 from unipool.config import run_config_from_dict
-from unipool.data.dataset import prepare_run_data
+from unipool.data.prepare import prepare_run_data
 from unipool.model.config import ModelConfig
 from unipool.model.params import param_report
 from unipool.run import Run, read_metrics

@@ -13,7 +13,8 @@ import torch
 
 from unipool import cli, weights
 from unipool.config import preset_config
-from unipool.data.dataset import TokenDataset, WindowSampler, prepare
+from unipool.data.dataset import TokenDataset, WindowSampler
+from unipool.data.prepare import prepare
 from unipool.data.tokenizer import train_bpe
 from unipool.model.model import build_model
 from unipool.train import checkpoint as ckpt

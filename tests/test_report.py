@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from unipool.analysis.report import compare, markdown_table, summarize_run
+from unipool.analysis.compare import compare, markdown_table, summarize_run
 from unipool.cli import main
 from unipool.config import preset_config
 from unipool.model.params import param_report

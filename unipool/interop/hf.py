@@ -100,6 +100,13 @@ def _norm_router_c(model: Unipool) -> float:
     return float(getattr(router, "norm_c", 1.0))
 
 
+def check_exportable(cfg) -> None:
+    """Refuse, naming the option, a model the exported code (hf_remote/) does not compute."""
+    if cfg.router == "norm" and cfg.norm_router_scale != "linear":
+        raise HFError(f"cannot export model.norm_router_scale={cfg.norm_router_scale!r}: the exported NormRouter "
+                      "uses its scale as sigma directly (the paper's linear parametrisation); only 'linear' exports")
+
+
 def hf_config_dict(model: Unipool, eos_id: int | None = None) -> dict:
     """config.json of an export: standard transformers names plus unipool's MoE fields."""
     cfg = model.config
@@ -226,6 +233,7 @@ def export_hf(model: Unipool, tokenizer, out_dir: str | Path, dtype: torch.dtype
     model's). Weights above `max_shard_size` are split into shards. Returns out_dir. A non-empty `out_dir`
     needs `force`; a unipool run or checkpoint is refused (see check_target)."""
     out = Path(out_dir)
+    check_exportable(model.config)
     check_target(out, force)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.tok_embeddings.weight.dtype

@@ -45,11 +45,12 @@ from tqdm import tqdm
 from unipool.analysis.eval import evaluate
 from unipool.config import RunConfig, add_config_args, resolve_config, resume_incompatibilities
 from unipool.data.corpus import DataError
-from unipool.data.dataset import TokenDataset, WindowSampler, eval_batches, prepare_run_data
+from unipool.data.dataset import TokenDataset, WindowSampler, eval_batches
+from unipool.data.prepare import prepare_run_data
 from unipool.data.tokenizer import Tokenizer
 from unipool.model.config import ConfigError
 from unipool.model.model import Unipool, build_model
-from unipool.run import MetricsWriter, Run
+from unipool.run import MetricsWriter, Run, default_device
 from unipool.train import distributed as dist
 from unipool.train.checkpoint import Checkpointer, NonFiniteStateError
 from unipool.train.guard import Decision, DivergenceGuard, StopFlag, nonfinite_report
@@ -84,8 +85,9 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_device(spec: str, info_local_rank: int) -> torch.device:
+    """train.device as a device: `auto` is the package's one rule (run.default_device), `cuda` this rank's GPU."""
     if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
+        spec = default_device()
     if spec == "cuda":
         spec = f"cuda:{info_local_rank}"
     if spec.startswith("cuda") and not torch.cuda.is_available():
@@ -197,8 +199,7 @@ def setup(run: RunConfig, resume: Run | None) -> Session:
     """Everything before the first step: devices, the run directory, data, the model (built on meta, then
     initialised, or loaded from `resume`), its wrapper, AdamW, the sampler and the run's checkpointer."""
     tc = run.train
-    info = dist.init("cuda" if tc.device.startswith("cuda") or (tc.device == "auto" and torch.cuda.is_available())
-                     else "cpu")
+    info = dist.init("cuda" if (default_device() if tc.device == "auto" else tc.device).startswith("cuda") else "cpu")
     mode = dist.resolve_mode(tc.distributed, info)
     device = resolve_device(tc.device, info.local_rank)
     check_feasible(run, info, mode)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from unipool.analysis import run_report
 from unipool.analysis.generate import generate
+from unipool.analysis.report import measure, plot_report, report_data
 from unipool.config import RunConfig
 from unipool.data.dataset import eval_batches, unigram_loss
 from unipool.run import Run
@@ -38,11 +38,11 @@ def write_end_report(run_dir: Path, model, val_ds, batch_size: int, seq_len: int
                      summary: dict) -> Path | None:
     """RUN/report.png from the finished model (every rank measures: FSDP2 forwards are collective; rank 0
     draws). A failure to draw is a warning, never a lost run."""
-    measured = run_report.measure(model, eval_batches(val_ds, batch_size, seq_len))
+    measured = measure(model, eval_batches(val_ds, batch_size, seq_len))
     if not is_main:
         return None
     try:
-        return run_report.plot_report(run_report.report_data(Run.open(run_dir), model, measured, summary),
+        return plot_report(report_data(Run.open(run_dir), model, measured, summary),
                                       run_dir / "report.png")
     except Exception as e:  # noqa: BLE001 - the run is saved; the picture is a convenience
         print(f"warning: could not write the run report ({type(e).__name__}: {e}); "
