@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unipool import __version__
-from unipool.analysis import compare, generate, params, probe, report, routing
+from unipool.analysis import compare, generate, params, presets, probe, report, routing
 from unipool.analysis import eval as eval_
 from unipool.data import prepare
 from unipool.errors import UnipoolError, is_disk_full
@@ -40,6 +40,8 @@ COMMANDS: list[Command] = [
             prepare.add_prepare_args, prepare.cmd_prepare),
     Command("params", "total / active / expert parameter counts of a preset or config",
             params.add_params_args, params.cmd_params),
+    Command("presets", "every preset: parameters, default data and steps, the hardware it is meant for",
+            presets.add_presets_args, presets.cmd_presets),
     Command("eval", "validation loss and perplexity of a run or checkpoint", eval_.add_eval_args, eval_.cmd_eval),
     Command("compare", "table and loss-curve plots comparing runs", compare.add_compare_args, compare.cmd_compare),
     Command("report", "one picture of a run: loss curves, expert usage, dead rows, router scale (RUN/report.png)",
