@@ -41,7 +41,7 @@ import torch
 
 from unipool.config import default_config
 from unipool.data.tokenizer import TokenizerError, as_tokenizers, eos_token
-from unipool.errors import UnipoolError, read_json
+from unipool.errors import UnipoolError, read_json, require
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool, build_model
 from unipool.run import Run
@@ -506,7 +506,7 @@ def import_hf(hf_dir: str | Path) -> Unipool:
         cfg = ModelConfig.from_dict(raw["unipool"])
         state = _state_from_export(_load_hf_weights(hf_dir))
     else:
-        from transformers import AutoConfig
+        AutoConfig = require("transformers", "hf", f"importing a {model_type} model").AutoConfig
 
         hf_cfg = AutoConfig.from_pretrained(str(hf_dir))  # family defaults for fields absent from config.json
         _check_supported(hf_cfg, model_type)
@@ -555,6 +555,7 @@ def add_export_args(parser) -> None:
 
 
 def cmd_export(args) -> int:
+    require("transformers", "hf", "unipool export")
     max_shard = parse_size(args.max_shard_size)
     check_target(Path(args.hf), args.force)  # before the (slow) load
     model, meta = load_model(args.run)
