@@ -514,7 +514,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             raise ProbeError(f"--seq-len must be between 1 and max_position_embeddings={max_pos}")
         batches = hf_text_batches(target.tokenizer, data, args.batch_size, seq_len, args.max_tokens, args.text_field)
     else:
-        _, batches, _ = data_for(args, target.run, target.model)
+        seq_len, batches, _ = data_for(args, target.run, target.model)
         batches = list(batches)
         if args.dtype in ("bfloat16", "float16"):
             autocast_dtype = getattr(torch, args.dtype)
