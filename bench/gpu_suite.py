@@ -529,9 +529,9 @@ def training_run(suite: Suite, *, preset: str, steps: int, batch: int, seq: int,
                  extra: dict | None = None, keep_run: bool = False) -> dict:
     """`unipool train` through its Python entry point; returns the summary and the metrics. One checkpoint
     (the final one, which the loop always writes), deleted with the run unless `keep_run`."""
+    from unipool.config import DataConfig, preset_config
     from unipool.data.corpus import default_corpus_files
     from unipool.run import Run
-    from unipool.train.config import DataConfig, preset_config
     from unipool.train.loop import train
 
     cfg = preset_config(preset)
@@ -574,6 +574,7 @@ def loss_falls_and_resume(suite: Suite, rec: dict) -> None:
     second half to the same losses (within bf16 nondeterminism on a GPU)."""
     from unipool.run import Run
     from unipool.train.loop import train
+    from unipool.weights import write_latest
 
     tok = "bpe:512" if suite.smoke else "bpe:8192"
     run_dir = suite.work / "runs" / "resume"
@@ -587,7 +588,7 @@ def loss_falls_and_resume(suite: Suite, rec: dict) -> None:
         rec["loss_falls"] = sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
         ckpts = run_dir / "checkpoints"
         shutil.rmtree(ckpts / "step_000020")
-        (ckpts / "LATEST").write_text("step_000010\n")
+        write_latest(ckpts, "step_000010")  # rewind: resume from step 10 and replay 10-20
         run = Run.open(run_dir)
         if train(run.config, resume=run).get("interrupted"):
             raise stop_now("SIGTERM", "in a training run (it saved a checkpoint and returned)")

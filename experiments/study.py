@@ -37,14 +37,14 @@ from pathlib import Path
 
 import yaml
 
+from unipool.analysis.compare import smooth, summarize_run
 from unipool.analysis.eval import eval_batches_for
-from unipool.analysis.report import smooth, summarize_run
 from unipool.analysis.routing import analyse
-from unipool.data.dataset import prepare_run_data
+from unipool.config import run_config_from_dict
+from unipool.data.prepare import prepare_run_data
 from unipool.model.config import ModelConfig
 from unipool.model.params import param_report
 from unipool.run import Run, read_metrics
-from unipool.train.config import run_config_from_dict
 
 
 def load_study(path: Path) -> dict:

@@ -5,11 +5,10 @@ from pydoc_data.topics import topics
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from unipool.config import apply_dict, preset_config
 from unipool.model.model import build_model
 from unipool.presets import get_preset
 from unipool.run import Run
-from unipool.train.checkpoint import save_model
-from unipool.train.config import apply_dict, preset_config
 
 TEXTS = [topics[k] for k in sorted(topics)]
 
@@ -28,7 +27,5 @@ def make_run(root, preset="debug", vocab_size=512, data_dir=""):
     model = build_model(cfg)
     config = apply_dict(preset_config(preset), {"model": cfg.to_dict(), "train": {"seq_len": 64, "batch_size": 4},
                                                 "data": {"tokenizer": "bpe:512", "data_dir": data_dir}})
-    Run.create(root, config)
-    save_model(model, root / "checkpoints" / "step_000010", {"step": 10})
-    (root / "checkpoints" / "LATEST").write_text("step_000010")
+    Run.create(root, config).add_weights(model, 10)
     return root, model

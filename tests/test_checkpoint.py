@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from unipool import cli
-from unipool.data.dataset import TokenDataset, WindowSampler, prepare
+from unipool import cli, weights
+from unipool.config import preset_config
+from unipool.data.dataset import TokenDataset, WindowSampler
+from unipool.data.prepare import prepare
 from unipool.data.tokenizer import train_bpe
 from unipool.model.model import build_model
 from unipool.train import checkpoint as ckpt
-from unipool.train.checkpoint import load_model, resolve_checkpoint
-from unipool.train.config import preset_config
 from unipool.train.distributed import DistInfo
 from unipool.train.loop import param_groups
+from unipool.weights import load_model, resolve_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_retention_keeps_last_and_every_kth(dataset, tmp_path):
     run = run.replace(train=dataclasses.replace(run.train, keep_last=2, keep_every=4))
     for step in range(1, 10):
         save(tmp_path, step, run, model, optimizer, sampler)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [4, 8, 9]
+    assert [s for s, _ in weights.list_checkpoints(tmp_path / "checkpoints")] == [4, 8, 9]
 
 
 def test_training_state_round_trip(dataset, tmp_path):

@@ -15,17 +15,10 @@ import pytest
 import torch
 
 from unipool.data import dataset as data_mod
-from unipool.data.corpus import markdown_to_scenes
-from unipool.data.dataset import (
-    DataError,
-    TokenDataset,
-    WindowSampler,
-    default_corpus_files,
-    eval_batches,
-    prepare,
-    token_dtype,
-    unigram_loss,
-)
+from unipool.data import prepare as prepare_mod
+from unipool.data.corpus import DataError, default_corpus_files, markdown_to_scenes
+from unipool.data.dataset import TokenDataset, WindowSampler, eval_batches, unigram_loss
+from unipool.data.prepare import prepare, token_dtype
 from unipool.data.tokenizer import EOD_TOKEN, Tokenizer, gpt2_tokenizer, train_bpe
 from unipool.errors import UnipoolError
 
@@ -107,7 +100,7 @@ def test_round_trip_each_format(tmp_path, tok, kind):
 
 def test_parallel_prepare_many_shards_matches_serial(tmp_path, tok, monkeypatch):
     src = write_source("txt", tmp_path, DOCS)
-    monkeypatch.setattr(data_mod, "CHUNK_CHARS", 20_000)  # many chunks through the worker pool
+    monkeypatch.setattr(prepare_mod, "CHUNK_CHARS", 20_000)  # many chunks through the worker pool
     serial = TokenDataset(prepare(src, tmp_path / "serial", tok, num_workers=1), "train")
     sharded = TokenDataset(prepare(src, tmp_path / "par", tok, num_workers=2, max_shard_tokens=5000), "train")
     assert len(sharded.shards) > 10 and all(len(s) <= 5000 for s in sharded.shards)
@@ -186,7 +179,7 @@ def test_interrupted_prepare_leaves_previous_dataset(tmp_path, tok, monkeypatch)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_mod, "_commit", interrupted)
+    monkeypatch.setattr(prepare_mod, "_commit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(src, out, tok, seed=1)
     np.testing.assert_array_equal(all_tokens(TokenDataset(out, "train")), before)
@@ -318,10 +311,12 @@ def test_eval_batches_cover_split_once(prepared):
     assert torch.equal(torch.cat([x.flatten() for x, _ in batches]), flat[:-1])
     assert batches[-1][0].shape == (1, (val.n_tokens - 1) % seq_len)
     assert all(x.shape[1] == seq_len for x, _ in batches[:-1])
-    # again identical; capped runs take whole windows only
+    # again identical; capped runs take the first max_tokens targets (whole windows, then the rest), the
+    # same rule as raw text in `unipool eval` (one windowing for both)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, eval_batches(val, 4, seq_len)))
     capped = list(eval_batches(val, 4, seq_len, max_tokens=520))
-    assert sum(y.numel() for _, y in capped) == 500 and torch.equal(capped[0][1], batches[0][1])
+    assert sum(y.numel() for _, y in capped) == 520 and torch.equal(capped[0][1], batches[0][1])
+    assert torch.equal(torch.cat([y.flatten() for _, y in capped]), flat[1:521])
     # ranks split the batches between them
     per_rank = [list(eval_batches(val, 4, seq_len, rank=r, world_size=2)) for r in range(2)]
     assert sum(len(p) for p in per_rank) == len(batches)
@@ -413,7 +408,7 @@ def test_concurrent_prepares_share_one_result(tmp_path, tok):
 def test_prepare_command(tmp_path, tok, capsys):
     import argparse
 
-    from unipool.data.dataset import add_prepare_args, cmd_prepare
+    from unipool.data.prepare import add_prepare_args, cmd_prepare
 
     parser = argparse.ArgumentParser()
     add_prepare_args(parser)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from unipool import cli
-from unipool.train.checkpoint import load_model
+from unipool.weights import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

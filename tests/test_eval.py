@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from helpers import TEXTS, make_run  # noqa: F401
 
-from unipool.analysis.eval import evaluate, text_tokens, window_batches
+from unipool.analysis.eval import evaluate
 from unipool.cli import main
+from unipool.data.dataset import text_tokens, window_batches
 from unipool.data.tokenizer import Tokenizer
 from unipool.run import Run
 
@@ -102,7 +103,8 @@ def test_cli_eval_raw_text_and_jsonl(run, text_file, tmp_path, capsys):
 
 
 def test_cli_eval_prepared_dir_is_the_default(tmp_path, text_file, capsys):
-    from unipool.data.dataset import TokenDataset, eval_batches, prepare
+    from unipool.data.dataset import TokenDataset, eval_batches
+    from unipool.data.prepare import prepare
 
     tok = Tokenizer.load(make_run(tmp_path / "tok")[0])
     data_dir = prepare([text_file], tmp_path / "data", tok, val_fraction=0.25)

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from unipool import cli
-from unipool.analysis.run_report import measure, report_data
+from unipool.analysis.report import measure, report_data
+from unipool.config import preset_config
 from unipool.presets import PRESETS
 from unipool.run import Run
-from unipool.train.config import preset_config
-from unipool.train.loop import end_screen
+from unipool.train.summary import end_screen
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +123,8 @@ def test_report_of_a_run_without_metrics_and_without_sigma(tmp_path):
     place of sigma, the mean picked gate per layer; the loss panel says there is nothing to draw."""
     from helpers import TEXTS, make_run
 
-    from unipool.analysis.eval import window_batches
-    from unipool.analysis.run_report import write_report
+    from unipool.analysis.report import write_report
+    from unipool.data.dataset import window_batches
 
     run_dir, model = make_run(tmp_path / "vanilla", preset="debug-vanilla")
     run = Run.open(run_dir)

@@ -17,7 +17,7 @@ from unipool.data.tokenizer import train_bpe
 from unipool.interop.hf import HFError, export_hf, import_hf
 from unipool.model.model import build_model
 from unipool.presets import get_preset
-from unipool.train.checkpoint import load_model, save_model
+from unipool.weights import add_weights, load_model
 
 TEXT = [
     "The while statement is used for repeated execution as long as an expression is true.",
@@ -239,8 +239,7 @@ def _run_in_pty(argv, timeout=120) -> str:
 def test_cli_export_then_import_restores_the_model(tokenizer, tmp_path, capsys):
     ours = _perturbed(_config("grouped-norm-g2", tokenizer.vocab_size))
     run = tmp_path / "run"
-    save_model(ours, run / "checkpoints" / "step_000005", {"step": 5})
-    (run / "checkpoints" / "LATEST").write_text("step_000005\n")
+    add_weights(run / "checkpoints", 5, ours)
     tokenizer.save(run / "tokenizer.json")
 
     assert cli.main(["export", str(run), "--hf", str(tmp_path / "hf")]) == 0
@@ -426,3 +425,48 @@ def test_bf16_import_and_export_keep_the_dtype_and_shard(tmp_path, capsys):
 def test_export_names_a_missing_tokenizer(tmp_path):
     with pytest.raises(HFError, match="no tokenizer file"):
         export_hf(build_model(get_preset("debug")), tmp_path / "missing.json", tmp_path / "hf")
+
+
+@pytest.mark.parametrize("scale", ["softplus", "exp"])
+def test_export_refuses_a_norm_router_scale_it_cannot_compute(tmp_path, scale):
+    model = build_model(get_preset("debug").replace(norm_router_scale=scale, norm_router_c="one"))
+    with pytest.raises(HFError, match=f"norm_router_scale='{scale}'"):
+        export_hf(model, None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()  # refused before anything is written
+
+
+def _mirrored_lines(fn) -> list[str]:
+    """A function's code lines, stripped, without comments, blank lines or its signature and docstring."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    return [line for stmt in body for line in (ast.unparse(stmt).splitlines())]
+
+
+def test_exported_code_mirrors_the_model():
+    """The exported modeling file copies the model's attention, RoPE and RMSNorm (it cannot import unipool).
+    Each copy carries a `unipool:mirror` marker, and every line of the model's function must appear in the
+    copy, in order, with the projections renamed: a change to the model's math that the export misses fails."""
+    import inspect
+
+    from unipool.interop.hf_remote import modeling_unipool as remote
+    from unipool.model import model as core
+
+    source = inspect.getsource(remote)
+    rename = {"self.wq": "self.q_proj", "self.wk": "self.k_proj", "self.wv": "self.v_proj", "self.wo": "self.o_proj"}
+    pairs = [(core.RMSNorm.forward, remote.UnipoolRMSNorm.forward, "unipool.model.model.RMSNorm.forward"),
+             (core.apply_rope, remote.apply_rope, "unipool.model.model.apply_rope"),
+             (core.Attention.forward, remote.UnipoolAttention.forward, "unipool.model.model.Attention.forward")]
+    for ours, copy, name in pairs:
+        assert f"# unipool:mirror {name}" in source, f"{name}: the copy lost its marker"
+        expected = _mirrored_lines(ours)
+        if name.endswith("Attention.forward"):  # SDPA's own GQA: the copy repeats K/V before an explicit call
+            expected = [ln for ln in expected if "scaled_dot_product_attention" not in ln]
+        for old, new in rename.items():
+            expected = [ln.replace(old, new) for ln in expected]
+        got = iter(_mirrored_lines(copy))
+        missing = [ln for ln in expected if not any(ln == g for g in got)]
+        assert not missing, f"{name}: the exported copy no longer has {missing[:3]}"

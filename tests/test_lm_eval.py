@@ -17,7 +17,7 @@ from unipool.data.tokenizer import train_bpe
 from unipool.interop.lm_eval import LMEvalError, make_lm, run_lm_eval
 from unipool.model.model import build_model
 from unipool.presets import get_preset
-from unipool.train.checkpoint import save_model
+from unipool.weights import add_weights
 
 TASK = "unipool_tiny_mc"
 ITEMS = [
@@ -174,8 +174,7 @@ def test_hf_backend_on_an_export_scores_like_our_wrapper(setup, tmp_path):
 def test_cli_lm_eval_writes_json(setup, tmp_path, capsys):
     model, tok, tasks = setup
     run = tmp_path / "run"
-    save_model(model, run / "checkpoints" / "step_000001", {"step": 1})
-    (run / "checkpoints" / "LATEST").write_text("step_000001\n")
+    add_weights(run / "checkpoints", 1, model)
     tok.save(run / "tokenizer.json")
     out = tmp_path / "res.json"
     assert cli.main(["lm-eval", str(run), "--tasks", TASK, "--include-path", str(tasks), "--limit", "5",

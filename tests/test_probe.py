@@ -28,7 +28,7 @@ from unipool.interop.hf_moe import HF_FAMILIES
 from unipool.model.model import build_model
 from unipool.model.router import Router
 from unipool.presets import get_preset
-from unipool.train.checkpoint import save_model
+from unipool.weights import save_model
 
 transformers = pytest.importorskip("transformers")
 

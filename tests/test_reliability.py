@@ -23,12 +23,12 @@ import pytest
 import torch
 from helpers import make_run
 
-from unipool import cli
+from unipool import cli, weights
 from unipool.model.config import ConfigError, ModelConfig
 from unipool.run import Run
 from unipool.train import checkpoint as ckpt
 from unipool.train import distributed
-from unipool.train.checkpoint import CheckpointError, load_model
+from unipool.weights import CheckpointError, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,11 +54,11 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def steps_on_disk(run_dir: Path) -> list[int]:
-    return [s for s, _ in ckpt.list_checkpoints(run_dir / "checkpoints")]
+    return [s for s, _ in weights.list_checkpoints(run_dir / "checkpoints")]
 
 
 def all_finite(ckpt_dir: Path) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in ckpt.load_weights(ckpt_dir).values())
+    return all(bool(torch.isfinite(t).all()) for t in weights.load_weights(ckpt_dir).values())
 
 
 def one_line_error(capsys) -> str:
@@ -106,7 +106,7 @@ def test_skip_drops_the_bad_update_and_goes_on(corpus, data_dir, straight, tmp_p
     assert all(math.isfinite(loss) for _, loss in got)
     optim = ckpt.load_torch(run / "checkpoints" / "step_000006" / "optimizer.pt")
     assert int(optim["state"][0]["step"]) == 5  # 6 steps, one update skipped
-    assert all(all_finite(p) for _, p in ckpt.list_checkpoints(run / "checkpoints"))
+    assert all(all_finite(p) for _, p in weights.list_checkpoints(run / "checkpoints"))
 
 
 def test_too_many_bad_steps_in_a_row_stop_in_one_line(corpus, data_dir, tmp_path, monkeypatch, capsys):
@@ -166,12 +166,12 @@ def test_diverging_learning_rate_keeps_the_good_checkpoints(corpus, data_dir, st
                    "--train.ckpt-interval", "10", "--train.keep-last", "1"])
     err = one_line_error(capsys)
     # NormRouter's sigma may cross zero before the first non-finite step; training then stops at that
-    # log step with its own one line (train.loop.check_router_scales), also before any bad checkpoint.
+    # log step with its own one line (train.telemetry.check_router_scales), also before any bad checkpoint.
     assert rc == 2 and (("training diverged at step" in err and "--train.lr LR" in err)
                         or "NormRouter sigma crossed zero" in err), err
     assert 6 in steps_on_disk(run)
     assert (run / "checkpoints" / "step_000006" / "model.safetensors").read_bytes() == good
-    assert all(all_finite(p) for _, p in ckpt.list_checkpoints(run / "checkpoints"))
+    assert all(all_finite(p) for _, p in weights.list_checkpoints(run / "checkpoints"))
 
 
 def test_diverging_fresh_run_ends_in_one_line_without_a_sample(corpus, data_dir, tmp_path, capsys):
@@ -180,7 +180,7 @@ def test_diverging_fresh_run_ends_in_one_line_without_a_sample(corpus, data_dir,
     err = one_line_error(capsys)
     assert rc == 2 and "training diverged at step" in err
     assert not (tmp_path / "r" / "summary.json").exists()
-    assert all(all_finite(p) for _, p in ckpt.list_checkpoints(tmp_path / "r" / "checkpoints"))
+    assert all(all_finite(p) for _, p in weights.list_checkpoints(tmp_path / "r" / "checkpoints"))
 
 
 def _debug_state(tmp_path):
@@ -493,7 +493,7 @@ def test_a_diverged_model_samples_in_one_line(tmp_path, capsys):
     root, model = make_run(tmp_path / "run")
     with torch.no_grad():
         model.norm.weight.fill_(math.nan)
-    ckpt.save_model(model, root / "checkpoints" / "step_000010", {"step": 10})
+    Run.open(root).add_weights(model, 10)
     assert cli.main(["generate", str(root), "--max-new-tokens", "2"]) == 2
     assert "logits are not finite" in one_line_error(capsys)
 

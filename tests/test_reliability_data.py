@@ -17,10 +17,10 @@ import pytest
 
 from tests.helpers import TEXTS, make_run
 from unipool import cli
-from unipool.analysis.eval import text_tokens
 from unipool.data import corpus
 from unipool.data.corpus import iter_pieces, split_text
-from unipool.data.dataset import TokenDataset, prepare
+from unipool.data.dataset import TokenDataset, text_tokens
+from unipool.data.prepare import prepare
 from unipool.data.tokenizer import EOD_TOKEN, Tokenizer, gpt2_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def one_line_error(capsys) -> str:
 
 CHILD = textwrap.dedent("""
     import json, resource, sys
-    from unipool.data.dataset import prepare
+    from unipool.data.prepare import prepare
     from unipool.data.tokenizer import gpt2_tokenizer
     tok = gpt2_tokenizer()
     tok.encode_text(["warm up"])
@@ -168,7 +168,7 @@ def test_temporaries_of_a_killed_prepare_are_removed_by_the_next(tmp_path, bpe):
     # The child SIGKILLs itself right after its first shard write has reached the file: a kill -9 in the middle of
     # prepare at a fixed point, however fast the machine (polling from outside raced a quick prepare to its end).
     child = ("import os, signal, sys\n"
-             "from unipool.data import dataset\n"
+             "from unipool.data import prepare as dataset\n"
              "from unipool.data.tokenizer import Tokenizer\n"
              "write = dataset._ShardWriter.write\n"
              "def write_then_die(self, arr):\n"

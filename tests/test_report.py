@@ -5,12 +5,12 @@ import math
 
 import pytest
 
-from unipool.analysis.report import compare, markdown_table, summarize_run
+from unipool.analysis.compare import compare, markdown_table, summarize_run
 from unipool.cli import main
+from unipool.config import preset_config
 from unipool.model.params import param_report
 from unipool.presets import get_preset
 from unipool.run import Run
-from unipool.train.config import preset_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

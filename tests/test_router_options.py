@@ -19,8 +19,8 @@ from unipool.model.router import (
     switch_loss,
 )
 from unipool.presets import get_preset
-from unipool.train.checkpoint import load_model
-from unipool.train.loop import RouterScaleError, check_router_scales, router_telemetry
+from unipool.train.telemetry import RouterScaleError, check_router_scales, router_telemetry
+from unipool.weights import load_model
 
 # ---- norm_router_c ---------------------------------------------------------------------------------------
 

@@ -9,12 +9,12 @@ import torch
 from helpers import make_run
 
 from unipool import cli
+from unipool.config import ExecConfig, RunConfig, TrainConfig, preset_config, run_config_from_dict
 from unipool.model.config import ConfigError, ModelConfig
 from unipool.model.model import build_model
 from unipool.presets import PRESETS, get_preset
 from unipool.run import Run, RunError
-from unipool.train.checkpoint import CheckpointError, save_model
-from unipool.train.config import ExecConfig, RunConfig, TrainConfig, preset_config, run_config_from_dict
+from unipool.weights import CheckpointError, save_model
 
 
 def test_open_from_run_checkpoint_or_weights_file(tmp_path):

@@ -11,11 +11,11 @@ import torch
 
 from unipool import cli
 from unipool.analysis.routing import load_stats
+from unipool.config import ConfigError, DataConfig, apply_override, preset_config
 from unipool.data.dataset import WindowSampler
 from unipool.model.config import ModelConfig
-from unipool.train.checkpoint import load_model
-from unipool.train.config import ConfigError, DataConfig, apply_override, preset_config
 from unipool.train.loop import lr_at, param_groups
+from unipool.weights import load_model
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_config_resolution_and_overrides(tmp_path):
     # a YAML file shaped like config.json, partial, through the CLI parser
     (tmp_path / "c.yaml").write_text("model: {num_experts: 12}\ntrain: {warmup_frac: 0.2, compile: true}\n")
     parser = cli.build_parser()
-    from unipool.train.config import resolve_config
+    from unipool.config import resolve_config
 
     args = parser.parse_args(["train", "--preset", "debug", "--config", str(tmp_path / "c.yaml"),
                               "--set", "train.warmup_frac=0.3", "--model.top-k", "2"])

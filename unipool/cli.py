@@ -17,12 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unipool import __version__
+from unipool.analysis import compare, generate, params, presets, probe, report, routing
 from unipool.analysis import eval as eval_
-from unipool.analysis import generate, probe, report, routing, run_report
-from unipool.data import dataset
+from unipool.data import prepare
 from unipool.errors import UnipoolError, is_disk_full
 from unipool.interop import hf, lm_eval
-from unipool.model import params
 from unipool.train import loop
 
 
@@ -38,13 +37,15 @@ COMMANDS: list[Command] = [
     Command("train", "train a model (no arguments: the demo UniPool run on Shakespeare, CPU, minutes)",
             loop.add_train_args, loop.cmd_train),
     Command("prepare", "tokenize text into memory-mapped token shards with a validation split",
-            dataset.add_prepare_args, dataset.cmd_prepare),
+            prepare.add_prepare_args, prepare.cmd_prepare),
     Command("params", "total / active / expert parameter counts of a preset or config",
             params.add_params_args, params.cmd_params),
+    Command("presets", "every preset: parameters, default data and steps, the hardware it is meant for",
+            presets.add_presets_args, presets.cmd_presets),
     Command("eval", "validation loss and perplexity of a run or checkpoint", eval_.add_eval_args, eval_.cmd_eval),
-    Command("compare", "table and loss-curve plots comparing runs", report.add_compare_args, report.cmd_compare),
+    Command("compare", "table and loss-curve plots comparing runs", compare.add_compare_args, compare.cmd_compare),
     Command("report", "one picture of a run: loss curves, expert usage, dead rows, router scale (RUN/report.png)",
-            run_report.add_report_args, run_report.cmd_report),
+            report.add_report_args, report.cmd_report),
     Command("routing", "expert-utilisation analysis and plots of a run or checkpoint",
             routing.add_routing_args, routing.cmd_routing),
     Command("generate", "sample text from a run or checkpoint", generate.add_generate_args, generate.cmd_generate),

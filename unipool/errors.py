@@ -1,6 +1,7 @@
 """Errors that the command line reports as one line (no traceback)."""
 
 import errno
+import importlib
 import json
 from pathlib import Path
 
@@ -11,6 +12,24 @@ class UnipoolError(Exception):
 
 class DiskFullError(UnipoolError):
     """A write failed because the file system is full (or over quota)."""
+
+
+# The install extras (pyproject.toml) and what each brings; `require` names them in its one line.
+EXTRAS = {"hf": "transformers", "eval": "lm-evaluation-harness", "data": "zstandard, pyarrow, datasets",
+          "tensorboard": "tensorboard"}
+
+
+class MissingExtraError(UnipoolError):
+    """An optional dependency is not installed."""
+
+
+def require(module: str, extra: str, what: str):
+    """Import `module`, or fail in one line naming what needs it and the install command of its extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{what} needs {module.split('.')[0]}, which is not installed: "
+                                f"pip install 'unipool[{extra}]'") from None
 
 
 def is_disk_full(e: BaseException | None) -> bool:

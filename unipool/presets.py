@@ -26,6 +26,7 @@ class Preset:
     model: ModelConfig
     recipe: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields that differ from the defaults
     data: dict[str, Any] = field(default_factory=dict)  # DataConfig fields that differ from the defaults
+    meant_for: str = "GPUs (a paper scale)"  # the hardware it is sized for (`unipool presets`)
 
 
 # name: (n_layers, d_model, n_heads, reduced pool sizes M tested in the paper, pool loss alpha)
@@ -91,9 +92,10 @@ def _build_presets() -> dict[str, Preset]:
              "eval_interval": 10, "eval_tokens": 4096, "log_interval": 5, "routing_interval": 10,
              "ckpt_interval": 10, "sample_tokens": 8, "precision": "fp32"}
     presets["debug"] = Preset(ModelConfig(**small, moe_mode="pool", num_experts=8, router="norm",
-                                          pool_loss_coef=1e-2), debug)
+                                          pool_loss_coef=1e-2), debug, meant_for="CPU, seconds (tests)")
     presets["debug-vanilla"] = Preset(ModelConfig(**small, moe_mode="layerwise", num_experts=4, router="softmax",
-                                                  switch_loss_coef=1e-2, pool_loss_coef=0.0), debug)
+                                                  switch_loss_coef=1e-2, pool_loss_coef=0.0), debug,
+                                      meant_for="CPU, seconds (tests)")
 
     # demo: the first run a new user sees, tuned for the best validation loss in at most 4 minutes on 2
     # idle cores, data preparation included (docs/LOG.md, 2026-11-30): a narrow model that sees ~1M
@@ -107,10 +109,10 @@ def _build_presets() -> dict[str, Preset]:
             "ckpt_interval": 250, "keep_last": 1, "sample_tokens": 80}
     demo_data = {"tokenizer": "bpe:4096"}
     presets["demo"] = Preset(ModelConfig(**demo_model, moe_mode="pool", num_experts=48, router="norm",
-                                         pool_loss_coef=1e-2), demo, demo_data)
+                                         pool_loss_coef=1e-2), demo, demo_data, meant_for="CPU, minutes")
     presets["demo-vanilla"] = Preset(ModelConfig(**demo_model, moe_mode="layerwise", num_experts=8,
                                                  router="softmax", switch_loss_coef=1e-2, pool_loss_coef=0.0),
-                                     demo, demo_data)
+                                     demo, demo_data, meant_for="CPU, minutes")
     return presets
 
 

@@ -2,7 +2,9 @@
 
     RUN/config.json                    the RunConfig (model, train, data, exec); written by Run.create only
     RUN/tokenizer.json                 the tokenizer the run trains with
-    RUN/metrics.jsonl                  one JSON record per line: training and validation metrics
+    RUN/metrics.jsonl                  one JSON record per line: training and validation metrics (MetricsWriter
+                                       writes it, read_metrics reads it, parse_record is the line rule)
+    RUN/tensorboard/                   the same scalars for TensorBoard, when train.tensorboard is on
     RUN/summary.json                   the final figures of a finished run
     RUN/checkpoints/step_XXXXXX/       model.safetensors + meta.json (+ optimizer and per-rank state)
     RUN/checkpoints/LATEST             the name of the newest complete checkpoint
@@ -16,16 +18,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
+from unipool.config import RunConfig, run_config_from_dict
 from unipool.data.tokenizer import Tokenizer, atomic_write_text
-from unipool.errors import UnipoolError, read_json
+from unipool.errors import DiskFullError, UnipoolError, is_disk_full, read_json
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool
-from unipool.train.checkpoint import CheckpointError, load_model, meta_model_config, read_meta, resolve_checkpoint
-from unipool.train.config import RunConfig, run_config_from_dict
+from unipool.weights import CheckpointError, add_weights, load_model, meta_model_config, read_meta, resolve_checkpoint
 
 CONFIG = "config.json"
 
@@ -50,6 +53,23 @@ def read_config(path: Path) -> RunConfig:
     return run_config_from_dict(read_json(path, RunError), str(path))
 
 
+def parse_record(line: str) -> dict | None:
+    """One metrics.jsonl line as a record, or None: a record is a JSON object with an integer `step` >= 0
+    and a numeric `tokens` (the one line rule of the writer's truncation and of every reader)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    step, tokens = record.get("step"), record.get("tokens")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None
+    if not isinstance(tokens, (int, float)) or isinstance(tokens, bool):
+        return None
+    return record
+
+
 def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
     """The records of a metrics.jsonl, and notes on what could not be read (a line cut short by a
     crash or a full disk, a line that is not a record)."""
@@ -59,20 +79,71 @@ def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
     for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+        record = parse_record(line)
+        if record is None:
             bad.append(n)
-            continue
-        if isinstance(record, dict) and isinstance(record.get("tokens"), (int, float)):
-            records.append(record)
         else:
-            bad.append(n)
+            records.append(record)
     notes = [f"{path.name}: skipped unreadable line(s) {', '.join(map(str, bad[:5]))}"
              + ("..." if len(bad) > 5 else "")] if bad else []
     if not records:
         notes.append(f"{path.name} has no metrics")
     return records, notes
+
+
+class MetricsWriter:
+    """Appends records to RUN/metrics.jsonl (rank 0; `enabled=False` on the others), mirrored to TensorBoard
+    (RUN/tensorboard) when asked for and installed. A resumed or rolled-back run first drops the records
+    after its step (`truncate`): it redoes them."""
+
+    def __init__(self, path: Path, enabled: bool = True, tensorboard: bool = False):
+        self.path, self.enabled, self.tb = path, enabled, None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed (pip install 'unipool[tensorboard]'); logging to "
+                      "metrics.jsonl only", file=sys.stderr)
+
+    def truncate(self, step: int) -> None:
+        """Drop the records after `step`, and any line a crash or a full disk cut short, with a warning."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept, bad = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            record = parse_record(line) if line.strip() else {"step": -1}
+            if record is None:
+                bad += 1
+            elif 0 <= record["step"] <= step:
+                kept.append(line)
+        if bad:
+            print(f"warning: {self.path}: dropped {bad} unreadable line(s) (cut short by a crash or a full disk?)",
+                  file=sys.stderr)
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFullError(f"No space left on device while writing {self.path}") from None
+            raise
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "tokens"):
+                    self.tb.add_scalar(k, v, record["step"])
+            if "routing" in record:
+                self.tb.add_scalar("dead_experts", record["routing"]["dead_experts"], record["step"])
+                self.tb.add_scalar("balance_cv", record["routing"]["balance_cv"], record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 class Run:
@@ -144,6 +215,15 @@ class Run:
             raise RunError(f"{self.checkpoint} is not inside a run directory")
         return self.path
 
+    def add_weights(self, model: Unipool, step: int, meta: dict | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+        """`model`'s weights as checkpoint `step` of this run, through the atomic commit (LATEST then names
+        it); the run now opens at it. Training checkpoints add their optimizer and RNG state to the same
+        commit (unipool.train.checkpoint)."""
+        self.checkpoint = add_weights(self.checkpoints_dir, step, model, meta, dtype)
+        self._meta = None
+        return self.checkpoint
+
     # ---- contents ----------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path:
         if self.checkpoint is None:
@@ -183,6 +263,9 @@ class Run:
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.load(self.tokenizer_path())
+
+    def metrics_writer(self, enabled: bool = True, tensorboard: bool = False) -> MetricsWriter:
+        return MetricsWriter(self.metrics_path, enabled, tensorboard)
 
     def metrics(self) -> tuple[list[dict], list[str]]:
         """metrics.jsonl's records, and notes on lines that could not be read."""

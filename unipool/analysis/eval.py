@@ -18,16 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unipool.data.corpus import PIECE_CHARS, iter_documents, iter_pieces, resolve_sources
-from unipool.data.dataset import TokenDataset, eval_batches, prepared_fingerprint, tokenizer_matches
-from unipool.data.tokenizer import Tokenizer
+from unipool.data.dataset import (
+    TokenDataset,
+    eval_batches,
+    prepared_fingerprint,
+    text_tokens,
+    tokenizer_matches,
+    window_batches,
+)
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
 from unipool.run import Run, default_device
@@ -40,66 +45,6 @@ class EvalError(UnipoolError):
 
 
 # ---- batches -----------------------------------------------------------------------------------
-
-def window_batches(tokens: list[int] | torch.Tensor, batch_size: int, seq_len: int,
-                   max_tokens: int | None = None) -> Iterator[Batch]:
-    """Non-overlapping next-token windows over one token stream, in order, covering all of it.
-
-    Window w predicts tokens[w*S + 1 : (w+1)*S + 1] from the S tokens before each. Full windows come
-    in batches of `batch_size`; a shorter final window (the stream's tail) comes alone.
-    """
-    stream = torch.as_tensor(tokens, dtype=torch.long)
-    if max_tokens is not None:
-        stream = stream[: max_tokens + 1]
-    n_targets = stream.numel() - 1
-    if n_targets < 1:
-        raise EvalError("need at least 2 tokens to evaluate")
-    n_full = n_targets // seq_len
-    for start in range(0, n_full, batch_size):
-        rows = range(start, min(start + batch_size, n_full))
-        x = torch.stack([stream[r * seq_len:(r + 1) * seq_len] for r in rows])
-        y = torch.stack([stream[r * seq_len + 1:(r + 1) * seq_len + 1] for r in rows])
-        yield x, y
-    if n_targets % seq_len:
-        begin = n_full * seq_len
-        yield stream[begin:-1].unsqueeze(0), stream[begin + 1:].unsqueeze(0)
-
-
-def text_tokens(path: str | Path, tokenizer, text_field: str = "text") -> list[int]:
-    """Tokenize raw sources (text, jsonl, parquet, a folder of them) as `data.prepare` does: the same
-    documents, each followed by EOS. Our `Tokenizer` reads them in pieces, as prepare does, with a literal
-    <|endoftext|> kept as text; another (a transformers tokenizer) sees whole documents."""
-    paths = resolve_sources([path])
-    tokens: list[int] = []
-    if isinstance(tokenizer, Tokenizer):
-        pieces: list[str] = []
-        ends: list[bool] = []
-
-        def flush() -> None:
-            for ids, end in zip(tokenizer.encode_text(pieces), ends):
-                tokens.extend(ids)
-                if end:
-                    tokens.append(tokenizer.eos_id)
-            pieces.clear()
-            ends.clear()
-
-        n_chars = 0
-        for _, piece, last in iter_pieces(paths, text_field):
-            if n_chars + len(piece) > PIECE_CHARS:
-                flush()
-                n_chars = 0
-            pieces.append(piece)
-            ends.append(last)
-            n_chars += len(piece)
-        flush()
-    else:
-        for ids in tokenizer.encode_batch([doc for _, doc in iter_documents(paths, text_field)]):
-            tokens.extend(ids)
-            tokens.append(tokenizer.eos_id)
-    if not tokens:
-        raise EvalError(f"{path} holds no text")
-    return tokens
-
 
 def eval_batches_for(run: Run, data: str | Path | None, split: str, batch_size: int, seq_len: int,
                      max_tokens: int | None = None, text_field: str = "text") -> tuple[Iterable[Batch], str]:
@@ -123,7 +68,7 @@ def eval_batches_for(run: Run, data: str | Path | None, split: str, batch_size: 
                             f"larger than the model's {vocab_size}")
         return eval_batches(dataset, batch_size, seq_len, max_tokens), f"{path} ({split})"
     tokens = text_tokens(path, run.tokenizer(), text_field)
-    return window_batches(tokens, batch_size, seq_len, max_tokens), str(path)
+    return window_batches(tokens, batch_size, seq_len, max_tokens, str(path)), str(path)
 
 
 def check_data_tokenizer(run: Run, data_dir: Path) -> None:
@@ -205,6 +150,23 @@ def check_data_args(args: argparse.Namespace, model: Unipool, train_seq_len: int
     return seq_len
 
 
+def data_for(args: argparse.Namespace, run: Run, model: Unipool) -> tuple[int, Iterable[Batch], str]:
+    """The analysis commands' shared preamble after the model is loaded (eval, routing, report, probe): the
+    data flags checked against the model, then (window length, batches, description of the source)."""
+    seq_len = check_data_args(args, model, run.train_seq_len)
+    batches, source = eval_batches_for(run, args.data, args.split, args.batch_size, seq_len, args.max_tokens,
+                                       args.text_field)
+    return seq_len, batches, source
+
+
+def open_with_data(args: argparse.Namespace) -> tuple[Run, Unipool, int, Iterable[Batch], str]:
+    """Open the run, load its newest model, check the data flags, make the batches: (run, model, seq_len,
+    batches, source)."""
+    run = Run.open(args.run)
+    model = run.load_model(args.device or default_device())
+    return run, model, *data_for(args, run, model)
+
+
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     add_data_args(p, max_tokens=None)
     p.add_argument("--bf16", action="store_true", help="run the forward pass under bf16 autocast")
@@ -212,11 +174,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    run = Run.open(args.run)
-    model = run.load_model(args.device or default_device())
-    seq_len = check_data_args(args, model, run.train_seq_len)
-    batches, source = eval_batches_for(run, args.data, args.split, args.batch_size, seq_len,
-                                       args.max_tokens, args.text_field)
+    run, model, seq_len, batches, source = open_with_data(args)
     result = evaluate(model, batches, autocast_dtype=torch.bfloat16 if args.bf16 else None)
     result.pop("loss_sum")
     ckpt = run.latest_checkpoint()

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unipool.analysis.eval import check_data_args, eval_batches_for, evaluate, text_tokens, window_batches
+from unipool.analysis.eval import data_for, evaluate
+from unipool.data.dataset import text_tokens, window_batches
 from unipool.data.tokenizer import TransformersTokenizer
 from unipool.errors import UnipoolError
 from unipool.interop.hf_moe import (
@@ -513,9 +514,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
             raise ProbeError(f"--seq-len must be between 1 and max_position_embeddings={max_pos}")
         batches = hf_text_batches(target.tokenizer, data, args.batch_size, seq_len, args.max_tokens, args.text_field)
     else:
-        seq_len = check_data_args(args, target.model, getattr(target.run, "train_seq_len", None))
-        batches, _ = eval_batches_for(target.run, args.data, args.split, args.batch_size, seq_len,
-                                      args.max_tokens, args.text_field)
+        seq_len, batches, _ = data_for(args, target.run, target.model)
         batches = list(batches)
         if args.dtype in ("bfloat16", "float16"):
             autocast_dtype = getattr(torch, args.dtype)

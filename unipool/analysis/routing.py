@@ -38,10 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unipool.analysis.eval import Batch, add_data_args, check_data_args, eval_batches_for
+from unipool.analysis.eval import Batch, add_data_args, open_with_data
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
-from unipool.run import Run, default_device
 
 
 class RoutingError(UnipoolError):
@@ -320,11 +319,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
     for name in ("use_threshold", "dead_threshold"):
         if getattr(args, name) < 0:
             raise RoutingError(f"--{name.replace('_', '-')} must be >= 0")
-    run = Run.open(args.run)
-    model = run.load_model(args.device or default_device())
-    seq_len = check_data_args(args, model, run.train_seq_len)
-    batches, source = eval_batches_for(run, args.data, args.split, args.batch_size, seq_len,
-                                       args.max_tokens, args.text_field)
+    run, model, _, batches, source = open_with_data(args)
     ckpt = run.latest_checkpoint()
     out = args.out or ckpt / "routing"
     stats = analyse(model, batches, out, max_tokens=args.max_tokens, use_threshold=args.use_threshold,

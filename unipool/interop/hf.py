@@ -39,13 +39,13 @@ from pathlib import Path
 
 import torch
 
+from unipool.config import default_config
 from unipool.data.tokenizer import TokenizerError, as_tokenizers, eos_token
-from unipool.errors import UnipoolError, read_json
+from unipool.errors import UnipoolError, read_json, require
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool, build_model
 from unipool.run import Run
-from unipool.train.checkpoint import DTYPES, load_model, load_state, main_dtype, save_model
-from unipool.train.config import default_config
+from unipool.weights import DTYPES, load_model, load_state, main_dtype
 
 REMOTE_DIR = Path(__file__).parent / "hf_remote"
 REMOTE_FILES = ("configuration_unipool.py", "modeling_unipool.py")
@@ -98,6 +98,13 @@ def _rename(key: str, table) -> str | None:
 def _norm_router_c(model: Unipool) -> float:
     router = model.layers[0].router
     return float(getattr(router, "norm_c", 1.0))
+
+
+def check_exportable(cfg) -> None:
+    """Refuse, naming the option, a model the exported code (hf_remote/) does not compute."""
+    if cfg.router == "norm" and cfg.norm_router_scale != "linear":
+        raise HFError(f"cannot export model.norm_router_scale={cfg.norm_router_scale!r}: the exported NormRouter "
+                      "uses its scale as sigma directly (the paper's linear parametrisation); only 'linear' exports")
 
 
 def hf_config_dict(model: Unipool, eos_id: int | None = None) -> dict:
@@ -226,6 +233,7 @@ def export_hf(model: Unipool, tokenizer, out_dir: str | Path, dtype: torch.dtype
     model's). Weights above `max_shard_size` are split into shards. Returns out_dir. A non-empty `out_dir`
     needs `force`; a unipool run or checkpoint is refused (see check_target)."""
     out = Path(out_dir)
+    check_exportable(model.config)
     check_target(out, force)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.tok_embeddings.weight.dtype
@@ -498,7 +506,7 @@ def import_hf(hf_dir: str | Path) -> Unipool:
         cfg = ModelConfig.from_dict(raw["unipool"])
         state = _state_from_export(_load_hf_weights(hf_dir))
     else:
-        from transformers import AutoConfig
+        AutoConfig = require("transformers", "hf", f"importing a {model_type} model").AutoConfig
 
         hf_cfg = AutoConfig.from_pretrained(str(hf_dir))  # family defaults for fields absent from config.json
         _check_supported(hf_cfg, model_type)
@@ -520,10 +528,8 @@ def write_run(model: Unipool, out_dir: str | Path, tokenizer_json: Path | None =
     tokenizer = tokenizer_json if tokenizer_json is not None and tokenizer_json.is_file() else None
     # with force, a config.json already there (a transformers directory's) is replaced: check_target has
     # refused a run
-    Run.create(out, default_config().replace(model=model.config, preset="custom"), tokenizer, exist_ok=force)
-    ckpt = out / "checkpoints" / "step_000000"
-    save_model(model, ckpt, {"step": 0, "source": source}, dtype)
-    (out / "checkpoints" / "LATEST").write_text(ckpt.name + "\n")
+    Run.create(out, default_config().replace(model=model.config, preset="custom"), tokenizer,
+               exist_ok=force).add_weights(model, 0, {"source": source}, dtype)
     return out
 
 
@@ -549,6 +555,7 @@ def add_export_args(parser) -> None:
 
 
 def cmd_export(args) -> int:
+    require("transformers", "hf", "unipool export")
     max_shard = parse_size(args.max_shard_size)
     check_target(Path(args.hf), args.force)  # before the (slow) load
     model, meta = load_model(args.run)

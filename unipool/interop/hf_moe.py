@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unipool.errors import UnipoolError
+from unipool.errors import UnipoolError, require
 
 
 class HFMoEError(UnipoolError):
@@ -107,7 +107,8 @@ def load_checkpoint(path: Path, device: str, dtype: str = "auto"):
 
     `dtype` is "auto" (the checkpoint's) or a torch dtype name. Never uses trust_remote_code."""
     check_family(checkpoint_model_type(path), f"{path}: ")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers = require("transformers", "hf", "a Hugging Face model")
+    AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))

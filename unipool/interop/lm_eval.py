@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from unipool.data.tokenizer import TokenizerError, as_tokenizers, eos_token
-from unipool.errors import UnipoolError
+from unipool.errors import UnipoolError, require
 from unipool.model.model import Unipool
 from unipool.run import Run
 
@@ -32,10 +32,7 @@ class LMEvalError(UnipoolError):
 
 
 def require_lm_eval():
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise LMEvalError("lm-evaluation-harness is not installed: pip install 'unipool[eval]'") from None
+    require("lm_eval", "eval", "lm-evaluation-harness (unipool lm-eval, probe --tasks)")
 
 
 def _make_lm_class():
@@ -244,6 +241,7 @@ def add_lm_eval_args(parser) -> None:
 
 
 def cmd_lm_eval(args) -> int:
+    require_lm_eval()
     from lm_eval.utils import make_table
 
     limit = args.limit

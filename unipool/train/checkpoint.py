@@ -1,33 +1,20 @@
-"""Checkpoints: safetensors weights + JSON metadata, resolvable from a run directory.
+"""Training checkpoints: the weights (unipool.weights) plus what exact resume needs, in the same atomic commit.
 
-Layout of a run directory:
-    RUN/config.json                      resolved config {"model": ..., "train": ..., "data": ...}
-    RUN/tokenizer.json                   the tokenizer (HF tokenizers format)
-    RUN/checkpoints/step_000100/model.safetensors
-    RUN/checkpoints/step_000100/meta.json  {"step": ..., "model": {...model config...}, ...}
-    RUN/checkpoints/LATEST               name of the newest complete checkpoint directory
-
-A training checkpoint adds, next to the weights (see `save_checkpoint`):
+Next to model.safetensors and meta.json a training checkpoint holds (see `save_checkpoint`):
     optimizer.pt          the full (unsharded) optimizer state, written by rank 0
     state_rank{r}.pt      per rank: RNG states (python, numpy, torch, cuda), the data sampler's
                           position, and the model's routing buffers (each rank keeps its own)
 All .pt files hold tensors and plain containers only and are read with torch.load(weights_only=True).
 The learning-rate schedule is a pure function of the step, so the step is its whole state.
 
-Writes are atomic: files go into checkpoints/.tmp_step_XXXXXX, are fsynced, the directory is renamed
-to step_XXXXXX, and only then is LATEST replaced (write + fsync + os.replace). A crash at any point
-leaves LATEST naming the previous complete checkpoint; a full disk does too, and says so.
-A training checkpoint is written only when every weight and optimizer state is finite, so retention
-(which keeps LATEST and the newest ones) can never prune the last finite checkpoint in favour of NaNs.
-
-Reading trusts nothing: LATEST must name a directory inside RUN/checkpoints, meta.json fields are
-type-checked, the config's tensor shapes are compared with the safetensors header before anything is
-allocated, and a .pt state whose structure does not fit the model is one CheckpointError.
+A full disk during a write leaves LATEST naming the previous complete checkpoint, and says so. A training
+checkpoint is written only when every weight and optimizer state is finite, so retention (which keeps
+LATEST and the newest ones) can never prune the last finite checkpoint in favour of NaNs. A .pt state whose
+structure does not fit the model is one CheckpointError.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -37,204 +24,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unipool.errors import DiskFullError, UnipoolError, is_disk_full, read_json
-from unipool.model.config import ConfigError, ModelConfig
-from unipool.model.model import Unipool, build_model
+from unipool.errors import DiskFullError, is_disk_full
+from unipool.model.model import Unipool
 from unipool.train import distributed as dist
-
-
-class CheckpointError(UnipoolError):
-    pass
+from unipool.weights import (
+    CheckpointError,
+    begin_checkpoint,
+    checkpoint_name,
+    commit_checkpoint,
+    latest_target,
+    load_state,
+    load_weights,
+    read_latest,
+    read_meta,
+    remove_stale_tmp,
+    save_weights,
+    tmp_checkpoint_dir,
+)
 
 
 class NonFiniteStateError(CheckpointError):
     """The model or optimizer holds NaN/inf: the checkpoint is not written."""
 
 
-# dtype names as checkpoints, exports and the command line spell them
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory, a checkpoint directory or a model.safetensors file -> the checkpoint directory."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"no such run or checkpoint: {p}")
-    if p.is_file():
-        p = p.parent
-    if (p / "model.safetensors").is_file():
-        return p
-    latest = p / "checkpoints" / "LATEST"
-    if latest.is_file():
-        ckpt = latest_target(latest)
-        if (ckpt / "model.safetensors").is_file():
-            return ckpt
-        raise CheckpointError(f"{latest} points to {ckpt.name}, which has no model.safetensors")
-    raise CheckpointError(f"{p} is neither a run directory with checkpoints nor a checkpoint directory")
-
-
-def latest_target(latest: Path) -> Path:
-    """The checkpoint directory LATEST names. Only a plain name of a directory inside the same
-    checkpoints/ is followed: an absolute path, `..` or a symlink out of the run is refused, so a
-    checkpoint planted elsewhere is never loaded by eval or --resume."""
-    root = latest.parent
-    name = latest.read_text(encoding="utf-8", errors="replace").strip()
-    ckpt = root / name
-    if (not name or name in (".", "..") or Path(name).name != name or "\\" in name
-            or ckpt.resolve().parent != root.resolve()):
-        raise CheckpointError(f"{latest} must name a checkpoint directory inside {root}, not {name[:100]!r}")
-    return ckpt
-
-
-# meta.json fields a reader relies on, and their types (other fields are free-form notes)
-META_FIELDS = {"step": int, "tokens": int, "world_size": int, "dist_mode": str, "dtype": str, "model": dict}
-
-
-def read_meta(ckpt_dir: Path) -> dict:
-    """meta.json, with the fields readers use type-checked: a damaged file is one CheckpointError."""
-    path = ckpt_dir / "meta.json"
-    meta = read_json(path, CheckpointError)
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"corrupt {path}: expected a JSON object, got {type(meta).__name__}")
-    for key, tp in META_FIELDS.items():
-        value = meta.get(key)
-        if key in meta and (not isinstance(value, tp) or isinstance(value, bool)):
-            raise CheckpointError(f"corrupt {path}: {key} should be {tp.__name__}, got {value!r:.80}")
-        if tp is int and key in meta and value < (1 if key == "world_size" else 0):
-            raise CheckpointError(f"corrupt {path}: {key} out of range ({value})")
-    return meta
-
-
-def meta_model_config(meta: dict, ckpt_dir: Path) -> ModelConfig:
-    """The model config a checkpoint's meta.json declares (one line naming the file if it is bad)."""
-    if "model" not in meta:
-        raise CheckpointError(f"{ckpt_dir / 'meta.json'} has no model config")
-    try:
-        return ModelConfig.from_dict(meta["model"])
-    except ConfigError as e:
-        raise CheckpointError(f"{ckpt_dir / 'meta.json'}: {e}") from None
-
-
-def check_weight_shapes(cfg: ModelConfig, ckpt_dir: Path) -> None:
-    """The tensors `cfg` implies against model.safetensors' header (names and shapes), before any
-    memory is allocated: a meta.json declaring a huge embedding fails here, not in a 32 TB allocation."""
-    from safetensors import SafetensorError, safe_open
-
-    path = ckpt_dir / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt weights {path}: {e}") from None
-    expected = {k: tuple(v.shape) for k, v in build_model(cfg, "meta").state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt_dir}: the weights do not match meta.json's model config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, shape in expected.items():
-        if stored[k] != shape:
-            raise CheckpointError(f"{ckpt_dir}: the weights do not match meta.json's model config: {k} is "
-                                  f"{list(stored[k])} in model.safetensors, {list(shape)} by the config")
-
-
-def main_dtype(tensors) -> torch.dtype:
-    """The floating-point dtype that holds most of the elements (float32 if there is none)."""
-    numel: dict[torch.dtype, int] = {}
-    for t in tensors:
-        if t.is_floating_point():
-            numel[t.dtype] = numel.get(t.dtype, 0) + t.numel()
-    return max(numel, key=numel.get) if numel else torch.float32
-
-
-def save_model(model: Unipool, ckpt_dir: str | Path, meta: dict | None = None,
-               dtype: torch.dtype | None = None) -> None:
-    """Weights as safetensors and the model config in meta.json (not atomic: see save_checkpoint)."""
-    save_weights(model.state_dict(), model.config, ckpt_dir, meta, dtype)
-
-
-def save_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, ckpt_dir: str | Path,
-                 meta: dict | None = None, dtype: torch.dtype | None = None) -> None:
-    """A full (unsharded) model state dict as model.safetensors, and meta.json with the model config and
-    the dtype the weights are stored in (`dtype`: cast floating-point weights to it first)."""
-    from safetensors.torch import save_file
-
-    ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    stored = main_dtype(state.values())
-    save_file(state, str(ckpt_dir / "model.safetensors"))
-    meta = {**(meta or {}), "dtype": str(stored).removeprefix("torch."), "model": cfg.to_dict()}
-    (ckpt_dir / "meta.json").write_text(json.dumps(meta, indent=2))
-
-
-def load_weights(ckpt_dir: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """model.safetensors of a checkpoint directory (the one reader of checkpoint weights)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = ckpt_dir / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}")
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt weights {path}: {e}") from None
-
-
-def load_state(model: Unipool, state: dict[str, torch.Tensor], where: str | Path,
-               optional: tuple[str, ...] = (), error: type[UnipoolError] = CheckpointError) -> None:
-    """Strict load: every tensor of the model present with its shape, nothing unknown (keys in
-    `optional` may be missing). One line names what does not match."""
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatch
-        raise error(f"{where}: weights do not match the config: {str(e).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if k not in optional]
-    if missing or unexpected:
-        raise error(f"{where}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Unipool, dict]:
-    """Load a model from a run directory, checkpoint directory or model.safetensors file."""
-    ckpt_dir = resolve_checkpoint(path)
-    meta = read_meta(ckpt_dir)
-    cfg = meta_model_config(meta, ckpt_dir)
-    check_weight_shapes(cfg, ckpt_dir)
-    model = build_model(cfg, device, init=False)
-    load_state(model, load_weights(ckpt_dir, device), ckpt_dir)
-    return model, meta
-
-
-# ---- training checkpoints ------------------------------------------------------------------------
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def tmp_checkpoint_dir(root: Path, step: int) -> Path:
-    return root / f".tmp_{checkpoint_name(step)}"
-
-
-def begin_checkpoint(root: Path, step: int) -> Path:
-    """Rank 0: a fresh temporary directory for checkpoint `step` (a leftover from a crash is removed)."""
-    tmp = tmp_checkpoint_dir(root, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
+# ---- training checkpoints ---------------------------------------------------------------------------
 
 def save_torch(obj: object, path: Path) -> None:
     # Through a Python file object: a full disk then raises OSError(ENOSPC), where torch.save(path)'s
@@ -243,51 +56,6 @@ def save_torch(obj: object, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def commit_checkpoint(root: Path, step: int, keep_last: int, keep_every: int = 0, protect: tuple[str, ...] = ()) -> Path:
-    """Rank 0, after every rank wrote its files: publish the temporary directory, point LATEST at it,
-    then apply retention. Each step is atomic; LATEST changes only once the checkpoint is complete."""
-    tmp, final = tmp_checkpoint_dir(root, step), root / checkpoint_name(step)
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    if final.exists():  # the same step saved again after resuming from an earlier checkpoint
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync(root)
-    latest_tmp = root / "LATEST.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    _fsync(latest_tmp)
-    os.replace(latest_tmp, root / "LATEST")
-    _fsync(root)
-    prune_checkpoints(root, keep_last, keep_every, protect)
-    return final
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in root.glob("step_*"):
-        if p.is_dir() and p.name[5:].isdigit():
-            found.append((int(p.name[5:]), p))
-    return sorted(found)
-
-
-def prune_checkpoints(root: Path, keep_last: int, keep_every: int = 0, protect: tuple[str, ...] = ()) -> None:
-    """Keep the newest `keep_last` checkpoints, every step divisible by `keep_every`, LATEST's, and
-    those named in `protect` (the training loop's last checkpoint before a non-finite step)."""
-    ckpts = list_checkpoints(root)
-    latest = (root / "LATEST").read_text().strip() if (root / "LATEST").is_file() else None
-    keep = {p for _, p in ckpts[-keep_last:]}
-    for step, p in ckpts:
-        if p in keep or p.name == latest or p.name in protect or (keep_every > 0 and step % keep_every == 0):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def remove_stale_tmp(root: Path) -> None:
-    for p in root.glob(".tmp_step_*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def load_torch(path: Path) -> dict:
@@ -344,8 +112,7 @@ def _disk_full_is_one_line(root: Path, step: int):
         if not is_disk_full(e):
             raise
         shutil.rmtree(tmp_checkpoint_dir(root, step), ignore_errors=True)
-        latest = root / "LATEST"
-        kept = latest.read_text().strip() if latest.is_file() else "none"
+        kept = read_latest(root) or "none"
         raise DiskFullError(f"No space left on device while saving checkpoint {checkpoint_name(step)} in {root} "
                             f"(the latest complete checkpoint, {kept}, is intact)") from None
 
@@ -449,3 +216,50 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """A run's training checkpoints, built once per run: save (with retention), restore, and rollback of the
+    live model. Everything about RUN/checkpoints during training goes through it.
+
+    `protect` names the last checkpoint written before the first non-finite step: retention keeps it for
+    the rest of the run. Rollback loads full weights into the live model in place (wrappers and compiled
+    graphs stay valid); under FSDP2 the parameters are shards, so training refuses rollback there."""
+
+    def __init__(self, root: Path, model: Unipool, optimizer, sampler, mode: str, info: dist.DistInfo,
+                 keep_last: int, keep_every: int = 0):
+        self.root, self.model, self.optimizer, self.sampler = root, model, optimizer, sampler
+        self.mode, self.info, self.keep_last, self.keep_every = mode, info, keep_last, keep_every
+        self.protect: tuple[str, ...] = ()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root.parent
+
+    def latest(self) -> str | None:
+        """The name of the newest complete checkpoint (None before the first)."""
+        return read_latest(self.root)
+
+    def protect_latest(self) -> None:
+        if not self.protect and self.latest():
+            self.protect = (self.latest(),)
+
+    def remove_stale(self) -> None:
+        """Rank 0 at start: temporary directories a crash left behind."""
+        remove_stale_tmp(self.root)
+
+    def save(self, step: int, tokens: int) -> Path:
+        """Checkpoint `step` (collective); NonFiniteStateError, writing nothing, on NaN/inf state."""
+        return save_checkpoint(self.root, step, tokens, self.model, self.optimizer, self.sampler, self.mode,
+                               self.info, self.keep_last, self.keep_every, self.protect)
+
+    def restore(self, ckpt_dir: Path) -> int:
+        """Optimizer, sampler, routing buffers and RNG from `ckpt_dir` (the weights are in the model
+        already: loaded before wrapping); its step."""
+        return restore_checkpoint(ckpt_dir, self.model, self.optimizer, self.sampler, self.mode, self.info)
+
+    def rollback(self, device: torch.device) -> int:
+        """The latest checkpoint back into the live model, optimizer, sampler, buffers and RNG; its step."""
+        ckpt_dir = latest_target(self.root / "LATEST")
+        load_state(self.model, load_weights(ckpt_dir, device), ckpt_dir)
+        return self.restore(ckpt_dir)

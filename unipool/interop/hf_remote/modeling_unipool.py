@@ -44,6 +44,7 @@ _CPU_GROUPED_MM_MIN_ROWS = 8  # fewer routed rows run faster as a loop on CPU (s
 _CPU_GROUPED_MM_NEEDS_ALIGNED_STORAGE = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 11)
 
 
+# unipool:mirror unipool.model.model.RMSNorm.forward (tests/test_hf.py checks the copy against the model)
 class UnipoolRMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -63,12 +64,15 @@ def rope_cos_sin(position_ids, head_dim, base):
     return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
 
+# unipool:mirror unipool.model.model.apply_rope
 def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
 
 
+# unipool:mirror unipool.model.model.Attention.forward (projections renamed as transformers names them; the KV
+# cache, the explicit grouped-query repeat and the padding mask are the additions)
 class UnipoolAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
