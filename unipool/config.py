@@ -117,12 +117,16 @@ class DataConfig:
     data_dir: str = ""  # prepared token shards; "": a cache directory, $UNIPOOL_CACHE/data/<name> (~/.cache/unipool)
     val_fraction: float = 0.05
     text_field: str = "text"  # field holding the text in jsonl / parquet sources
+    prepared: str = ""  # a directory from `unipool prepare`, trained on as it is: never prepared again, its tokenizer is the run's
 
     def __post_init__(self) -> None:
         if not (0 < self.val_fraction < 1):
             raise ConfigError(f"data.val_fraction: must be in (0, 1) (got {self.val_fraction!r})")
         if not isinstance(self.sources, list):
             raise ConfigError(f"data.sources: must be a list of paths (got {self.sources!r})")
+        if self.prepared and self.sources:
+            raise ConfigError("data.prepared and data.sources: a prepared directory is trained on as it is; "
+                              "give one of them")
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,14 @@ class WindowSampler:
         self.step, self.seed = int(d["step"]), int(d["seed"])
 
 
+def data_identity(train: TokenDataset, val: TokenDataset) -> dict:
+    """What a run trains and validates on, for its checkpoints (a resume on other data says so): the
+    sources' fingerprint (paths, sizes, mtimes), the tokenizer's, and the token count of each split."""
+    return {"source_fingerprint": train.index.get("source_fingerprint"),
+            "tokenizer_fingerprint": train.index.get("tokenizer_fingerprint"),
+            "train_tokens": train.n_tokens, "val_tokens": val.n_tokens}
+
+
 class TokenStream:
     """One token sequence in memory (raw text tokenized on the fly), read like a prepared split."""
 

@@ -394,10 +394,19 @@ def prepare_run_data(data, tokenizer: Tokenizer | None = None) -> Path:
     """Tokenizer and token shards for a run's data section (`data`: a DataConfig); returns the data
     directory. `tokenizer` (a resumed run's own) is used as it is, never trained again, and data prepared
     with another tokenizer is refused. Otherwise a tokenizer already in the data directory is reused for a
-    `bpe:N` spec of its size; a spec that disagrees with it is refused, naming both."""
+    `bpe:N` spec of its size; a spec that disagrees with it is refused, naming both. With `data.prepared` the
+    directory is used as it is (see `use_prepared`)."""
+    if data.prepared:
+        return use_prepared(Path(data.prepared), data.tokenizer, tokenizer)
     data_dir = Path(data.data_dir) if data.data_dir else default_data_dir(data)
     make_out_dir(data_dir)  # a data_dir that cannot be one is said before a tokenizer is trained
     files = data.sources or default_corpus_files()
+    index = read_index(data_dir) if data.data_dir and not data.sources else None
+    if index and index.get("sources") != [str(p) for p in resolve_sources(files)]:
+        # Preparing the default corpus here would replace data someone prepared on purpose.
+        shown = ", ".join(index.get("sources", [])[:2]) + (", ..." if len(index.get("sources", [])) > 2 else "")
+        raise DataError(f"data.data_dir: {data_dir} holds data prepared from {shown or 'other sources'}; to train on "
+                        f"it as it is, use --data.prepared {data_dir} (and no --data.sources)")
     cached = data_dir / "tokenizer.json"
     if tokenizer is not None:
         if (data_dir / "index.json").is_file() and not tokenizer_matches(data_dir, tokenizer):
@@ -409,6 +418,23 @@ def prepare_run_data(data, tokenizer: Tokenizer | None = None) -> Path:
     else:
         tokenizer = get_tokenizer(data.tokenizer, files)
     prepare(files, data_dir, tokenizer, val_fraction=data.val_fraction, text_field=data.text_field)
+    return data_dir
+
+
+def use_prepared(data_dir: Path, spec: str, tokenizer: Tokenizer | None = None) -> Path:
+    """A directory `unipool prepare` wrote, for training as it is. Refused in one line: one that is not
+    prepared, one tokenized with another tokenizer than the resumed run's (`tokenizer`), or than an explicit
+    `gpt2` / tokenizer.json `spec` (a `bpe:N` spec asks to train a tokenizer: with a prepared directory the
+    directory's is used)."""
+    if not (data_dir / "index.json").is_file():
+        raise DataError(f"data.prepared: {data_dir} is not a prepared directory (no index.json); make it with "
+                        f"`unipool prepare SOURCES --out {data_dir} --tokenizer gpt2 --workers N`")
+    if tokenizer is None and not spec.startswith("bpe:"):
+        tokenizer = get_tokenizer(spec, [])
+    if tokenizer is not None and not tokenizer_matches(data_dir, tokenizer):
+        raise DataError(f"data.prepared: {data_dir} was prepared with another tokenizer (fingerprint "
+                        f"{prepared_fingerprint(data_dir)}) than the run's ({tokenizer.vocab_size} tokens, fingerprint "
+                        f"{tokenizer.fingerprint}); prepare the sources again with the run's tokenizer")
     return data_dir
 
 

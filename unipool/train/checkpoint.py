@@ -118,7 +118,8 @@ def _disk_full_is_one_line(root: Path, step: int):
 
 
 def save_checkpoint(root: Path, step: int, tokens: int, model: Unipool, optimizer, sampler, mode: str,
-                    info: dist.DistInfo, keep_last: int, keep_every: int = 0, protect: tuple[str, ...] = ()) -> Path:
+                    info: dist.DistInfo, keep_last: int, keep_every: int = 0, protect: tuple[str, ...] = (),
+                    notes: dict | None = None) -> Path:
     """Atomic training checkpoint under `root` (RUN/checkpoints): full weights and optimizer state
     from rank 0, and each rank's RNG, sampler position and routing buffers. `restore_checkpoint`
     reads back exactly this. Raises NonFiniteStateError, writing nothing, when any rank holds NaN/inf
@@ -129,18 +130,19 @@ def save_checkpoint(root: Path, step: int, tokens: int, model: Unipool, optimize
                                   f"checkpoint {checkpoint_name(step)} not written")
     with _disk_full_is_one_line(root, step):
         return _write_checkpoint(root, step, tokens, model, optimizer, sampler, mode, info, keep_last, keep_every,
-                                 protect)
+                                 protect, notes or {})
 
 
 def _write_checkpoint(root: Path, step: int, tokens: int, model: Unipool, optimizer, sampler, mode: str,
-                      info: dist.DistInfo, keep_last: int, keep_every: int, protect: tuple[str, ...]) -> Path:
+                      info: dist.DistInfo, keep_last: int, keep_every: int, protect: tuple[str, ...],
+                      notes: dict) -> Path:
     model_state, optim_state = dist.full_state_dicts(model, optimizer, mode)
     if info.is_main:
         begin_checkpoint(root, step)
     dist.barrier()
     tmp = tmp_checkpoint_dir(root, step)
     if info.is_main:
-        meta = {"step": step, "tokens": tokens, "world_size": info.world_size, "dist_mode": mode}
+        meta = {"step": step, "tokens": tokens, "world_size": info.world_size, "dist_mode": mode, **notes}
         save_weights(model_state, model.config, tmp, meta)
         save_torch(optim_state, tmp / "optimizer.pt")
     persistent = model.state_dict().keys()  # routing statistics, not the RoPE tables
@@ -227,9 +229,10 @@ class Checkpointer:
     graphs stay valid); under FSDP2 the parameters are shards, so training refuses rollback there."""
 
     def __init__(self, root: Path, model: Unipool, optimizer, sampler, mode: str, info: dist.DistInfo,
-                 keep_last: int, keep_every: int = 0):
+                 keep_last: int, keep_every: int = 0, data: dict | None = None):
         self.root, self.model, self.optimizer, self.sampler = root, model, optimizer, sampler
         self.mode, self.info, self.keep_last, self.keep_every = mode, info, keep_last, keep_every
+        self.data = data or {}  # what the run trains on (data.dataset.data_identity), kept in meta.json
         self.protect: tuple[str, ...] = ()
 
     @property
@@ -251,12 +254,21 @@ class Checkpointer:
     def save(self, step: int, tokens: int) -> Path:
         """Checkpoint `step` (collective); NonFiniteStateError, writing nothing, on NaN/inf state."""
         return save_checkpoint(self.root, step, tokens, self.model, self.optimizer, self.sampler, self.mode,
-                               self.info, self.keep_last, self.keep_every, self.protect)
+                               self.info, self.keep_last, self.keep_every, self.protect, {"data": self.data})
 
     def restore(self, ckpt_dir: Path) -> int:
         """Optimizer, sampler, routing buffers and RNG from `ckpt_dir` (the weights are in the model
         already: loaded before wrapping); its step."""
         return restore_checkpoint(ckpt_dir, self.model, self.optimizer, self.sampler, self.mode, self.info)
+
+    def data_changed(self, ckpt_dir: Path) -> str | None:
+        """How the data differs from what checkpoint `ckpt_dir` was trained on, or None (also None for a
+        checkpoint that did not record it)."""
+        saved = read_meta(ckpt_dir).get("data")
+        if not isinstance(saved, dict) or not saved or saved == self.data:
+            return None
+        return ", ".join(f"{k} {saved.get(k)} -> {self.data.get(k)}" for k in sorted(set(saved) | set(self.data))
+                         if saved.get(k) != self.data.get(k))
 
     def rollback(self, device: torch.device) -> int:
         """The latest checkpoint back into the live model, optimizer, sampler, buffers and RNG; its step."""

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from unipool.analysis.eval import evaluate
 from unipool.config import RunConfig, add_config_args, resolve_config, resume_incompatibilities
 from unipool.data.corpus import DataError
-from unipool.data.dataset import TokenDataset, WindowSampler, eval_batches
+from unipool.data.dataset import TokenDataset, WindowSampler, data_identity, eval_batches
 from unipool.data.prepare import prepare_run_data
 from unipool.data.tokenizer import Tokenizer
 from unipool.model.config import ConfigError
@@ -225,13 +225,18 @@ def setup(run: RunConfig, resume: Run | None) -> Session:
     sampler = WindowSampler(train_ds, tc.batch_size // info.world_size, tc.seq_len, seed=tc.seed, rank=info.rank,
                             world_size=info.world_size)
     checkpointer = Checkpointer(out.checkpoints_dir, model, optimizer, sampler, mode, info, tc.keep_last,
-                                tc.keep_every)
+                                tc.keep_every, data_identity(train_ds, val_ds))
     if info.is_main:
         checkpointer.remove_stale()
     step = 0
     if resume_from is not None:
         step = checkpointer.restore(resume_from)
         dist.print0(f"resumed {resume_from.parent.parent} at step {step}")
+        changed = checkpointer.data_changed(resume_from)
+        if changed:  # e.g. the data cache was deleted and the sources grew: the run's tokenizer is reused
+            dist.print0(f"note: the training data differs from what step {step} was trained on ({changed}): the "
+                        "batches from here on and the validation split are new, so validation losses before and "
+                        "after this step are not comparable")
     forward = torch.compile(wrapped) if run.exec.compile else wrapped
     return Session(run, out, info, mode, device, autocast_dtype(run, device), tokenizer, train_ds, val_ds, model,
                    wrapped, forward, optimizer, sampler, checkpointer, step, resume_from is not None)
