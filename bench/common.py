@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -82,7 +81,10 @@ def peak_bytes(device: torch.device) -> int | None:
 
 
 def process_peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak RSS of this process in bytes (VmHWM: a child's own, not its parent's; see peak_rss_bytes)."""
+    from unipool.train.summary import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def meta(device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict:

@@ -17,6 +17,20 @@ from unipool.data.dataset import eval_batches, unigram_loss
 from unipool.run import Run
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process. On Linux the high-water mark of its own memory map (VmHWM):
+    getrusage's ru_maxrss survives exec, so a run started by a large parent process (a test runner, a
+    study) would report the parent's size instead of its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def finish(run: RunConfig, model, tokenizer, train_ds, val_ds, val_loss: float, amp, device, tok_s: float) -> dict:
     """The end-of-run figures: validation loss against the unigram baseline, speed, memory, a sample."""
     tc = run.train
@@ -27,7 +41,7 @@ def finish(run: RunConfig, model, tokenizer, train_ds, val_ds, val_loss: float, 
                     seed=tc.seed) if tc.sample_tokens else ""
     return {
         "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), "unigram_loss": unigram,
-        "unigram_ppl": math.exp(unigram), "tok_per_s": round(tok_s, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "unigram_ppl": math.exp(unigram), "tok_per_s": round(tok_s, 1), "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
         "cpu_time_s": round(usage.ru_utime + usage.ru_stime, 1), "precision": "bf16" if amp else "fp32",
         "params": counts["total"], "active_params": counts["active"], "sample": tc.sample_prompt + text,
