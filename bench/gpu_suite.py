@@ -84,14 +84,23 @@ class Interrupted(BaseException):
 
 
 _stopping = False
+_caught: str | None = None  # the signal our handler caught, kept: its exception can be lost (below)
 
 
 def _on_signal(signum: int, frame) -> None:
-    global _stopping
+    global _stopping, _caught
     if _stopping:  # already on the way out, writing results: a second signal must not cut that short
         return
-    _stopping = True
-    raise Interrupted(signal.Signals(signum).name)
+    _stopping, _caught = True, signal.Signals(signum).name
+    # Raised in whatever Python code runs when the signal arrives. If that is a weakref callback or a
+    # __del__, Python prints the exception and drops it: `check_caught` at every section start catches up.
+    raise Interrupted(_caught)
+
+
+def check_caught() -> None:
+    """Stop now if our handler caught a signal whose exception was swallowed where it landed."""
+    if _caught is not None:
+        raise Interrupted(_caught, "(caught earlier; its exception was lost where it landed)")
 
 
 def install_signal_handlers() -> None:
@@ -150,6 +159,7 @@ class Suite:
         t = time.time()
         print(f"[{name}] ... ({self.remaining():.0f} s left, ~{estimate_s:.0f} s estimated)", flush=True)
         try:
+            check_caught()
             yield record
             record["status"] = record.get("status", "ok")
         except Interrupted as e:

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import make_run
 
 REPO = Path(__file__).resolve().parents[1]

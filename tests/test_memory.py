@@ -35,11 +35,15 @@ def probe(*args: str, ranks: int = 1, timeout: int = 240) -> list[dict]:
 def check_flat(row: dict, first: int = 10, last: int = 40) -> None:
     # Tensor counts: exactly the same once the optimizer state exists. Memory: the first steps fill
     # allocator and kernel caches (oneDNN caches a primitive per new GEMM shape, and routing makes new
-    # shapes), so it is measured over steps 20-40, against one bf16 copy of the experts.
+    # shapes), so it is measured over steps 20-40, against one bf16 copy of the experts: the median of the
+    # four 5-step increments, times 4. A leak adds to every increment; a one-off allocator event (seen once
+    # under FSDP: +24 MB in one interval, flat for 100 steps when run again) adds to one.
     assert row[f"tensors_{last}"] == row[f"tensors_{first}"], row
-    if f"rss_mb_{last}" in row and last >= 40:
-        grew = row[f"rss_mb_{last}"] - row["rss_mb_20"]
-        assert grew < row["pool_copy_bf16_mb"], (f"grew {grew:.1f} MB over 20 steps", row)
+    if last >= 40:
+        steps = [20, 25, 30, 35, 40]
+        increments = sorted(row[f"rss_mb_{b}"] - row[f"rss_mb_{a}"] for a, b in zip(steps, steps[1:]))
+        grew = 4 * (increments[1] + increments[2]) / 2
+        assert grew < row["pool_copy_bf16_mb"], (f"grew {grew:.1f} MB over 20 steps (median rate)", row)
 
 
 @pytest.mark.parametrize("case", [
