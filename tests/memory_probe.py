@@ -4,7 +4,7 @@
 
 Prints one JSON line per rank: the live tensor count (`gc`) and the resident set size after freed heap
 is handed back to the OS (`malloc_trim`) every 10 steps (every 5 from step 20), and the bytes of one copy of the
-experts in bf16 (the size of what the leak kept per step). Under `--fsdp`, start it with torchrun.
+experts in bf16 (the size of what the leak kept per step). Under `--fsdp` or `--ddp`, start it with torchrun.
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--ddp", action="store_true")
     p.add_argument("--steps", type=int, default=40)
     args = p.parse_args()
     torch.set_num_threads(1)
-    if args.fsdp:
+    if args.fsdp or args.ddp:
         torch.distributed.init_process_group("gloo")
     torch.manual_seed(0)
     cfg = get_preset("debug").replace(n_layers=4, d_model=64, ffn_hidden=256, vocab_size=512,
@@ -63,8 +64,8 @@ def main() -> None:
     model.set_execution(fused_pool_wgrad=args.fused == "fused", activation_checkpointing=args.checkpointing)
     model.train()
     wrapped = model
-    if args.fsdp:
-        wrapped = ud.wrap(model, "fsdp", torch.device("cpu"))
+    if args.fsdp or args.ddp:
+        wrapped = ud.wrap(model, "fsdp" if args.fsdp else "ddp", torch.device("cpu"))
     step_fn = torch.compile(wrapped) if args.compile else wrapped
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
@@ -84,7 +85,7 @@ def main() -> None:
         if step % 10 == 0 or (step >= 20 and step % 5 == 0):
             record[f"rss_mb_{step}"] = round(rss_mb(), 2)
     print(json.dumps(record), flush=True)
-    if args.fsdp:
+    if args.fsdp or args.ddp:
         torch.distributed.destroy_process_group()
 
 
