@@ -187,3 +187,33 @@ def test_routing_stats_by_hand():
     assert stats["dead_experts"] == 2  # experts 2 and 3 got nothing from either layer of the shared pool
     pool = torch.tensor([12.0, 4.0, 0.0, 0.0])
     assert stats["balance_cv"] == pytest.approx(float(pool.std(unbiased=False) / pool.mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("mode, layers_sharing", [("pool", 4), ("grouped", 2), ("layerwise", 1)])
+def test_shared_expert_learning_rate_is_scaled_by_the_layers_sharing_it(mode, layers_sharing):
+    """train.shared_expert_lr_power p: a shared expert's learning rate is lr * s^-p, s the layers sharing it.
+    AdamW's first step moves every weight by its learning rate (m / sqrt(v) = 1 for a constant gradient), so
+    the update itself shows the scale."""
+    import torch
+
+    from unipool.model.model import build_model
+    from unipool.presets import get_preset
+    from unipool.train.loop import set_lr
+
+    extra = {"pool": {"num_experts": 8}, "grouped": {"n_groups": 2, "num_experts": 4},
+             "layerwise": {"num_experts": 4, "router": "softmax", "switch_loss_coef": 1e-2, "pool_loss_coef": 0.0}}
+    model = build_model(get_preset("debug").replace(moe_mode=mode, n_layers=4, norm_router_c="one", **extra[mode]))
+    groups = param_groups(model, weight_decay=0.0, shared_lr_power=0.5)
+    assert len(groups) == (3 if layers_sharing > 1 else 2)  # no extra group where nothing is shared
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    set_lr(optimizer, 1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = 1e-3 * (layers_sharing ** -0.5 if name.startswith("experts.") else 1.0)
+        torch.testing.assert_close((before[name] - p.detach()).abs(), torch.full_like(p, expected), rtol=1e-4,
+                                   atol=0, msg=name)
+    # p = 0 (the default): the two groups as always
+    assert len(param_groups(model, 0.01)) == 2

@@ -53,6 +53,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01  # on parameters with >= 2 dims only (Megatron: none on 1-D params)
     grad_clip: float = 1.0  # 0 disables clipping
+    shared_expert_lr_power: float = 0.0  # p: experts shared by s layers train at lr * s^-p (Expert Tying: 0.5)
     # --- divergence guard: a step whose gradient norm (or loss) is NaN/inf never updates the weights ---
     on_nonfinite: str = "skip"  # skip the update | stop | rollback to the last checkpoint
     max_bad_steps: int = 3  # skip: skipped steps in a row; rollback: rollbacks without a new checkpoint; then stop
@@ -100,6 +101,7 @@ class TrainConfig:
         need(self.eps > 0, "eps", "must be > 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        need(self.shared_expert_lr_power >= 0, "shared_expert_lr_power", "must be >= 0")
         need(self.on_nonfinite in ON_NONFINITE, "on_nonfinite", f"must be one of {ON_NONFINITE}")
         need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         need(self.distributed in DIST_MODES, "distributed", f"must be one of {DIST_MODES}")
