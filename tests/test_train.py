@@ -217,3 +217,12 @@ def test_shared_expert_learning_rate_is_scaled_by_the_layers_sharing_it(mode, la
                                    atol=0, msg=name)
     # p = 0 (the default): the two groups as always
     assert len(param_groups(model, 0.01)) == 2
+
+
+def test_resume_refuses_switching_the_shared_expert_lr_scaling():
+    from unipool.config import preset_config, resume_incompatibilities
+
+    saved = preset_config("debug")
+    on = saved.replace(train=dataclasses.replace(saved.train, shared_expert_lr_power=0.5))
+    assert any("shared_expert_lr_power" in d for d in resume_incompatibilities(saved, on))
+    assert not resume_incompatibilities(on, on.replace(train=dataclasses.replace(on.train, shared_expert_lr_power=1.0)))

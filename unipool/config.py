@@ -305,6 +305,8 @@ def resume_incompatibilities(saved: RunConfig, new: RunConfig) -> list[str]:
     """Fields whose change makes a checkpoint unusable for the new config."""
     diff = [f"model.{k}" for k, v in saved.model.to_dict().items() if getattr(new.model, k) != v]
     diff += [f"data.{k}" for k in RESUME_CHECKED_DATA_FIELDS if getattr(saved.data, k) != getattr(new.data, k)]
+    if (saved.train.shared_expert_lr_power > 0) != (new.train.shared_expert_lr_power > 0):
+        diff.append("train.shared_expert_lr_power (on or off: the optimizer's groups differ)")
     return diff
 
 
