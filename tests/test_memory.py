@@ -35,15 +35,16 @@ def probe(*args: str, ranks: int = 1, timeout: int = 240) -> list[dict]:
 def check_flat(row: dict, first: int = 10, last: int = 40) -> None:
     # Tensor counts: exactly the same once the optimizer state exists. Memory: the first steps fill
     # allocator and kernel caches (oneDNN caches a primitive per new GEMM shape, and routing makes new
-    # shapes), so it is measured over steps 20-40, against one bf16 copy of the experts: the median of the
-    # four 5-step increments, times 4. A leak adds to every increment; a one-off allocator event (seen once
-    # under FSDP: +24 MB in one interval, flat for 100 steps when run again) adds to one.
+    # shapes), so it is measured from step 20 on, against one bf16 copy of the experts per 20 steps: the
+    # median 5-step increment, times 4. A leak adds to every increment; a one-off allocator event adds to one
+    # or two (seen under FSDP with gloo's threads: +24 to +48 MB once, then flat for 80 steps).
     assert row[f"tensors_{last}"] == row[f"tensors_{first}"], row
     if last >= 40:
-        steps = [20, 25, 30, 35, 40]
+        steps = list(range(20, last + 1, 5))
         increments = sorted(row[f"rss_mb_{b}"] - row[f"rss_mb_{a}"] for a, b in zip(steps, steps[1:]))
-        grew = 4 * (increments[1] + increments[2]) / 2
-        assert grew < row["pool_copy_bf16_mb"], (f"grew {grew:.1f} MB over 20 steps (median rate)", row)
+        mid = len(increments) // 2
+        grew = 4 * (increments[mid] if len(increments) % 2 else (increments[mid - 1] + increments[mid]) / 2)
+        assert grew < row["pool_copy_bf16_mb"], (f"grew {grew:.1f} MB per 20 steps (median rate)", row)
 
 
 @pytest.mark.parametrize("case", [
@@ -60,8 +61,8 @@ def test_training_steps_leave_nothing_behind(case):
 def test_data_parallel_training_steps_leave_nothing_behind(case):
     """2 gloo ranks. Under FSDP2 the bound weights are the gathered ones: keeping them would also defeat
     resharding."""
-    for row in probe(*case.split(), ranks=2):
-        check_flat(row)
+    for row in probe(*case.split(), "--steps", "60", ranks=2):  # 8 increments: one-off jumps stay out of the median
+        check_flat(row, last=60)
 
 
 @pytest.mark.slow
