@@ -615,47 +615,10 @@ def loss_falls_and_resume(suite: Suite, rec: dict) -> None:
 
 def layer_case(variant: str, d: int, f: int, e: int, k: int, tokens: int, dev: torch.device, dtype: torch.dtype,
                hf_impl: str = "grouped_mm") -> Callable[[], None]:
-    """bench/moe_layer.build with every tensor made on the device: its CPU draws (~20G random values at
-    the largest pools) take minutes on one core. A closure running one forward + backward."""
+    """One forward + backward of a MoE layer: bench/moe_layer.build, which draws every tensor on the device."""
     import moe_layer
 
-    gen = torch.Generator(device=dev).manual_seed(0)
-
-    def randn(*shape, std: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen, device=dev) * std).to(dtype)
-
-    def w(*shape, std=0.02):
-        return randn(*shape, std=std).requires_grad_()
-
-    x, cot = w(tokens, d, std=0.5), randn(tokens, d, std=1.0)
-    if variant == "dense":
-        xn, cot_n = w(tokens * k, d, std=0.5), randn(tokens * k, d, std=1.0)
-        w13, w2 = w(2 * f, d), w(d, f)
-
-        def step():
-            gate, up = torch.nn.functional.linear(xn, w13).chunk(2, dim=-1)
-            torch.autograd.backward(torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2), cot_n)
-        return step
-    if variant in ("ours", "loop"):
-        route, _ = moe_layer.make_router(d, e, k, dev, dtype)
-        w13, w2 = w(e, 2 * f, d), w(e, d, f)
-        fn = moe_dispatch if variant == "ours" else moe_reference
-
-        def step():
-            ids, gates = route(x)
-            torch.autograd.backward(fn(x, ids, gates, w13, w2), cot)
-        return step
-    with torch.device(dev):  # parameters allocated on the device (uninitialised), filled there below
-        block = moe_layer.make_hf_block(variant, d, f, e, k, hf_impl)
-    block = block.to(dtype)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.02, generator=gen)
-    x3, cot3 = x.view(1, tokens, d), cot.view(1, tokens, d)
-
-    def step():
-        torch.autograd.backward(block(x3), cot3)
-    return step
+    return moe_layer.build(variant, d, f, e, k, tokens, dev, dtype, hf_impl)
 
 
 def moe_layer_speed(suite: Suite, rec: dict) -> None:

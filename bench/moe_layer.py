@@ -77,17 +77,20 @@ def make_hf_block(name: str, d: int, f: int, e: int, k: int, impl: str):
 
 
 def build(variant: str, d: int, f: int, e: int, k: int, tokens: int, device, dtype, hf_impl: str):
-    """Returns a closure running one forward + backward, and the tensors it keeps alive."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = (torch.randn(tokens, d, generator=gen) * 0.5).to(device, dtype).requires_grad_()
-    cot = torch.randn(tokens, d, generator=gen).to(device, dtype)  # a real cotangent (not expanded)
+    """Returns a closure running one forward + backward. Every tensor is drawn on `device`: drawing the
+    largest pools on one CPU core (~20G random values) would take minutes before a GPU run starts."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device) * std).to(dtype)
 
     def w(*shape, std=0.02):
-        return (torch.randn(*shape, generator=gen) * std).to(device, dtype).requires_grad_()
+        return randn(*shape, std=std).requires_grad_()
 
+    x, cot = w(tokens, d, std=0.5), randn(tokens, d, std=1.0)  # a real cotangent (not expanded)
     if variant == "dense":
-        xn = (torch.randn(tokens * k, d, generator=gen) * 0.5).to(device, dtype).requires_grad_()
-        cot = torch.randn(tokens * k, d, generator=gen).to(device, dtype)
+        xn, cot = w(tokens * k, d, std=0.5), randn(tokens * k, d, std=1.0)
         w13, w2 = w(2 * f, d), w(d, f)
 
         def step():
@@ -104,10 +107,12 @@ def build(variant: str, d: int, f: int, e: int, k: int, tokens: int, device, dty
             ids, gates = route(x)
             torch.autograd.backward(fn(x, ids, gates, w13, w2), cot)
         return step
-    block = make_hf_block(variant, d, f, e, k, hf_impl).to(device, dtype)
+    with torch.device(device):  # parameters allocated on the device (uninitialised), filled there below
+        block = make_hf_block(variant, d, f, e, k, hf_impl)
+    block = block.to(dtype)
     with torch.no_grad():
         for p in block.parameters():
-            p.normal_(0, 0.02)
+            p.normal_(0, 0.02, generator=gen)
     x3, cot3 = x.view(1, tokens, d), cot.view(1, tokens, d)
 
     def step():
