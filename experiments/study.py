@@ -58,10 +58,23 @@ def load_study(path: Path) -> dict:
     return study
 
 
+SECTIONS = ("model", "train", "data", "exec")
+
+
+def variant_sections(overrides: dict) -> dict[str, dict]:
+    """A variant's overrides by section: keys naming a section (`train: {...}`) override that section's
+    fields, every other key is a model field."""
+    sections = {section: dict(overrides.get(section) or {}) for section in SECTIONS if section != "model"}
+    sections["model"] = {k: v for k, v in overrides.items() if k not in SECTIONS}
+    sections["model"].update(overrides.get("model") or {})
+    return sections
+
+
 def run_config(study: dict, variant: str, seed: int, steps: int | None) -> dict:
     base = study["base"]
-    cfg = {section: dict(base.get(section, {})) for section in ("model", "train", "data", "exec")}
-    cfg["model"].update(study["variants"][variant])
+    cfg = {section: dict(base.get(section, {})) for section in SECTIONS}
+    for section, fields in variant_sections(study["variants"][variant]).items():
+        cfg[section].update(fields)
     cfg["train"]["seed"] = seed
     if steps is not None:  # smoke runs: same study, fewer steps
         cfg["train"].update(steps=steps, eval_interval=0, ckpt_interval=0, routing_interval=0)
@@ -229,7 +242,7 @@ def report(study: dict, out: Path) -> str:
                     summaries[seed] = summary
                     runs[variant].append(run_dir)
                     routing.append(routing_summary(run_dir))
-        cfg = ModelConfig.from_dict({**study["base"].get("model", {}), **overrides})
+        cfg = ModelConfig.from_dict({**study["base"].get("model", {}), **variant_sections(overrides)["model"]})
         params = param_report(cfg)
         losses = {seed: s["val_loss"] for seed, s in summaries.items()}
         first = next(iter(summaries.values()), {})
@@ -280,6 +293,9 @@ def report(study: dict, out: Path) -> str:
     if contrasts:
         lines += ["", "Paired contrasts (the study's `contrasts`: a − b on the same seeds):", "",
                   *contrast_table(contrasts, target)]
+    rule = stopping_line(stopping_state(study, out))
+    if rule:
+        lines += ["", rule]
     table = "\n".join(lines)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     if contrasts:
@@ -337,6 +353,54 @@ def paired_contrasts(study: dict, rows: list[dict]) -> list[dict]:
             c["se"], c["ci95"] = ci[0], [ci[1], ci[2]]
         found.append(c)
     return found
+
+
+def finished_losses(study: dict, out: Path) -> dict[str, dict[int, float]]:
+    """{variant: {seed: final validation loss}} of the finished runs."""
+    losses: dict[str, dict[int, float]] = {}
+    for variant in study["variants"]:
+        for seed in study["seeds"]:
+            path = out / f"{variant}-s{seed}" / "summary.json"
+            if path.is_file():
+                loss = json.loads(path.read_text()).get("val_loss")
+                if loss is not None:
+                    losses.setdefault(variant, {})[seed] = loss
+    return losses
+
+
+def stopping_state(study: dict, out: Path) -> dict | None:
+    """The study's stopping rule (`stop_when_se: {se: 0.02, min_seeds: 3}`): seeds are added until every
+    variant's difference to vanilla and every contrast in `contrasts` has a paired standard error <= se over at least min_seeds seeds, or the
+    seeds run out. Returns None without a rule, else {"met": bool, "seeds": n, "worst": (name, se)}."""
+    rule = study.get("stop_when_se")
+    if not rule:
+        return None
+    losses = finished_losses(study, out)
+    worst, met, seeds = None, True, None
+    pairs = {f"{v} vs vanilla": [v, "vanilla"] for v in study["variants"] if v != "vanilla" and "vanilla" in study["variants"]}
+    pairs.update(study.get("contrasts") or {})
+    for name, (a, b) in pairs.items():
+        deltas = list(paired_deltas(losses.get(a, {}), losses.get(b, {})).values())
+        seeds = len(deltas) if seeds is None else min(seeds, len(deltas))
+        se = statistics.stdev(deltas) / math.sqrt(len(deltas)) if len(deltas) >= 2 else math.inf
+        if worst is None or se > worst[1]:
+            worst = (name, se)
+        met = met and len(deltas) >= rule.get("min_seeds", 3) and se <= rule["se"]
+    return {"met": met, "seeds": seeds or 0, "worst": worst, "se": rule["se"], "max_seeds": len(study["seeds"])}
+
+
+def stopping_line(state: dict | None) -> str:
+    if state is None:
+        return ""
+    name, se = state["worst"] or ("–", math.inf)
+    if state["met"]:
+        return (f"Stopping rule met: every contrast's paired SE <= {state['se']} at {state['seeds']} seeds "
+                f"(largest: {name}, {se:.4f}).")
+    if state["seeds"] >= state["max_seeds"]:
+        return (f"Stopping rule: the study's {state['max_seeds']} seeds ran out before every paired SE reached "
+                f"{state['se']} (largest: {name}, {se:.4f}).")
+    return (f"Stopping rule not met yet: {state['seeds']} seeds on every contrast so far; the largest paired SE "
+            f"is {name}'s, {se:.4f} (target {state['se']}, at most {state['max_seeds']} seeds).")
 
 
 def plan(study: dict, out: Path, names: list[tuple[str, str, int]], steps: int | None) -> None:
@@ -397,6 +461,12 @@ def main() -> None:
 
         def launch(item: tuple[str, str, int]) -> None:
             name, variant, seed = item
+            state = stopping_state(study, out)
+            rule = study.get("stop_when_se") or {}
+            if (state and state["met"] and seed >= rule.get("min_seeds", 3)
+                    and not (out / name / "checkpoints" / "LATEST").is_file()):
+                print(f"[{time.time() - t0:7.0f} s] {name}: not needed ({stopping_line(state)})", flush=True)
+                return
             result = run_one(out, name, run_config(study, variant, seed, args.steps), threads)
             print(f"[{time.time() - t0:7.0f} s] {name}: {result}", flush=True)
 

@@ -41,6 +41,7 @@ def _perturbed(cfg):
         for block in model.layers:
             if hasattr(block.router, "expert_bias"):
                 block.router.expert_bias.copy_(torch.randn_like(block.router.expert_bias) * 0.05)
+        model.set_router_progress(0.3)  # a router window part-way open (no-op without one)
     return model.eval()
 
 
@@ -59,6 +60,16 @@ CONFIGS = {
     # sigmoid router with selection bias, top-2 (gates renormalised, as the official code does), per-head
     # QK-norm and an explicit head_dim != d_model / n_heads
     "pool-sigmoid-head": dict(preset="debug", router="sigmoid", top_k=2, qk_norm="head", attn_head_dim=32),
+    # the sharing family: a private expert per layer beside the pool (CS-MoE), a depth embedding (MoRE),
+    # experts tied over 2 layers with z-loss (Expert Tying), routers in a window being widened (ReXMoE)
+    "pool-private": dict(preset="debug", router="softmax", top_k=2, private_hidden=32, switch_loss_coef=0.01,
+                         pool_loss_coef=0.0),
+    "pool-depth-embedding": dict(preset="debug", depth_embedding="normal", top_k=2),
+    "tied-softmax-z": dict(preset="debug-vanilla", moe_mode="grouped", n_layers=4, n_groups=2, num_experts=4,
+                           z_loss_coef=1e-4),
+    "pool-window": dict(preset="debug", n_layers=4, router_window=2, router_window_warmup=0.5, top_k=2),
+    "pool-window-softmax": dict(preset="debug", n_layers=4, router="softmax", router_window=3,
+                                router_window_warmup=0.5),
 }
 
 
@@ -86,7 +97,7 @@ def test_export_matches_our_logits_and_keeps_pools_shared(name, tokenizer, tmp_p
     # Same parameters, and each pool exists once: on disk and as one tensor whichever layer calls it.
     assert sum(p.numel() for p in hf.parameters()) == ours.param_counts()["total"]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert sum("gate_up_proj" in k for k in f.keys()) == cfg.n_pools  # noqa: SIM118
+        assert sum(k.startswith("model.experts.") and k.endswith("gate_up_proj") for k in f.keys()) == cfg.n_pools  # noqa: SIM118
     seen = []
     for pool in hf.model.experts:
         pool.register_forward_hook(lambda mod, args, res: seen.append(mod.gate_up_proj.data_ptr()))

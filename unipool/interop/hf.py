@@ -25,6 +25,9 @@ Name map (unipool <-> HF), `{i}` a layer and `{p}` a pool:
     layers.{i}.attention.{q,k}_norm       model.layers.{i}.self_attn.{q,k}_norm
     layers.{i}.ffn_norm.weight            model.layers.{i}.post_attention_layernorm.weight
     layers.{i}.router.gate.weight         model.layers.{i}.mlp.gate.weight
+    layers.{i}.router.candidate_mask_E    model.layers.{i}.mlp.gate.candidate_mask      (router window)
+    layers.{i}.private_expert.w13 / w2    model.layers.{i}.mlp.private_expert.gate_up_proj / down_proj
+    layers.{i}.depth_embedding            model.layers.{i}.mlp.depth_embedding
     experts.{p}.w13_EFD / w2_EDF          model.experts.{p}.gate_up_proj / down_proj   (export)
                                           model.layers.{i}.mlp.experts.*               (import, per layer)
     norm.weight, output.weight            model.norm.weight, lm_head.weight
@@ -68,6 +71,10 @@ _NAMES = [
     ("layers.{i}.router.gate.weight", "model.layers.{i}.mlp.gate.weight"),
     ("layers.{i}.router.scale", "model.layers.{i}.mlp.gate.scale"),
     ("layers.{i}.router.expert_bias", "model.layers.{i}.mlp.gate.expert_bias"),
+    ("layers.{i}.router.candidate_mask_E", "model.layers.{i}.mlp.gate.candidate_mask"),
+    ("layers.{i}.private_expert.w13.weight", "model.layers.{i}.mlp.private_expert.gate_up_proj.weight"),
+    ("layers.{i}.private_expert.w2.weight", "model.layers.{i}.mlp.private_expert.down_proj.weight"),
+    ("layers.{i}.depth_embedding", "model.layers.{i}.mlp.depth_embedding"),
     ("experts.{i}.w13_EFD", "model.experts.{i}.gate_up_proj"),
     ("experts.{i}.w2_EDF", "model.experts.{i}.down_proj"),
 ]
@@ -136,6 +143,9 @@ def hf_config_dict(model: Unipool, eos_id: int | None = None) -> dict:
         "norm_router_c": _norm_router_c(model),
         "norm_router_eps": cfg.norm_router_eps,
         "random_gates": cfg.random_gates,
+        "router_masked": bool(cfg.router_window),  # the routers' candidate masks are in the weights
+        "private_hidden": cfg.private_hidden,
+        "depth_embedding": cfg.depth_embedding != "none",
         "expert_kernel": "auto",
         "initializer_range": cfg.init_std,
         "tie_word_embeddings": False,

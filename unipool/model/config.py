@@ -40,6 +40,7 @@ ROUTERS = ("softmax", "norm", "sigmoid", "random")
 POOL_LOSS_STATS = ("previous", "current")
 BALANCE_SCORES = ("raw", "normalized")
 NORM_ROUTER_SCALES = ("linear", "softplus", "exp")
+DEPTH_EMBEDDINGS = ("none", "zeros", "normal")
 # Execution settings that earlier versions kept in the model config; from_dict drops them (a run's
 # config moves their values to its `exec` section).
 LEGACY_EXEC_FIELDS = ("dispatch", "fused_pool_wgrad")
@@ -121,6 +122,22 @@ class ModelConfig:
     top_k: int = 1
     granularity: int = 1  # fine-grained experts: g experts of ffn_hidden / g per original expert
 
+    # --- cross-layer designs beside UniPool (off by default; docs/design.md, "The sharing family") ---
+    # Width of an always-on per-layer SwiGLU FFN beside the routed experts (CS-MoE's and GMoE's private
+    # "independent" expert): its output is added with weight 1. 0: none.
+    private_hidden: int = 0
+    # A learnable per-layer vector added to the routed experts' input, not the router's (MoRE's depth
+    # embedding): "none" | "zeros" (starts as the model without it) | "normal" (N(0, init_std)).
+    depth_embedding: str = "none"
+    # Routers restricted to the experts of r adjacent layers (ReXMoE): the pool's experts are split into
+    # layers_per_pool equal blocks, block j "belongs" to the pool's j-th layer, and layer l may pick the
+    # blocks of the r layers nearest to it. 0: the whole pool (UniPool).
+    router_window: int = 0
+    # Fraction of training over which a router's candidates grow, nearest experts first, from its own
+    # block to the whole window (ReXMoE's progressive scaling routing; the linear schedule is ours).
+    # 0: the whole window from the first step.
+    router_window_warmup: float = 0.0
+
     # --- router ---
     router: str = "norm"  # softmax | norm (NormRouter) | sigmoid (aux-loss-free bias) | random
     renormalize: bool = False  # renormalise the selected gates to sum to 1 (softmax/sigmoid)
@@ -181,6 +198,16 @@ class ModelConfig:
     def expert_hidden(self) -> int:
         return self.ffn_hidden // self.granularity
 
+    @property
+    def experts_per_block(self) -> int:
+        """With a router window: the experts of the pool that belong to one of its layers."""
+        return self.n_routed_experts // self.layers_per_pool
+
+    @property
+    def router_width(self) -> int:
+        """Experts a router may pick once training is done: the pool, or its window's blocks."""
+        return self.router_window * self.experts_per_block if self.router_window else self.n_routed_experts
+
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -208,6 +235,24 @@ class ModelConfig:
         need(self.top_k <= self.num_experts, "top_k", f"must be <= num_experts={self.num_experts}")
         if self.moe_mode == "grouped":
             need(self.n_layers % self.n_groups == 0, "n_groups", f"must divide n_layers={self.n_layers}")
+        need(isinstance(self.private_hidden, int) and self.private_hidden >= 0, "private_hidden",
+             "must be a non-negative integer (0: no private expert)")
+        need(self.depth_embedding in DEPTH_EMBEDDINGS, "depth_embedding", f"must be one of {DEPTH_EMBEDDINGS}")
+        need(isinstance(self.router_window, int) and self.router_window >= 0, "router_window",
+             "must be a non-negative integer (0: the whole pool)")
+        need(0.0 <= self.router_window_warmup <= 1.0, "router_window_warmup", "must be in [0, 1]")
+        if self.router_window:
+            need(self.layers_per_pool > 1, "router_window", "needs experts shared across layers (moe_mode pool "
+                 "or grouped)")
+            need(self.router_window <= self.layers_per_pool, "router_window",
+                 f"must be <= the layers sharing a pool ({self.layers_per_pool})")
+            need(self.n_routed_experts % self.layers_per_pool == 0, "router_window",
+                 f"needs the pool's {self.n_routed_experts} experts to split evenly over its "
+                 f"{self.layers_per_pool} layers")
+            need(self.router != "random", "router_window", "has no meaning for random routing")
+            need(self.routed_top_k <= self.experts_per_block, "router_window",
+                 f"needs top_k <= the experts of one layer's block ({self.experts_per_block}), which is all a "
+                 "router may pick at the start")
         need(self.rope_base > 0, "rope_base", "must be positive")
         need(self.init_std > 0, "init_std", "must be positive")
         need(self.norm_eps > 0, "norm_eps", "must be positive")

@@ -14,6 +14,10 @@ Notable design choices
   statistic is a buffer that the training loop refreshes with `update_routing_state(output)` after
   each forward, never inside forward. Sigmoid routers' aux-loss-free biases move once per optimizer
   step (`update_router_biases`, from counts summed over micro-batches and ranks).
+- The relatives of UniPool are options of the same blocks (docs/design.md, "The sharing family"): an
+  always-on private FFN per layer (`private_hidden`), a depth embedding on the experts' input
+  (`depth_embedding`), experts tied over consecutive layers (grouped mode), and routers restricted to a
+  window of layers' experts that the training loop widens with `set_router_progress`.
 - No I/O, logging or distributed code here.
 """
 
@@ -100,6 +104,35 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
 
 
+class SwiGLU(nn.Module):
+    """A dense SwiGLU FFN: one layer's private, always-on expert (`private_hidden`)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(d_model, 2 * hidden, bias=False)  # gate and up projections, stacked
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def window_ranks(cfg: ModelConfig) -> torch.Tensor:
+    """(L, E) long: the order in which each layer's router gains the experts of its pool, nearest first.
+
+    The pool's experts form `layers_per_pool` blocks, block j belonging to the pool's j-th layer; a layer
+    ranks the blocks by distance |j - own| (the lower layer first on a tie) and the experts within a
+    block by index. A router window of r layers is the experts ranked below r * block."""
+    per_pool, block = cfg.layers_per_pool, cfg.experts_per_block
+    ranks = torch.empty(cfg.n_layers, cfg.n_routed_experts, dtype=torch.long)
+    for layer in range(cfg.n_layers):
+        own = layer % per_pool
+        by_distance = sorted(range(per_pool), key=lambda j: (abs(j - own), j))
+        for position, j in enumerate(by_distance):
+            ranks[layer, j * block:(j + 1) * block] = position * block + torch.arange(block)
+    return ranks
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -111,14 +144,21 @@ class Block(nn.Module):
                              random_gates=cfg.random_gates, switch_coef=cfg.switch_loss_coef,
                              z_coef=cfg.z_loss_coef, bias_rate=cfg.aux_free_bias_rate,
                              balance_scores=cfg.balance_scores, count_dead_picks=cfg.count_dead_picks,
-                             scale_param=cfg.norm_router_scale)
+                             scale_param=cfg.norm_router_scale, window=cfg.router_width if cfg.router_window else None)
+        self.private_expert = SwiGLU(cfg.d_model, cfg.private_hidden) if cfg.private_hidden else None
+        self.depth_embedding = nn.Parameter(torch.empty(cfg.d_model)) if cfg.depth_embedding != "none" else None
 
     def forward(self, x: torch.Tensor, pool: ExpertPool, cos: torch.Tensor, sin: torch.Tensor):
         x = x + self.attention(self.attention_norm(x), cos, sin)
         b, s, d = x.shape
         h_TD = self.ffn_norm(x).reshape(b * s, d)
         routed = self.router(h_TD)
-        x = x + pool(h_TD, routed.expert_ids_TK, routed.weights_TK).view(b, s, d).type_as(x)
+        # The depth embedding tells shared experts which layer calls them; the router does not see it.
+        experts_in_TD = h_TD if self.depth_embedding is None else h_TD + self.depth_embedding.to(h_TD.dtype)
+        y_TD = pool(experts_in_TD, routed.expert_ids_TK, routed.weights_TK)
+        if self.private_expert is not None:
+            y_TD = y_TD + self.private_expert(h_TD)
+        x = x + y_TD.view(b, s, d).type_as(x)
         return x, routed
 
 
@@ -139,6 +179,8 @@ class Unipool(nn.Module):
         # first micro-batch has no pool loss).
         self.register_buffer("pool_load_PE", torch.zeros(cfg.n_pools, cfg.n_routed_experts))
         self.register_buffer("pool_load_valid", torch.zeros((), dtype=torch.bool))
+        if cfg.router_window:
+            self.register_buffer("window_rank_LE", window_ranks(cfg), persistent=False)
         # How the forward runs, not what it computes (a run's `exec` section; see set_execution).
         self.activation_checkpointing = False
         self.fused_pool_wgrad = False
@@ -170,6 +212,8 @@ class Unipool(nn.Module):
         | router gate                       | N(0, init_std)                        |
         | NormRouter scale sigma            | 1                                     |
         | RMSNorm weights (incl. QK-norm)   | 1                                     |
+        | private expert w13 / w2           | as the experts' w13 / w2              |
+        | depth embedding                   | 0 ("zeros") or N(0, init_std)         |
         """
         cfg = self.config
         std = cfg.init_std
@@ -186,6 +230,14 @@ class Unipool(nn.Module):
                 block.attention.q_norm.weight.fill_(1.0)
                 block.attention.k_norm.weight.fill_(1.0)
             block.ffn_norm.weight.fill_(1.0)
+            if block.private_expert is not None:
+                nn.init.normal_(block.private_expert.w13.weight, std=std)
+                nn.init.normal_(block.private_expert.w2.weight, std=out_std)
+            if block.depth_embedding is not None:
+                if cfg.depth_embedding == "zeros":
+                    block.depth_embedding.zero_()
+                else:
+                    nn.init.normal_(block.depth_embedding, std=std)
         for pool in self.experts:
             nn.init.normal_(pool.w13_EFD, std=std)
             nn.init.normal_(pool.w2_EDF, std=out_std)
@@ -204,6 +256,24 @@ class Unipool(nn.Module):
         for block in self.layers:
             if hasattr(block.router, "expert_bias"):
                 block.router.expert_bias.zero_()
+        if cfg.router_window:
+            self.window_rank_LE.copy_(window_ranks(cfg))
+            self.set_router_progress(0.0)
+
+    @torch.no_grad()
+    def set_router_progress(self, progress: float) -> None:
+        """Open each router's window for training progress `progress` (step / total steps, in [0, 1]):
+        from its own block of experts at 0 to the whole window at `router_window_warmup` and after,
+        nearest experts first. Does nothing without a router window. A function of the step alone, so
+        a resumed run routes as an uninterrupted one."""
+        cfg = self.config
+        if not cfg.router_window:
+            return
+        block, full = cfg.experts_per_block, cfg.router_width
+        ramp = 1.0 if cfg.router_window_warmup == 0 else min(1.0, max(0.0, progress) / cfg.router_window_warmup)
+        n_candidates = block + round((full - block) * ramp)
+        for block_module, rank_E in zip(self.layers, self.window_rank_LE):
+            block_module.router.candidate_mask_E.copy_(rank_E < n_candidates)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         cfg = self.config
@@ -292,6 +362,8 @@ class Unipool(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         experts = sum(p.numel() for p in self.experts.parameters())
         routers = sum(p.numel() for b in self.layers for p in b.router.parameters())
+        private = sum(p.numel() for b in self.layers if b.private_expert is not None
+                      for p in b.private_expert.parameters())
         per_expert = 3 * cfg.d_model * cfg.expert_hidden
         active_experts = cfg.n_layers * cfg.routed_top_k * per_expert
         non_expert = total - experts
@@ -303,6 +375,7 @@ class Unipool(nn.Module):
             # The paper's "active" column: the dense model with one FFN per layer, no routers.
             "dense_equivalent": non_expert - routers + active_experts,
             "per_expert": per_expert,
+            "private_experts": private,  # always-on per-layer FFNs: in "active" as every non-expert weight
         }
 
 

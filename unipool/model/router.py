@@ -192,7 +192,7 @@ class Router(nn.Module):
                  renormalize: bool = False, norm_c: str | float = "monte_carlo", norm_eps: float = 1e-8,
                  random_gates: str = "uniform", switch_coef: float = 0.0, z_coef: float = 0.0,
                  bias_rate: float = 1e-3, balance_scores: str = "raw", count_dead_picks: bool = True,
-                 scale_param: str = "linear"):
+                 scale_param: str = "linear", window: int | None = None):
         super().__init__()
         self.n_experts, self.top_k, self.kind = n_experts, top_k, kind
         self.renormalize, self.norm_eps = renormalize, norm_eps
@@ -209,10 +209,15 @@ class Router(nn.Module):
                 self.scale = nn.Parameter(init)
             else:
                 self.scale_raw = nn.Parameter(init)
-            self.norm_c = norm_router_c_value(norm_c, n_experts, top_k)
+            # c is the constant of the width the router ends up choosing from (a window's, if it has one).
+            self.norm_c = norm_router_c_value(norm_c, window or n_experts, top_k)
         if kind == "sigmoid":
             # Selection-only bias, updated by `update_bias` outside the gradient.
             self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
+        if window:
+            # The experts this router may pick now (a router window, grown by the model's
+            # `set_router_progress`); saved with the weights so a trained model routes as it trained.
+            self.register_buffer("candidate_mask_E", torch.ones(n_experts, dtype=torch.bool), persistent=True)
         # Gates of a model trained with random routing (config `random_gates`); None for learned routing.
         self.random_gates: str | None = random_gates if kind == "random" else None
 
@@ -255,12 +260,19 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.gate(x_TD)
+        mask_E = getattr(self, "candidate_mask_E", None)
+        if mask_E is not None:
+            # Experts outside the window get no score: a softmax or sigmoid sees a logit of -inf (the
+            # softmax renormalises over the window), NormRouter a logit of 0 (its norm is the window's).
+            logits_TE = logits_TE.masked_fill(~mask_E, 0.0 if self.kind == "norm" else -math.inf)
         scores_TE = self.scores(logits_TE)
         if self.kind == "random":
             # No generator: a model trained this way draws from torch's global stream, like dropout.
             ids_TK = random_topk(x_TD.shape[0], self.n_experts, self.top_k, x_TD.device)
         else:
             select_TE = scores_TE + self.expert_bias if self.kind == "sigmoid" else scores_TE
+            if mask_E is not None:  # a NormRouter row of zeros must not pick a masked expert in a tie
+                select_TE = select_TE.masked_fill(~mask_E, -math.inf)
             ids_TK = select_TE.topk(self.top_k, dim=-1).indices
         if self.random_gates == "uniform":
             weights_TK = torch.full(ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)

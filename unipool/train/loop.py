@@ -274,6 +274,7 @@ def train_step(s: Session, step: int, total_steps: int, guard: DivergenceGuard, 
     tc = s.run.train
     lr = lr_at(step, total_steps, tc.lr, tc.min_lr, tc.warmup_frac)
     set_lr(s.optimizer, lr)
+    s.model.set_router_progress(step / total_steps)  # router windows (a no-op without one)
     loss_sum = torch.zeros(2, device=s.device)  # lm loss, aux loss (summed over micro-batches)
     tally.start_step()
     for micro in range(tc.grad_accum):

@@ -34,6 +34,9 @@ class UnipoolConfig(PretrainedConfig):
         norm_router_c=1.0,  # the NormRouter constant c, as a number
         norm_router_eps=1e-8,
         random_gates="uniform",
+        router_masked=False,  # each router has a candidate_mask of the experts it may pick (a router window)
+        private_hidden=0,  # width of each layer's always-on private SwiGLU expert (0: none)
+        depth_embedding=False,  # a per-layer vector added to the routed experts' input
         expert_kernel="auto",  # auto (grouped GEMMs where torch._grouped_mm takes the shapes) | grouped_mm | loop
         initializer_range=0.02,
         use_cache=True,
@@ -61,6 +64,9 @@ class UnipoolConfig(PretrainedConfig):
         self.norm_router_c = norm_router_c
         self.norm_router_eps = norm_router_eps
         self.random_gates = random_gates
+        self.router_masked = router_masked
+        self.private_hidden = private_hidden
+        self.depth_embedding = depth_embedding
         if expert_kernel not in ("auto", "grouped_mm", "loop"):
             raise ValueError(f"expert_kernel must be auto, grouped_mm or loop, not {expert_kernel!r}")
         self.expert_kernel = expert_kernel

@@ -127,9 +127,14 @@ class UnipoolRouter(nn.Module):
             self.scale = nn.Parameter(torch.ones(1))
         if self.kind == "sigmoid":
             self.register_buffer("expert_bias", torch.zeros(self.n_experts))
+        if getattr(config, "router_masked", False):
+            self.register_buffer("candidate_mask", torch.ones(self.n_experts, dtype=torch.bool))
 
     def forward(self, x_TD):
         logits_TE = F.linear(x_TD, self.weight)
+        mask_E = getattr(self, "candidate_mask", None)
+        if mask_E is not None:  # experts outside the router's window: logit -inf (NormRouter: 0)
+            logits_TE = logits_TE.masked_fill(~mask_E, 0.0 if self.kind == "norm" else float("-inf"))
         z = logits_TE.float()
         if self.kind == "norm":
             scores_TE = F.relu(z / (z.norm(dim=-1, keepdim=True) + self.norm_eps)) * self.scale * self.norm_c
@@ -143,6 +148,8 @@ class UnipoolRouter(nn.Module):
                 return logits_TE, ids_TK, torch.full(ids_TK.shape, 1.0 / self.top_k, device=z.device)
             return logits_TE, ids_TK, scores_TE.gather(1, ids_TK)
         select_TE = scores_TE + self.expert_bias if self.kind == "sigmoid" else scores_TE
+        if mask_E is not None:
+            select_TE = select_TE.masked_fill(~mask_E, float("-inf"))
         ids_TK = select_TE.topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, ids_TK)
         if self.renormalize and self.kind in ("softmax", "sigmoid"):
@@ -222,18 +229,42 @@ class UnipoolExperts(nn.Module):
         return out_TD
 
 
+class UnipoolPrivateExpert(nn.Module):
+    """A layer's always-on private SwiGLU expert, added with weight 1."""
+
+    def __init__(self, hidden_size, hidden):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
 class UnipoolMoE(nn.Module):
-    """The layer's side of the MoE: its router. The experts are passed in (they may be shared)."""
+    """The layer's side of the MoE: its router, and its private expert and depth embedding if it has them.
+    The routed experts are passed in (they may be shared)."""
 
     def __init__(self, config):
         super().__init__()
         self.gate = UnipoolRouter(config)
+        hidden = getattr(config, "private_hidden", 0)
+        self.private_expert = UnipoolPrivateExpert(config.hidden_size, hidden) if hidden else None
+        if getattr(config, "depth_embedding", False):
+            self.depth_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        else:
+            self.depth_embedding = None
 
     def forward(self, x, experts):
         b, s, d = x.shape
         x_TD = x.reshape(b * s, d)
         logits_TE, ids_TK, weights_TK = self.gate(x_TD)
-        return experts(x_TD, ids_TK, weights_TK).view(b, s, d), logits_TE
+        experts_in_TD = x_TD if self.depth_embedding is None else x_TD + self.depth_embedding.to(x_TD.dtype)
+        y_TD = experts(experts_in_TD, ids_TK, weights_TK)
+        if self.private_expert is not None:
+            y_TD = y_TD + self.private_expert(x_TD)
+        return y_TD.view(b, s, d), logits_TE
 
 
 class UnipoolDecoderLayer(nn.Module):
@@ -269,6 +300,8 @@ class UnipoolPreTrainedModel(PreTrainedModel):
                 _init.ones_(module.scale)
             if hasattr(module, "expert_bias"):
                 _init.zeros_(module.expert_bias)
+        elif isinstance(module, UnipoolMoE) and module.depth_embedding is not None:
+            _init.zeros_(module.depth_embedding)
 
 
 class UnipoolModel(UnipoolPreTrainedModel):
