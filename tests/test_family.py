@@ -1,0 +1,276 @@
+"""The sharing family's options (docs/design.md, "The sharing family"): each design's defining property
+against a hand-written reference, and each through training (resume, DDP and FSDP2 on gloo), the fused
+pool gradient, export and import, and the study's budget claims."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from unipool import cli
+from unipool.data.dataset import WindowSampler
+from unipool.interop.hf import export_hf, import_hf
+from unipool.model.config import ConfigError, ModelConfig
+from unipool.model.model import build_model, window_ranks
+from unipool.model.moe import moe_reference
+from unipool.model.params import param_report
+from unipool.model.router import norm_router_constant
+from unipool.presets import get_preset
+from unipool.weights import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def family_config(**kw) -> ModelConfig:
+    return get_preset("debug").replace(n_layers=4, norm_router_c="one", **kw)
+
+
+def block_inputs(cfg: ModelConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 8, cfg.d_model)
+    return model, x, model.rope_cos[:8], model.rope_sin[:8]
+
+
+def swiglu(x, w13, w2):
+    gate, up = (x @ w13.T).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w2.T
+
+
+def reference_block(block, pool, x, cos, sin, experts_shift=None):
+    """The block as the formulas say: attention, then routed experts (slow loop) on h (+ the depth
+    embedding), plus the private expert on h."""
+    x = x + block.attention(block.attention_norm(x), cos, sin)
+    h = block.ffn_norm(x).reshape(-1, x.shape[-1])
+    routed = block.router(h)
+    experts_in = h if experts_shift is None else h + experts_shift
+    y = moe_reference(experts_in, routed.expert_ids_TK, routed.weights_TK, pool.w13_EFD, pool.w2_EDF)
+    if block.private_expert is not None:
+        y = y + swiglu(h, block.private_expert.w13.weight, block.private_expert.w2.weight)
+    return x + y.view_as(x), routed
+
+
+# ---- defining properties ------------------------------------------------------------------------
+
+def test_private_expert_is_added_with_weight_one_and_always_on():
+    cfg = family_config(router="softmax", private_hidden=32, pool_loss_coef=0.0, switch_loss_coef=0.01)
+    model, x, cos, sin = block_inputs(cfg)
+    block, pool = model.layers[1], model.experts[0]
+    with torch.no_grad():
+        got, _ = block(x, pool, cos, sin)
+        want, _ = reference_block(block, pool, x, cos, sin)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # Always on: with a NormRouter whose every score is 0, the routed experts add nothing and the
+        # private expert is the whole FFN output.
+    cfg = family_config(private_hidden=32)
+    model, x, cos, sin = block_inputs(cfg)
+    block, pool = model.layers[0], model.experts[0]
+    with torch.no_grad():
+        block.router.gate.weight.zero_()
+        got, routed = block(x, pool, cos, sin)
+        after_attn = x + block.attention(block.attention_norm(x), cos, sin)
+        h = block.ffn_norm(after_attn)
+        private = swiglu(h, block.private_expert.w13.weight, block.private_expert.w2.weight)
+    assert bool((routed.weights_TK == 0).all())
+    assert private.abs().max() > 0
+    torch.testing.assert_close(got, after_attn + private, rtol=1e-5, atol=1e-6)
+    assert model.param_counts()["private_experts"] == cfg.n_layers * 3 * cfg.d_model * 32
+
+
+def test_depth_embedding_moves_the_experts_input_not_the_router():
+    cfg = family_config(depth_embedding="normal", top_k=2)
+    model, x, cos, sin = block_inputs(cfg)
+    block, pool = model.layers[2], model.experts[0]
+    with torch.no_grad():
+        got, routed = block(x, pool, cos, sin)
+        want, _ = reference_block(block, pool, x, cos, sin, experts_shift=block.depth_embedding)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        block.depth_embedding.mul_(10)  # the router does not see it: same picks, same gates
+        moved, routed_moved = block(x, pool, cos, sin)
+    assert torch.equal(routed.expert_ids_TK, routed_moved.expert_ids_TK)
+    assert torch.equal(routed.weights_TK, routed_moved.weights_TK)
+    assert (moved - got).abs().max() > 1e-4
+    # "zeros" starts as the model without it (the same draws for every other weight)
+    torch.manual_seed(3)
+    plain = build_model(family_config()).eval()
+    torch.manual_seed(3)
+    zeros = build_model(family_config(depth_embedding="zeros")).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, zeros(ids).logits)
+
+
+def test_window_ranks_are_the_nearest_layers_blocks():
+    for mode, kw in (("pool", {}), ("grouped", {"n_groups": 2})):
+        cfg = get_preset("debug").replace(moe_mode=mode, n_layers=8, num_experts=16, router_window=3, **kw)
+        ranks, per_pool, block = window_ranks(cfg), cfg.layers_per_pool, cfg.experts_per_block
+        for layer in range(cfg.n_layers):
+            own = layer % per_pool
+            for r in range(1, per_pool + 1):
+                nearest = sorted(range(per_pool), key=lambda j: (abs(j - own), j))[:r]
+                want = {e for j in nearest for e in range(j * block, (j + 1) * block)}
+                assert set(torch.where(ranks[layer] < r * block)[0].tolist()) == want, (mode, layer, r)
+
+
+def test_window_router_picks_only_candidates_and_renormalises_over_them():
+    cfg = family_config(router="softmax", top_k=2, router_window=2, router_window_warmup=0.5,
+                        switch_loss_coef=0.01, pool_loss_coef=0.0)
+    model, _, _, _ = block_inputs(cfg)
+    h = torch.randn(64, cfg.d_model)
+    block_size = cfg.experts_per_block
+    counts = []
+    previous = None
+    for progress in (0.0, 0.1, 0.25, 0.4, 0.5, 0.9):
+        model.set_router_progress(progress)
+        for layer, block in enumerate(model.layers):
+            mask = block.router.candidate_mask_E
+            with torch.no_grad():
+                out = block.router(h)
+            assert bool(mask[out.expert_ids_TK].all())  # no masked expert is ever picked
+            logits = block.router.gate(h)
+            want = torch.softmax(logits[:, mask], dim=-1)  # the softmax over the candidates only
+            torch.testing.assert_close(out.scores_TE[:, mask], want)
+            assert bool((out.scores_TE[:, ~mask] == 0).all())
+            if layer == 1:
+                counts.append(int(mask.sum()))
+                assert previous is None or bool((mask | ~previous).all())  # windows only grow
+                previous = mask.clone()
+    assert counts[0] == block_size and counts[-1] == 2 * block_size == counts[-2]
+    assert counts == sorted(counts)
+    with pytest.raises(ConfigError, match="router_window"):
+        get_preset("debug-vanilla").replace(router_window=2)
+    with pytest.raises(ConfigError, match="top_k"):
+        family_config(num_experts=8, top_k=3, router_window=2)  # a block of 2 cannot hold 3 picks
+
+
+def test_window_norm_router_uses_the_window_width_and_never_picks_outside():
+    cfg = get_preset("debug").replace(n_layers=4, top_k=2, router_window=2)
+    model = build_model(cfg)
+    router = model.layers[0].router
+    assert router.norm_c == pytest.approx(norm_router_constant(cfg.router_width, cfg.routed_top_k))
+    with torch.no_grad():
+        router.gate.weight.neg_()  # plenty of all-zero rows: ties must not pick a masked expert
+        out = router(-torch.randn(256, cfg.d_model).abs())
+    assert bool(router.candidate_mask_E[out.expert_ids_TK].all())
+
+
+# ---- through everything else -----------------------------------------------------------------------
+
+FAMILY = {
+    "private": dict(router="softmax", private_hidden=32, switch_loss_coef=0.01, pool_loss_coef=0.0),
+    "depth": dict(depth_embedding="normal", top_k=2),
+    "window": dict(router_window=2, router_window_warmup=0.5, top_k=2),
+    "tied": dict(moe_mode="grouped", n_groups=2, num_experts=4, router="softmax", z_loss_coef=1e-4,
+                 switch_loss_coef=0.01, pool_loss_coef=0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_fused_pool_gradient_equals_the_plain_one(name):
+    cfg = family_config(**FAMILY[name])
+    grads = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        model.set_router_progress(0.3)
+        model.set_execution(fused_pool_wgrad=fused)
+        ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        model(ids, ids).total_loss.backward()
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[False].keys() == grads[True].keys()
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_export_then_import_restores_the_model_exactly(name, tmp_path):
+    cfg = family_config(vocab_size=512, **FAMILY[name])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.set_router_progress(0.3)
+    export_hf(model, None, tmp_path / "hf")
+    back = import_hf(tmp_path / "hf")
+    assert back.config == cfg
+    ids = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids).logits, model.eval()(ids).logits)
+
+
+def _args(corpus, root, name, *extra):
+    return ["train", "--preset", "debug", "--data.sources", str(corpus), "--data.tokenizer", "bpe:320",
+            "--data.data-dir", str(root / "data"), "--train.out-dir", str(root), "--train.run-name", name,
+            "--train.progress", "false", "--set", "train.batch_size=4", "--set", "train.seq_len=32",
+            "--train.sample-tokens", "0", "--train.eval-tokens", "256", "--train.precision", "fp32",
+            "--set", "model.n_layers=4", "--set", "model.private_hidden=32", "--set", "model.depth_embedding=normal",
+            "--set", "model.router_window=2", "--set", "model.router_window_warmup=0.5", *extra]
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_run_with_a_growing_window_resumes_exactly(corpus, tmp_path, monkeypatch):
+    common = ["--train.steps", "6", "--train.log-interval", "1", "--train.eval-interval", "3",
+              "--train.ckpt-interval", "100"]
+    assert cli.main(_args(corpus, tmp_path, "straight", *common)) == 0
+    original = WindowSampler.next_batch
+
+    def next_batch(self):
+        if self.step == 3:  # step 3 (the window half open): Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(WindowSampler, "next_batch", next_batch)
+    assert cli.main(_args(corpus, tmp_path, "split", *common)) == 130
+    monkeypatch.setattr(WindowSampler, "next_batch", original)
+    assert cli.main(["train", "--resume", str(tmp_path / "split"), "--train.progress", "false"]) == 0
+    straight, split = _metrics(tmp_path / "straight"), _metrics(tmp_path / "split")
+    for key in ("loss", "aux_loss", "val_loss"):
+        assert [r[key] for r in straight if key in r] == [r[key] for r in split if key in r], key
+    model, _ = load_model(tmp_path / "split")
+    # trained to the end: every router's window is fully open, and the checkpoint says so
+    assert all(int(b.router.candidate_mask_E.sum()) == model.config.router_width for b in model.layers)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_ranks_match_one_process(corpus, tmp_path, mode):
+    # No balancing losses: their statistics are per rank (tests/test_distributed.py says why).
+    common = ["--train.steps", "3", "--train.log-interval", "1", "--set", "model.pool_loss_coef=0",
+              "--set", "train.batch_size=4"]
+    assert cli.main(_args(corpus, tmp_path, "single", *common)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "unipool.train", *_args(corpus, tmp_path, mode, *common)[1:], "--train.distributed", mode]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    single, dist = _metrics(tmp_path / "single"), _metrics(tmp_path / mode)
+    for a, b in zip([r["loss"] for r in single if "loss" in r], [r["loss"] for r in dist if "loss" in r], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+# ---- the study's budget claims ---------------------------------------------------------------------
+
+def test_family_study_rows_have_the_budgets_its_comments_state():
+    sys.path.insert(0, str(REPO / "experiments"))
+    from study import variant_sections
+
+    study = yaml.safe_load((REPO / "experiments" / "family.yaml").read_text())
+    base = study["base"]["model"]
+    vanilla_active_ffn = base["ffn_hidden"] * base["top_k"]
+    for variant, overrides in study["variants"].items():
+        cfg = ModelConfig.from_dict({**base, "vocab_size": 4096, **variant_sections(overrides)["model"]})
+        report = param_report(cfg)
+        assert cfg.routed_top_k * cfg.expert_hidden + cfg.private_hidden == vanilla_active_ffn, variant
+        want_budget = 0.5 if variant == "tie-g2" else 1.0
+        assert report["expert_budget_vs_matched_vanilla"] == pytest.approx(want_budget), variant
