@@ -21,7 +21,7 @@ from unipool.analysis import compare, generate, params, presets, probe, report, 
 from unipool.analysis import eval as eval_
 from unipool.data import prepare
 from unipool.errors import UnipoolError, is_disk_full
-from unipool.interop import hf, lm_eval
+from unipool.interop import convert, hf, lm_eval
 from unipool.train import loop
 
 
@@ -52,6 +52,8 @@ COMMANDS: list[Command] = [
     Command("export", "export a run to a Hugging Face transformers directory", hf.add_export_args, hf.cmd_export),
     Command("import", "import a Mixtral / OLMoE / Qwen3-MoE checkpoint as a layerwise model",
             hf.add_import_args, hf.cmd_import),
+    Command("convert", "turn a trained per-layer MoE (run or Hugging Face directory) into a shared pool, exactly",
+            convert.add_convert_args, convert.cmd_convert),
     Command("lm-eval", "zero-shot evaluation with lm-evaluation-harness", lm_eval.add_lm_eval_args,
             lm_eval.cmd_lm_eval),
     Command("probe", "routing probe: replace learned routers with random routing", probe.add_probe_args,

@@ -1,0 +1,130 @@
+"""`unipool convert`: a per-layer MoE into a shared pool, with the source's logits at step 0."""
+
+import pytest
+import torch
+from helpers import TEXTS, make_run
+
+from unipool import cli
+from unipool.interop.convert import convert_to_shared, max_logit_difference
+from unipool.model.model import build_model
+from unipool.presets import get_preset
+from unipool.weights import load_model
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=320, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=32, num_local_experts=4,
+                                                            num_experts_per_tok=2)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=32, num_experts=4,
+                                                                num_experts_per_tok=2, head_dim=32,
+                                                                norm_topk_prob=True)),
+}
+
+
+def _perturbed(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for block in model.layers:
+            if hasattr(block.router, "expert_bias"):
+                block.router.expert_bias.normal_(0, 0.05)
+    return model
+
+
+SOURCES = {
+    "softmax": dict(),
+    "softmax-renormalised-top2": dict(top_k=2, renormalize=True),
+    "norm": dict(router="norm", switch_loss_coef=0.0),
+    "sigmoid-top2": dict(router="sigmoid", top_k=2),
+    "fine-grained": dict(granularity=2, top_k=1),
+}
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+@pytest.mark.parametrize("pools", [1, 2])
+def test_exact_at_step_zero_then_the_windows_open(name, pools):
+    source = _perturbed(get_preset("debug-vanilla").replace(n_layers=4, **SOURCES[name]))
+    model = convert_to_shared(source, pools)
+    cfg = model.config
+    assert cfg.n_pools == pools and cfg.n_routed_experts == source.config.n_routed_experts * 4 // pools
+    assert sum(p.numel() for p in model.experts.parameters()) == sum(p.numel() for p in source.experts.parameters())
+    assert max_logit_difference(source, model, cfg.vocab_size) <= 1e-5
+    model.set_router_progress(1.0)  # every router sees its whole pool: a different model from here on
+    assert all(bool(b.router.candidate_mask_E.all()) for b in model.layers)
+    assert max_logit_difference(source, model, cfg.vocab_size) > 1e-2
+
+
+def test_window_one_keeps_the_source_routing_and_zeros_init_leaves_rows_empty():
+    source = _perturbed(get_preset("debug-vanilla").replace(n_layers=4))
+    kept = convert_to_shared(source, 1, window=1)
+    kept.set_router_progress(1.0)
+    assert max_logit_difference(source, kept, source.config.vocab_size) <= 1e-5
+    zeros = convert_to_shared(source, 1, router_init="zeros")
+    w = zeros.layers[1].router.gate.weight
+    block = source.config.num_experts
+    assert torch.equal(w[block:2 * block], source.layers[1].router.gate.weight)
+    assert not w[:block].any() and not w[2 * block:].any()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hugging_face_moe_converts_exactly(family, tmp_path):
+    config_cls, model_cls, extra = FAMILIES[family]
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**TINY, **extra)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert cli.main(["convert", str(tmp_path / "hf"), "--to", "pool", "--out", str(tmp_path / "run")]) == 0
+    model, _ = load_model(tmp_path / "run")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_converted_run_is_an_ordinary_run(tmp_path, capsys):
+    src, source = make_run(tmp_path / "src", preset="debug-vanilla")
+    out = tmp_path / "pool"
+    assert cli.main(["convert", str(src), "--to", "pool", "--out", str(out)]) == 0
+    assert "max |logit difference| to the source at step 0" in capsys.readouterr().out
+    model, meta = load_model(out)
+    assert model.config.moe_mode == "pool" and meta["step"] == 0
+    assert max_logit_difference(source, model, source.config.vocab_size) <= 1e-5
+    assert (out / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(TEXTS[:20]))
+    for command in (["eval", str(out)], ["routing", str(out), "--out", str(tmp_path / "routing")]):
+        assert cli.main([*command, "--data", str(text), "--max-tokens", "512"]) == 0, command
+    assert (tmp_path / "routing" / "routing.json").is_file()
+    assert cli.main(["params", "--config", str(out / "config.json")]) == 0
+    assert cli.main(["export", str(out), "--hf", str(tmp_path / "hf")]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--to", "layerwise"], "not implemented"),
+    (["--to", "grouped:3"], "must divide"),
+    (["--to", "grouped:2"], "one layer per pool"),
+    (["--to", "pool", "--experts", "3"], "only the exact 8"),
+    (["--to", "pool", "--unmask-over", "0"], "not the source's model"),
+    (["--to", "pool", "--window", "5"], "--window must be between 1 and the 2 layers"),
+    (["--to", "ring"], "--to must be"),
+])
+def test_refusals_are_one_line(tmp_path, capsys, args, message):
+    src, _ = make_run(tmp_path / "src", preset="debug-vanilla")  # 2 layers x 4 experts
+    assert cli.main(["convert", str(src), *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_shared_source_and_never_overwrites(tmp_path, capsys):
+    pool_run, _ = make_run(tmp_path / "pool", preset="debug")
+    assert cli.main(["convert", str(pool_run), "--to", "pool", "--out", str(tmp_path / "out")]) == 2
+    assert "already shares experts" in capsys.readouterr().err
+    src, _ = make_run(tmp_path / "src", preset="debug-vanilla")
+    assert cli.main(["convert", str(src), "--to", "pool", "--out", str(pool_run)]) == 2
+    assert "unipool run" in capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path / "missing"), "--to", "pool", "--out", str(tmp_path / "o")]) == 2
+    assert "no such" in capsys.readouterr().err
