@@ -1,5 +1,7 @@
 """`unipool convert`: a per-layer MoE into a shared pool, with the source's logits at step 0."""
 
+import json
+
 import pytest
 import torch
 from helpers import TEXTS, make_run
@@ -128,3 +130,33 @@ def test_refuses_a_shared_source_and_never_overwrites(tmp_path, capsys):
     assert "unipool run" in capsys.readouterr().err
     assert cli.main(["convert", str(tmp_path / "missing"), "--to", "pool", "--out", str(tmp_path / "o")]) == 2
     assert "no such" in capsys.readouterr().err
+
+
+def test_training_from_a_converted_run_starts_where_the_source_stands(corpus, tmp_path):
+    """Healing: `train.init_from` the converted run and `init_from` the source itself, same seed and data:
+    the first step's loss is the same (the same function), the routers' windows then open."""
+    common = ["--train.out-dir", str(tmp_path), "--train.progress", "false", "--train.precision", "fp32",
+              "--data.sources", str(corpus), "--data.data-dir", str(tmp_path / "data"), "--train.sample-tokens", "0",
+              "--train.eval-tokens", "256", "--set", "train.batch_size=4", "--set", "train.seq_len=32",
+              "--train.log-interval", "1"]
+    assert cli.main(["train", "--preset", "debug-vanilla", "--data.tokenizer", "bpe:320", "--train.steps", "4",
+                     "--train.run-name", "source", *common]) == 0
+    assert cli.main(["convert", str(tmp_path / "source"), "--to", "pool", "--out", str(tmp_path / "pool")]) == 0
+    for name, start in (("continued", "source"), ("healed", "pool")):
+        assert cli.main(["train", "--preset", "debug-vanilla", "--train.steps", "6", "--train.run-name", name,
+                         "--train.init-from", str(tmp_path / start), *common]) == 0
+    first = {}
+    for name in ("continued", "healed"):
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        first[name] = next(r["loss"] for r in lines if "loss" in r)
+    assert first["healed"] == pytest.approx(first["continued"], abs=1e-5)
+    healed, _ = load_model(tmp_path / "healed")
+    assert healed.config.moe_mode == "pool"
+    assert all(bool(b.router.candidate_mask_E.all()) for b in healed.layers)  # opened over the run
+
+
+def test_init_from_a_missing_run_is_one_line(tmp_path, capsys):
+    assert cli.main(["train", "--preset", "debug", "--train.init-from", str(tmp_path / "nope"),
+                     "--train.out-dir", str(tmp_path), "--train.progress", "false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.init_from") and "\n" not in err

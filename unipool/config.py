@@ -54,6 +54,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # on parameters with >= 2 dims only (Megatron: none on 1-D params)
     grad_clip: float = 1.0  # 0 disables clipping
     shared_expert_lr_power: float = 0.0  # p: experts shared by s layers train at lr * s^-p (Expert Tying: 0.5)
+    # Start from the weights of a run or checkpoint (a converted or imported model, or another run), with a
+    # fresh optimizer at step 0; the model config and tokenizer are the source's. "": initialise from scratch.
+    init_from: str = ""
     # --- divergence guard: a step whose gradient norm (or loss) is NaN/inf never updates the weights ---
     on_nonfinite: str = "skip"  # skip the update | stop | rollback to the last checkpoint
     max_bad_steps: int = 3  # skip: skipped steps in a row; rollback: rollbacks without a new checkpoint; then stop

@@ -48,6 +48,7 @@ from unipool.data.corpus import DataError
 from unipool.data.dataset import TokenDataset, WindowSampler, data_identity, eval_batches
 from unipool.data.prepare import prepare_run_data
 from unipool.data.tokenizer import Tokenizer
+from unipool.errors import UnipoolError
 from unipool.model.config import ConfigError
 from unipool.model.model import Unipool, build_model
 from unipool.run import MetricsWriter, Run, default_device
@@ -161,12 +162,29 @@ def run_directory(run: RunConfig, resume: Run | None) -> tuple[Path, Path | None
     return resume.path, resume.latest_checkpoint()
 
 
-def prepare_data(run: RunConfig, resume: Run | None, info: dist.DistInfo):
+def init_source(run: RunConfig, resume: Run | None) -> tuple[RunConfig, Run | None]:
+    """`train.init_from`: the run config with the source's model config (its weights decide), and the
+    source (None without one, or when resuming: a resumed run has its own weights)."""
+    if not run.train.init_from or resume is not None:
+        return run, None
+    try:
+        source = Run.open(run.train.init_from)
+        if source.checkpoint is None:
+            raise CheckpointError(f"{run.train.init_from} has no checkpoint")
+        source.tokenizer_path()
+    except UnipoolError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    return run.replace(model=source.model_config), source
+
+
+def prepare_data(run: RunConfig, resume: Run | None, info: dist.DistInfo, source: Run | None = None):
     """The run config with the tokenizer's vocabulary and the data directory filled in, the tokenizer,
-    and the two splits. Rank 0 prepares, the others wait; a resumed run keeps its own tokenizer."""
+    and the two splits. Rank 0 prepares, the others wait; a resumed run keeps its own tokenizer, a run
+    initialised from another (`source`) takes that one's."""
     data_dir = None
     if info.is_main:
-        data_dir = prepare_run_data(run.data, resume.tokenizer() if resume else None)
+        keep = resume or source
+        data_dir = prepare_run_data(run.data, keep.tokenizer() if keep else None)
     data_dir = dist.broadcast_object(data_dir)
     train_ds, val_ds = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
     if val_ds.n_tokens < 2:  # found now, not at the first evaluation after the training time is spent
@@ -220,18 +238,22 @@ def setup(run: RunConfig, resume: Run | None) -> Session:
     device = resolve_device(tc.device, info.local_rank)
     check_feasible(run, info, mode)
     run_dir, resume_from = run_directory(run, resume)
-    run, tokenizer, train_ds, val_ds = prepare_data(run, resume, info)
+    run, source = init_source(run, resume)
+    run, tokenizer, train_ds, val_ds = prepare_data(run, resume, info, source)
     out = Run(run_dir, run, resume_from)  # rank 0 writes it: config.json, tokenizer.json
     if info.is_main:
         out = Run.create(run_dir, run, tokenizer, exist_ok=resume is not None)
     dist.barrier()
 
     torch.manual_seed(tc.seed)
-    if resume_from is not None:
-        check_weight_shapes(run.model, resume_from)  # before allocating what meta.json declares
-    model = build_model(run.model, device, init=resume_from is None)
-    if resume_from is not None:
-        load_state(model, load_weights(resume_from, device), resume_from)
+    weights_from = resume_from if resume_from is not None else (source.checkpoint if source else None)
+    if weights_from is not None:
+        check_weight_shapes(run.model, weights_from)  # before allocating what meta.json declares
+    model = build_model(run.model, device, init=weights_from is None)
+    if weights_from is not None:
+        load_state(model, load_weights(weights_from, device), weights_from)
+    if source is not None:
+        dist.print0(f"initialised from {weights_from} (its model and tokenizer; a fresh optimizer at step 0)")
     model.set_execution(dispatch=run.exec.dispatch, fused_pool_wgrad=run.exec.fused_pool_wgrad,
                         activation_checkpointing=run.exec.activation_checkpointing)
     wrapped = dist.wrap(model, mode, device)
