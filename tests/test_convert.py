@@ -160,3 +160,60 @@ def test_init_from_a_missing_run_is_one_line(tmp_path, capsys):
                      "--train.out-dir", str(tmp_path), "--train.progress", "false"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: train.init_from") and "\n" not in err
+
+
+DENSE = {"llama": ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=48)),
+         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=48, head_dim=32))}
+
+
+def _dense_hf(family, path):
+    config_cls, model_cls, extra = DENSE[family]
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**TINY, **extra)).eval()
+    hf.save_pretrained(path)
+    return hf
+
+
+@pytest.mark.parametrize("family", list(DENSE))
+@pytest.mark.parametrize("target", ["layerwise", "pool", "grouped:2"])
+def test_dense_model_upcycles_exactly(family, target, tmp_path):
+    hf = _dense_hf(family, tmp_path / "hf")
+    out = tmp_path / "moe"
+    assert cli.main(["convert", str(tmp_path / "hf"), "--to", target, "--experts", "4", "--out", str(out)]) == 0
+    model, _ = load_model(out)
+    cfg = model.config
+    assert cfg.routed_top_k == 2 and cfg.renormalize and cfg.n_routed_experts == 4 * cfg.layers_per_pool
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+        w13 = model.experts[0].w13_EFD
+        assert torch.equal(w13[0], w13[3])  # every expert a copy of the FFN
+
+
+def test_drop_upcycling_redraws_the_given_fraction_of_each_expert(tmp_path):
+    _dense_hf("llama", tmp_path / "hf")
+    out = tmp_path / "moe"
+    assert cli.main(["convert", str(tmp_path / "hf"), "--to", "layerwise", "--experts", "4", "--drop-upcycling", "0.5",
+                     "--out", str(out)]) == 0
+    model, _ = load_model(out)
+    w13, w2 = model.experts[1].w13_EFD, model.experts[1].w2_EDF
+    hidden = w2.shape[2]
+    from safetensors.torch import load_file
+
+    ffn = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    gate = ffn["model.layers.1.mlp.gate_proj.weight"]
+    for e in range(4):
+        redrawn = ~(w13[e, :hidden] == gate).all(-1)
+        assert int(redrawn.sum()) == round(0.5 * hidden), e
+        assert not (w2[e][:, redrawn] == ffn["model.layers.1.mlp.down_proj.weight"][:, redrawn]).any()
+        assert torch.equal(w2[e][:, ~redrawn], ffn["model.layers.1.mlp.down_proj.weight"][:, ~redrawn])
+
+
+def test_dense_refusals(tmp_path, capsys):
+    _dense_hf("llama", tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's progress bar
+    for args, message in ((["--to", "pool"], "needs --experts"),
+                          (["--to", "layerwise", "--experts", "2", "--top-k", "3"], "--top-k between 1"),
+                          (["--to", "layerwise", "--experts", "2", "--drop-upcycling", "1"], "[0, 1)")):
+        assert cli.main(["convert", str(tmp_path / "hf"), *args, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, err

@@ -17,8 +17,19 @@ over the pool, nearest layers' experts first, over the first `--unmask-over` fra
 source's routing for good). The rows of a router for another layer's experts start as that layer's own
 router rows ("copy": the expert's signature as its own layer knew it) or zeros (`--router-init zeros`).
 
-Not done here: dense -> MoE upcycling, lossy compression to fewer experts (`--experts M < L x E`), the
-pool -> per-layer direction, switching routers or losses at conversion. Each is refused in one line.
+Dense -> MoE (sparse upcycling, Komatsuzaki et al., arXiv 2212.05055). SRC may also be a dense Hugging Face
+LLaMA or Qwen3 directory: every expert of layer l starts as a copy of layer l's FFN (`--experts E` copies per
+layer), with a new softmax top-k router whose k gates are renormalised to sum to 1, so the MoE output is the
+FFN's whatever the router picks: exact at step 0 for `--to layerwise` and, through the masked windows above,
+for `--to pool` / `grouped:G`. (Without renormalisation, or with NormRouter, the gates do not sum to 1 and
+the copy is not the FFN: those routers are not offered here.) A renormalised top-1 gate is always 1, so the
+router would learn only from its balance loss: `--top-k` defaults to 2. `--drop-upcycling r` (Drop-Upcycling,
+arXiv 2502.19261) re-initialises a random fraction r of each expert's intermediate units (their gate and up
+rows and their down column) from a normal with the mean and standard deviation of the FFN's own matrix, so
+experts differ from the start; the model is then no longer the source at step 0, by design.
+
+Not done here: lossy compression to fewer experts (`--experts M < L x E` for an MoE source), the pool ->
+per-layer direction, switching routers or losses at conversion. Each is refused in one line.
 """
 
 from __future__ import annotations
@@ -42,16 +53,16 @@ class ConvertError(UnipoolError):
     """The source cannot be converted as asked; the message says why in one line."""
 
 
-def parse_target(text: str) -> int:
-    """`pool` -> 1 pool, `grouped:G` -> G pools; anything else is refused."""
+def parse_target(text: str) -> int | None:
+    """`pool` -> 1 pool, `grouped:G` -> G pools, `layerwise` -> None (dense sources only)."""
     if text == "pool":
         return 1
     m = re.fullmatch(r"grouped:(\d+)", text)
     if m and int(m.group(1)) >= 1:
         return int(m.group(1))
     if text == "layerwise":
-        raise ConvertError("--to layerwise (a pool back to per-layer experts) is not implemented")
-    raise ConvertError(f"--to must be 'pool' or 'grouped:G' (G >= 1), not {text!r}")
+        return None
+    raise ConvertError(f"--to must be 'pool', 'grouped:G' (G >= 1) or 'layerwise', not {text!r}")
 
 
 def load_source(src: str | Path) -> tuple[Unipool, Path | None, Run | None]:
@@ -138,6 +149,95 @@ def convert_to_shared(source: Unipool, n_pools: int = 1, window: int | None = No
     return model.eval()
 
 
+DENSE_FAMILIES = {"llama": "none", "qwen3": "head"}  # model_type -> QK-norm
+
+
+def is_dense_hf(path: Path) -> bool:
+    """A Hugging Face directory whose config.json names a dense family we upcycle."""
+    cfg = path / "config.json"
+    if not cfg.is_file() or unipool_dir_kind(path):
+        return False
+    from unipool.errors import read_json
+
+    return read_json(cfg, ConvertError).get("model_type") in DENSE_FAMILIES
+
+
+def upcycle_dense_hf(hf_dir: Path, n_experts: int, top_k: int = 2, drop_fraction: float = 0.0,
+                     seed: int = 0) -> Unipool:
+    """A dense LLaMA / Qwen3 checkpoint as a layerwise MoE whose E experts per layer copy the layer's FFN."""
+    from unipool.errors import require
+    from unipool.interop.hf import _FROM_HF, _check_supported, _load_hf_weights, _rename
+
+    if n_experts < 1 or not 1 <= top_k <= n_experts:
+        raise ConvertError(f"--experts must be >= 1 and --top-k between 1 and --experts (got {n_experts}, {top_k})")
+    if not 0.0 <= drop_fraction < 1.0:
+        raise ConvertError(f"--drop-upcycling must be in [0, 1), not {drop_fraction}")
+    AutoConfig = require("transformers", "hf", "upcycling a Hugging Face model").AutoConfig
+    hf_cfg = AutoConfig.from_pretrained(str(hf_dir))
+    model_type = hf_cfg.model_type
+    try:
+        _check_supported(hf_cfg, model_type)
+    except UnipoolError as e:
+        raise ConvertError(str(e)) from None
+    n_heads = hf_cfg.num_attention_heads
+    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // n_heads
+    rope = getattr(hf_cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(hf_cfg, "rope_theta", None))
+    cfg = ModelConfig(
+        vocab_size=hf_cfg.vocab_size, vocab_multiple=1, d_model=hf_cfg.hidden_size, n_layers=hf_cfg.num_hidden_layers,
+        n_heads=n_heads, n_kv_heads=hf_cfg.num_key_value_heads or n_heads, ffn_hidden=hf_cfg.intermediate_size,
+        max_seq_len=hf_cfg.max_position_embeddings,
+        attn_head_dim=head_dim if head_dim * n_heads != hf_cfg.hidden_size else None,
+        qk_norm=DENSE_FAMILIES[model_type], rope_base=float(theta), norm_eps=hf_cfg.rms_norm_eps,
+        init_std=hf_cfg.initializer_range, moe_mode="layerwise", num_experts=n_experts, top_k=top_k,
+        router="softmax", renormalize=True, switch_loss_coef=0.01, pool_loss_coef=0.0)
+    state, ffn = {}, {}
+    for key, value in _load_hf_weights(hf_dir).items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", key)
+        if m:
+            ffn[(int(m.group(1)), m.group(2))] = value
+            continue
+        name = _rename(key, _FROM_HF)
+        if name is None or name.startswith("experts.") or ".router." in name:
+            raise ConvertError(f"cannot map the dense model's weight {key!r}")
+        state[name] = value
+    generator = torch.Generator().manual_seed(seed)
+    for layer in range(cfg.n_layers):
+        w1, w3, w2 = (ffn.get((layer, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+        if w1 is None or w3 is None or w2 is None:
+            raise ConvertError(f"layer {layer}: the checkpoint has no complete FFN")
+        w13 = torch.cat([w1, w3]).unsqueeze(0).repeat(n_experts, 1, 1)  # (E, 2F, D)
+        w2s = w2.unsqueeze(0).repeat(n_experts, 1, 1)  # (E, D, F)
+        if drop_fraction > 0:
+            _drop_upcycle(w13, w2s, w1, w3, w2, drop_fraction, generator)
+        state[f"experts.{layer}.w13_EFD"], state[f"experts.{layer}.w2_EDF"] = w13, w2s
+        state[f"layers.{layer}.router.gate.weight"] = torch.randn(
+            n_experts, cfg.d_model, generator=generator).to(w1.dtype) * cfg.init_std
+    model = build_model(cfg, "cpu", init=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    left = [k for k in missing if k not in ("pool_load_PE", "pool_load_valid")]
+    if left or unexpected:
+        raise ConvertError(f"cannot map the dense model: missing {left[:3]}, unexpected {unexpected[:3]}")
+    return model.float().eval()
+
+
+def _drop_upcycle(w13, w2s, w1, w3, w2, fraction, generator) -> None:
+    """Drop-Upcycling: in each expert, a random fraction of the F intermediate units drawn anew from
+    N(mean, std) of the source matrix they belong to (gate, up or down)."""
+    n_experts, hidden = w2s.shape[0], w2s.shape[2]
+    n_drop = int(round(fraction * hidden))
+    stats = [(w.float().mean(), w.float().std()) for w in (w1, w3, w2)]
+
+    def draw(shape, mean_std):
+        return (torch.randn(shape, generator=generator) * mean_std[1] + mean_std[0]).to(w13.dtype)
+
+    for e in range(n_experts):
+        units = torch.randperm(hidden, generator=generator)[:n_drop]
+        w13[e, units] = draw((n_drop, w13.shape[2]), stats[0])
+        w13[e, hidden + units] = draw((n_drop, w13.shape[2]), stats[1])
+        w2s[e][:, units] = draw((w2s.shape[1], n_drop), stats[2])
+
+
 def max_logit_difference(a: Unipool, b: Unipool, vocab_size: int, n_tokens: int = 256, seed: int = 0) -> float:
     """Largest |logit difference| of two models on the same random tokens (fp32)."""
     ids = torch.randint(0, vocab_size, (2, min(n_tokens // 2, a.config.max_seq_len)),
@@ -149,24 +249,49 @@ def max_logit_difference(a: Unipool, b: Unipool, vocab_size: int, n_tokens: int 
 # ---- command line ----------------------------------------------------------------------------------
 
 def add_convert_args(parser) -> None:
-    parser.add_argument("src", help="a per-layer MoE: unipool run or checkpoint, or a Hugging Face Mixtral / OLMoE / "
-                                    "Qwen3-MoE directory")
-    parser.add_argument("--to", required=True, metavar="TARGET", help="pool (one pool of L x E) or grouped:G")
+    parser.add_argument("src", help="a per-layer MoE (unipool run or checkpoint, or a Hugging Face Mixtral / OLMoE / "
+                                    "Qwen3-MoE directory), or a dense Hugging Face LLaMA / Qwen3 directory")
+    parser.add_argument("--to", required=True, metavar="TARGET",
+                        help="pool (one pool of L x E), grouped:G, or layerwise (dense sources)")
     parser.add_argument("--out", required=True, help="output run directory (never overwritten)")
-    parser.add_argument("--experts", type=int, default=None, metavar="M",
-                        help="experts per pool; only the exact L x E (per pool) is implemented")
+    parser.add_argument("--experts", type=int, default=None, metavar="N",
+                        help="dense sources: experts per layer; MoE sources: experts per pool (only the exact L x E)")
     parser.add_argument("--window", type=int, default=None,
                         help="layers whose experts a router may use in the end (default: all sharing its pool)")
     parser.add_argument("--unmask-over", type=float, default=0.5,
                         help="fraction of the next training run over which the windows open (default 0.5)")
     parser.add_argument("--router-init", default="copy", choices=ROUTER_INITS,
                         help="router rows for other layers' experts: that layer's own rows (copy) or zeros")
+    parser.add_argument("--top-k", type=int, default=2, help="dense sources: experts per token (default 2)")
+    parser.add_argument("--drop-upcycling", type=float, default=0.0, metavar="R",
+                        help="dense sources: re-initialise this fraction of each expert's units (Drop-Upcycling)")
+    parser.add_argument("--seed", type=int, default=0, help="dense sources: seed of the new routers and re-draws")
 
 
 def cmd_convert(args) -> int:
     n_pools = parse_target(args.to)
     out = Path(args.out)
     check_target(out, force=False)
+    src = Path(args.src)
+    if is_dense_hf(src):
+        if args.experts is None:
+            raise ConvertError("upcycling a dense model needs --experts E (experts per layer)")
+        source_dense = upcycle_dense_hf(src, args.experts, args.top_k, args.drop_upcycling, args.seed)
+        model = source_dense if n_pools is None else convert_to_shared(source_dense, n_pools, args.window,
+                                                                       args.unmask_over, args.router_init)
+        tokenizer = src / "tokenizer.json"
+        from unipool.interop.hf import write_run
+
+        write_run(model, out, tokenizer if tokenizer.is_file() else None, source=str(src.resolve()))
+        c = model.config
+        print(f"upcycled {c.n_layers} dense FFNs into {c.n_pools} pool(s) of {c.num_experts} experts (top-{c.top_k}, "
+              f"renormalised softmax{f', Drop-Upcycling r = {args.drop_upcycling}' if args.drop_upcycling else ''}) "
+              f"-> {out}")
+        return 0
+    if n_pools is None:
+        raise ConvertError("--to layerwise is for dense sources; a pool back to per-layer experts is not implemented")
+    if args.drop_upcycling:
+        raise ConvertError("--drop-upcycling applies to dense sources (experts copied from one FFN)")
     source, tokenizer, run = load_source(args.src)
     per_pool_experts = source.config.num_experts * (source.config.n_layers // n_pools)
     if args.experts is not None and args.experts != per_pool_experts:
@@ -174,14 +299,13 @@ def cmd_convert(args) -> int:
                            "L x E per pool) is implemented; merging experts to fewer is not")
     model = convert_to_shared(source, n_pools, args.window, args.unmask_over, args.router_init)
     diff = max_logit_difference(source, model, source.config.vocab_size)
-    config = (run.config if run is not None else None)
-    if config is not None:
-        Run.create(out, config.replace(model=model.config, preset="custom"), tokenizer).add_weights(
-            model, 0, {"source": str(Path(args.src).resolve()), "converted": args.to})
+    if run is not None and run.config is not None:
+        Run.create(out, run.config.replace(model=model.config, preset="custom"), tokenizer).add_weights(
+            model, 0, {"source": str(src.resolve()), "converted": args.to})
     else:
         from unipool.interop.hf import write_run
 
-        write_run(model, out, tokenizer, source=str(Path(args.src).resolve()))
+        write_run(model, out, tokenizer, source=str(src.resolve()))
     c = model.config
     print(f"converted {source.config.n_layers} layers x {source.config.num_experts} experts into {c.n_pools} pool(s) "
           f"of {c.num_experts} ({c.router_window}-layer windows, opened over the first {c.router_window_warmup:.0%} "
