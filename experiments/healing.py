@@ -34,7 +34,9 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365}
 
 
 def unipool(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "unipool", *args], check=True)
+    # the installed `unipool` command, run by this interpreter
+    subprocess.run([sys.executable, "-c", "import sys; from unipool.cli import main; sys.exit(main(sys.argv[1:]))",
+                    *args], check=True)
 
 
 def train(out: Path, name: str, *args: str) -> Path:

@@ -45,6 +45,7 @@ def cmd_params(args: argparse.Namespace) -> int:
         ("dense-equivalent (paper's 'active')", _human(report["dense_equivalent"])),
         ("experts", _human(report["experts"])),
         ("routers", _human(report["routers"])),
+        *([("private experts (always on)", _human(report["private_experts"]))] if report["private_experts"] else []),
         ("expert budget vs matched vanilla", f"{100 * report['expert_budget_vs_matched_vanilla']:.1f}%"),
     ]
     width = max(len(k) for k, _ in rows)
