@@ -7,7 +7,13 @@ import torch
 from helpers import TEXTS, make_run
 
 from unipool import cli
-from unipool.interop.convert import convert_to_shared, max_logit_difference
+from unipool.interop.convert import (
+    ConvertError,
+    convert_to_shared,
+    max_logit_difference,
+    merge_across_layers,
+    merge_within_layers,
+)
 from unipool.model.model import build_model
 from unipool.presets import get_preset
 from unipool.weights import load_model
@@ -108,7 +114,7 @@ def test_converted_run_is_an_ordinary_run(tmp_path, capsys):
     (["--to", "layerwise"], "not implemented"),
     (["--to", "grouped:3"], "must divide"),
     (["--to", "grouped:2"], "one layer per pool"),
-    (["--to", "pool", "--experts", "3"], "only the exact 8"),
+    (["--to", "pool", "--experts", "3"], "between the 4 experts of one layer and the 8"),
     (["--to", "pool", "--unmask-over", "0"], "not the source's model"),
     (["--to", "pool", "--window", "5"], "--window must be between 1 and the 2 layers"),
     (["--to", "ring"], "--to must be"),
@@ -217,3 +223,56 @@ def test_dense_refusals(tmp_path, capsys):
         assert cli.main(["convert", str(tmp_path / "hf"), *args, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_merging_across_layers_keeps_each_layer_routing_to_its_own_experts():
+    source = _perturbed(get_preset("debug-vanilla").replace(n_layers=4, top_k=2))
+    per_layer = source.config.num_experts
+    for n in (15, 10):
+        model = merge_across_layers(source, n)
+        assert model.config.n_routed_experts == n and model.config.stored_router_masks
+        masks = torch.stack([b.router.candidate_mask_E for b in model.layers])
+        assert (masks.sum(1) == per_layer).all()  # each layer still has E distinct experts
+        # every merged expert is the mean of the source experts routed to it
+        w13 = model.experts[0].w13_EFD
+        for c in range(n):
+            members = [source.experts[layer].w13_EFD[e] for layer in range(4) for e in range(per_layer)
+                       if masks[layer, c] and torch.equal(model.layers[layer].router.gate.weight[c],
+                                                          source.layers[layer].router.gate.weight[e])]
+            assert members and torch.allclose(w13[c], torch.stack(members).mean(0))
+        # layer 0 sees the same input in both models: it picks the merged experts holding the source's picks
+        ids = torch.randint(0, source.config.vocab_size, (2, 16))
+        with torch.no_grad():
+            src_routing, merged_routing = source(ids).routing[0], model(ids).routing[0]
+        rows = source.layers[0].router.gate.weight
+        gate = model.layers[0].router.gate.weight
+        to_cluster = {e: int((gate == rows[e]).all(-1).nonzero()[0]) for e in range(per_layer)}
+        mapped = src_routing.expert_ids_TK.clone().apply_(lambda e: to_cluster[e])
+        assert torch.equal(mapped, merged_routing.expert_ids_TK)
+        torch.testing.assert_close(merged_routing.weights_TK, src_routing.weights_TK)
+
+
+def test_merging_within_layers_is_a_smaller_per_layer_moe(tmp_path):
+    source = _perturbed(get_preset("debug-vanilla").replace(n_layers=4, top_k=2))
+    model = merge_within_layers(source, 12)
+    assert model.config.moe_mode == "layerwise" and model.config.num_experts == 3
+    assert sum(p.numel() for p in model.experts.parameters()) == \
+        sum(p.numel() for p in merge_across_layers(source, 12).experts.parameters())
+    with pytest.raises(ConvertError, match="multiple of the 4 layers"):
+        merge_within_layers(source, 10)
+
+
+def test_cli_merges_and_the_merged_pool_exports_exactly(tmp_path, capsys):
+    src, _ = make_run(tmp_path / "src", preset="debug-vanilla")  # 2 layers x 4 experts
+    out = tmp_path / "merged"
+    assert cli.main(["convert", str(src), "--to", "pool", "--experts", "6", "--out", str(out)]) == 0
+    assert "(lossy)" in capsys.readouterr().out
+    model, _ = load_model(out)
+    assert model.config.n_routed_experts == 6
+    assert cli.main(["export", str(out), "--hf", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    assert cli.main(["convert", str(src), "--to", "grouped:2", "--experts", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "implemented for --to pool" in capsys.readouterr().err

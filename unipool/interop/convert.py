@@ -28,12 +28,20 @@ arXiv 2502.19261) re-initialises a random fraction r of each expert's intermedia
 rows and their down column) from a normal with the mean and standard deviation of the FFN's own matrix, so
 experts differ from the start; the model is then no longer the source at step 0, by design.
 
-Not done here: lossy compression to fewer experts (`--experts M < L x E` for an MoE source), the pool ->
-per-layer direction, switching routers or losses at conversion. Each is refused in one line.
+Lossy: fewer experts by merging (`--experts M`, M < L x E, with `--to pool`). Experts are merged greedily by
+weight cosine similarity (their gate, up and down matrices as one vector; a merged expert is the mean of its
+members, compared by the cosine of that mean), only across layers: a merged expert never holds two experts
+of one layer, so each layer keeps E distinct experts and its router keeps its rows, now pointing at the
+merged experts that hold its own (`model.stored_router_masks`: each router's candidates are stored with the
+weights). `merge_within_layers` is the baseline at the same parameter count: each layer merges its own
+experts down to M / L (its router rows averaged), a smaller per-layer MoE.
+
+Not done here: the pool -> per-layer direction, switching routers or losses at conversion. Refused in one line.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -147,6 +155,139 @@ def convert_to_shared(source: Unipool, n_pools: int = 1, window: int | None = No
     if left or unexpected:  # a parameter this function does not know yet
         raise ConvertError(f"cannot map parameters: missing {left}, unexpected {unexpected}")
     return model.eval()
+
+
+def _expert_vectors(source: Unipool) -> torch.Tensor:
+    """(L * E, 3 D F): every expert's gate, up and down matrices as one vector, layer-major."""
+    return torch.cat([torch.cat([pool.w13_EFD.detach().flatten(1), pool.w2_EDF.detach().flatten(1)], dim=1)
+                      for pool in source.experts]).float()
+
+
+def greedy_merge(vectors: torch.Tensor, n_clusters: int, group_of: list[int], same_group_ok: bool) -> list[list[int]]:
+    """Agglomerative merging of rows of `vectors` into `n_clusters` clusters: repeatedly join the two clusters
+    whose summed vectors have the highest cosine; `same_group_ok=False` forbids a cluster holding two rows of
+    one group, `True` allows only merges inside a group. Works on the Gram matrix of the sums (no re-sum)."""
+    gram = (vectors @ vectors.T).double()
+    clusters = [[i] for i in range(vectors.shape[0])]
+    groups = [{group_of[i]} for i in range(vectors.shape[0])]
+    alive = list(range(len(clusters)))
+    while len(alive) > n_clusters:
+        idx = torch.tensor(alive)
+        sub = gram[idx][:, idx]
+        norms = sub.diagonal().clamp_min(1e-30).sqrt()
+        cos = sub / norms[:, None] / norms[None, :]
+        allowed = torch.ones_like(cos, dtype=torch.bool).triu(1)
+        for a in range(len(alive)):
+            for b in range(a + 1, len(alive)):
+                overlap = bool(groups[alive[a]] & groups[alive[b]])
+                if overlap != same_group_ok:
+                    allowed[a, b] = False
+        if not allowed.any():  # e.g. near M = E, every remaining pair would put two of one layer's experts together
+            raise ConvertError(f"greedy merging stopped at {len(alive)} experts (every remaining pair would merge two "
+                               f"experts of one layer); choose more than {n_clusters}")
+        flat = torch.where(allowed, cos, torch.tensor(-math.inf, dtype=cos.dtype)).argmax()
+        a, b = alive[int(flat) // len(alive)], alive[int(flat) % len(alive)]
+        clusters[a] += clusters[b]
+        groups[a] |= groups[b]
+        gram[a] += gram[b]
+        gram[:, a] += gram[:, b]
+        alive.remove(b)
+    return [clusters[i] for i in alive]
+
+
+def _merged_weights(source: Unipool, clusters: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    w13 = torch.cat([p.w13_EFD.detach() for p in source.experts])
+    w2 = torch.cat([p.w2_EDF.detach() for p in source.experts])
+    return (torch.stack([w13[c].mean(0) for c in clusters]), torch.stack([w2[c].mean(0) for c in clusters]))
+
+
+def merge_across_layers(source: Unipool, n_experts: int) -> Unipool:
+    """A pool of `n_experts` merged from a per-layer MoE across layers (module docstring)."""
+    cfg = source.config
+    n_layers, per_layer = cfg.n_layers, cfg.n_routed_experts
+    if cfg.moe_mode != "layerwise":
+        raise ConvertError(f"the source already shares experts (moe_mode {cfg.moe_mode!r}); merging takes a "
+                           "per-layer MoE")
+    if not per_layer <= n_experts < n_layers * per_layer:
+        raise ConvertError(f"--experts must be between the {per_layer} experts of one layer and the "
+                           f"{n_layers * per_layer} of all layers (exclusive) to merge, not {n_experts}")
+    layer_of = [i // per_layer for i in range(n_layers * per_layer)]
+    clusters = greedy_merge(_expert_vectors(source), n_experts, layer_of, same_group_ok=False)
+    if n_experts % cfg.granularity:
+        raise ConvertError(f"--experts {n_experts} is not a multiple of the granularity {cfg.granularity}")
+    norm_c = float(source.layers[0].router.norm_c) if cfg.router == "norm" else None
+    new_cfg = cfg.replace(moe_mode="pool", n_groups=1, num_experts=n_experts // cfg.granularity,
+                          stored_router_masks=True, norm_router_c=norm_c if norm_c is not None else cfg.norm_router_c)
+    model = build_model(new_cfg, "cpu", init=False)
+    src = source.state_dict()
+    state = {k: v for k, v in src.items() if not k.startswith("experts.") and ".router." not in k
+             and k not in ("pool_load_PE", "pool_load_valid")}
+    state["experts.0.w13_EFD"], state["experts.0.w2_EDF"] = _merged_weights(source, clusters)
+    cluster_of = {member: c for c, members in enumerate(clusters) for member in members}
+    for layer in range(n_layers):
+        rows = src[f"layers.{layer}.router.gate.weight"]
+        gate = rows.new_zeros(n_experts, rows.shape[1])
+        mask = torch.zeros(n_experts, dtype=torch.bool)
+        bias = torch.zeros(n_experts) if f"layers.{layer}.router.expert_bias" in src else None
+        for e in range(per_layer):
+            c = cluster_of[layer * per_layer + e]
+            gate[c], mask[c] = rows[e], True
+            if bias is not None:
+                bias[c] = src[f"layers.{layer}.router.expert_bias"][e]
+        state[f"layers.{layer}.router.gate.weight"] = gate
+        state[f"layers.{layer}.router.candidate_mask_E"] = mask
+        if bias is not None:
+            state[f"layers.{layer}.router.expert_bias"] = bias
+        for name in ("scale", "scale_raw"):
+            if f"layers.{layer}.router.{name}" in src:
+                state[f"layers.{layer}.router.{name}"] = src[f"layers.{layer}.router.{name}"]
+    _load_all(model, state)
+    return model.eval()
+
+
+def merge_within_layers(source: Unipool, n_experts: int) -> Unipool:
+    """The baseline at equal parameters: each layer's experts merged among themselves to n_experts / L."""
+    cfg = source.config
+    n_layers, per_layer = cfg.n_layers, cfg.n_routed_experts
+    if cfg.moe_mode != "layerwise" or n_experts % n_layers or not cfg.routed_top_k <= n_experts // n_layers < per_layer:
+        raise ConvertError(f"within-layer merging needs a per-layer MoE and --experts a multiple of the {n_layers} "
+                           f"layers leaving between top-k and {per_layer} experts per layer, not {n_experts}")
+    keep = n_experts // n_layers
+    if keep % cfg.granularity:
+        raise ConvertError(f"--experts {n_experts} does not split into whole experts at granularity {cfg.granularity}")
+    vectors, clusters = _expert_vectors(source), []
+    for layer in range(n_layers):
+        own = list(range(layer * per_layer, (layer + 1) * per_layer))
+        local = greedy_merge(vectors[own], keep, [0] * per_layer, same_group_ok=True)
+        clusters += sorted(([own[i] for i in c] for c in local), key=min)
+    new_cfg = cfg.replace(num_experts=keep // cfg.granularity)
+    model = build_model(new_cfg, "cpu", init=False)
+    src = source.state_dict()
+    state = {k: v for k, v in src.items() if not k.startswith("experts.") and ".router." not in k
+             and k not in ("pool_load_PE", "pool_load_valid")}
+    w13, w2 = _merged_weights(source, clusters)
+    for layer in range(n_layers):
+        mine = clusters[layer * keep:(layer + 1) * keep]
+        state[f"experts.{layer}.w13_EFD"] = w13[layer * keep:(layer + 1) * keep]
+        state[f"experts.{layer}.w2_EDF"] = w2[layer * keep:(layer + 1) * keep]
+        rows = src[f"layers.{layer}.router.gate.weight"]
+        state[f"layers.{layer}.router.gate.weight"] = torch.stack([rows[[m - layer * per_layer for m in c]].mean(0)
+                                                                   for c in mine])
+        for name in ("scale", "scale_raw", "expert_bias"):
+            key = f"layers.{layer}.router.{name}"
+            if key in src:
+                value = src[key]
+                state[key] = value if name != "expert_bias" else torch.stack(
+                    [value[[m - layer * per_layer for m in c]].mean() for c in mine])
+    _load_all(model, state)
+    return model.eval()
+
+
+def _load_all(model: Unipool, state: dict) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    left = [k for k in missing if k not in ("pool_load_PE", "pool_load_valid")]
+    if left or unexpected:
+        raise ConvertError(f"cannot map parameters: missing {left[:3]}, unexpected {unexpected[:3]}")
 
 
 DENSE_FAMILIES = {"llama": "none", "qwen3": "head"}  # model_type -> QK-norm
@@ -293,11 +434,14 @@ def cmd_convert(args) -> int:
     if args.drop_upcycling:
         raise ConvertError("--drop-upcycling applies to dense sources (experts copied from one FFN)")
     source, tokenizer, run = load_source(args.src)
-    per_pool_experts = source.config.num_experts * (source.config.n_layers // n_pools)
+    per_pool_experts = source.config.n_routed_experts * (source.config.n_layers // n_pools)
     if args.experts is not None and args.experts != per_pool_experts:
-        raise ConvertError(f"--experts {args.experts}: only the exact {per_pool_experts} (every source expert, "
-                           "L x E per pool) is implemented; merging experts to fewer is not")
-    model = convert_to_shared(source, n_pools, args.window, args.unmask_over, args.router_init)
+        if n_pools != 1 or args.experts > per_pool_experts:
+            raise ConvertError(f"--experts {args.experts}: merging to fewer experts is implemented for --to pool "
+                               f"(M < {per_pool_experts}); grouped:G takes every source expert")
+        model = merge_across_layers(source, args.experts)
+    else:
+        model = convert_to_shared(source, n_pools, args.window, args.unmask_over, args.router_init)
     diff = max_logit_difference(source, model, source.config.vocab_size)
     if run is not None and run.config is not None:
         Run.create(out, run.config.replace(model=model.config, preset="custom"), tokenizer).add_weights(
@@ -307,6 +451,11 @@ def cmd_convert(args) -> int:
 
         write_run(model, out, tokenizer, source=str(src.resolve()))
     c = model.config
+    if c.stored_router_masks:
+        print(f"merged {source.config.n_layers} layers x {source.config.n_routed_experts} experts into one pool of "
+              f"{c.n_routed_experts} (weight cosine, across layers) -> {out}; max |logit difference| to the source: "
+              f"{diff:.2e} (lossy)")
+        return 0
     print(f"converted {source.config.n_layers} layers x {source.config.num_experts} experts into {c.n_pools} pool(s) "
           f"of {c.num_experts} ({c.router_window}-layer windows, opened over the first {c.router_window_warmup:.0%} "
           f"of training) -> {out}; max |logit difference| to the source at step 0: {diff:.2e}")

@@ -143,7 +143,7 @@ def hf_config_dict(model: Unipool, eos_id: int | None = None) -> dict:
         "norm_router_c": _norm_router_c(model),
         "norm_router_eps": cfg.norm_router_eps,
         "random_gates": cfg.random_gates,
-        "router_masked": bool(cfg.router_window),  # the routers' candidate masks are in the weights
+        "router_masked": bool(cfg.router_window) or cfg.stored_router_masks,  # candidate masks are in the weights
         "private_hidden": cfg.private_hidden,
         "depth_embedding": cfg.depth_embedding != "none",
         "expert_kernel": "auto",

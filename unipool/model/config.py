@@ -137,6 +137,10 @@ class ModelConfig:
     # block to the whole window (ReXMoE's progressive scaling routing; the linear schedule is ours).
     # 0: the whole window from the first step.
     router_window_warmup: float = 0.0
+    # Each router may pick only the experts that its mask, stored with the weights, allows (a pool merged
+    # from a per-layer MoE by `unipool convert --experts M`: each layer routes to the merged experts that
+    # hold its own). Never changed by training. False: no stored masks.
+    stored_router_masks: bool = False
 
     # --- router ---
     router: str = "norm"  # softmax | norm (NormRouter) | sigmoid (aux-loss-free bias) | random
@@ -241,6 +245,10 @@ class ModelConfig:
         need(isinstance(self.router_window, int) and self.router_window >= 0, "router_window",
              "must be a non-negative integer (0: the whole pool)")
         need(0.0 <= self.router_window_warmup <= 1.0, "router_window_warmup", "must be in [0, 1]")
+        need(isinstance(self.stored_router_masks, bool), "stored_router_masks", "must be true or false")
+        if self.stored_router_masks:
+            need(not self.router_window, "stored_router_masks", "and a router window exclude each other")
+            need(self.router != "random", "stored_router_masks", "has no meaning for random routing")
         if self.router_window:
             need(self.layers_per_pool > 1, "router_window", "needs experts shared across layers (moe_mode pool "
                  "or grouped)")

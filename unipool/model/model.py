@@ -144,7 +144,8 @@ class Block(nn.Module):
                              random_gates=cfg.random_gates, switch_coef=cfg.switch_loss_coef,
                              z_coef=cfg.z_loss_coef, bias_rate=cfg.aux_free_bias_rate,
                              balance_scores=cfg.balance_scores, count_dead_picks=cfg.count_dead_picks,
-                             scale_param=cfg.norm_router_scale, window=cfg.router_width if cfg.router_window else None)
+                             scale_param=cfg.norm_router_scale, window=cfg.router_width if cfg.router_window else None,
+                             masked=cfg.stored_router_masks)
         self.private_expert = SwiGLU(cfg.d_model, cfg.private_hidden) if cfg.private_hidden else None
         self.depth_embedding = nn.Parameter(torch.empty(cfg.d_model)) if cfg.depth_embedding != "none" else None
 

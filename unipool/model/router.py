@@ -192,7 +192,7 @@ class Router(nn.Module):
                  renormalize: bool = False, norm_c: str | float = "monte_carlo", norm_eps: float = 1e-8,
                  random_gates: str = "uniform", switch_coef: float = 0.0, z_coef: float = 0.0,
                  bias_rate: float = 1e-3, balance_scores: str = "raw", count_dead_picks: bool = True,
-                 scale_param: str = "linear", window: int | None = None):
+                 scale_param: str = "linear", window: int | None = None, masked: bool = False):
         super().__init__()
         self.n_experts, self.top_k, self.kind = n_experts, top_k, kind
         self.renormalize, self.norm_eps = renormalize, norm_eps
@@ -214,9 +214,10 @@ class Router(nn.Module):
         if kind == "sigmoid":
             # Selection-only bias, updated by `update_bias` outside the gradient.
             self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
-        if window:
+        if window or masked:
             # The experts this router may pick now (a router window, grown by the model's
-            # `set_router_progress`); saved with the weights so a trained model routes as it trained.
+            # `set_router_progress`, or a stored mask); saved with the weights so a trained model routes
+            # as it trained.
             self.register_buffer("candidate_mask_E", torch.ones(n_experts, dtype=torch.bool), persistent=True)
         # Gates of a model trained with random routing (config `random_gates`); None for learned routing.
         self.random_gates: str | None = random_gates if kind == "random" else None
