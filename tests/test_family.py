@@ -274,3 +274,17 @@ def test_family_study_rows_have_the_budgets_its_comments_state():
         assert cfg.routed_top_k * cfg.expert_hidden + cfg.private_hidden == vanilla_active_ffn, variant
         want_budget = 0.5 if variant == "tie-g2" else 1.0
         assert report["expert_budget_vs_matched_vanilla"] == pytest.approx(want_budget), variant
+
+
+def test_the_probe_draws_from_a_windowed_router_candidates():
+    from unipool.analysis.probe import RandomRouting, wrap_model
+
+    cfg = family_config(router_window=2, router_window_warmup=0.5, top_k=2)
+    model = build_model(cfg).eval()
+    model.set_router_progress(0.0)  # each router: its own block only
+    ids = torch.randint(0, cfg.vocab_size, (4, 32))
+    with RandomRouting(wrap_model(model), range(cfg.n_layers), generator=torch.Generator().manual_seed(0)):
+        with torch.no_grad():
+            routing = model(ids).routing
+    for block, routed in zip(model.layers, routing):
+        assert bool(block.router.candidate_mask_E[routed.expert_ids_TK].all())

@@ -131,7 +131,8 @@ class RandomRouting:
     """Context manager: uniform random top-k (k distinct experts per token) in `layers`.
 
     `generator` drives every draw (one stream shared by the layers, in call order); `candidates`
-    optionally maps a layer to the experts it may draw from (UniPool's Random-dagger variant).
+    optionally maps a layer to the experts it may draw from (UniPool's Random-dagger variant); without it a
+    unipool router restricted to some experts (a router window, a merged pool's stored mask) draws from those.
     Every other layer keeps its learned routing. Each chosen router gets a forward hook that
     replaces its output; nothing else in the model changes, and exit removes the hooks.
     """
@@ -168,7 +169,10 @@ class RandomRouting:
     def _unipool_hook(self, candidates_C: torch.Tensor | None):
         def hook(router: Router, args, out: RouterOutput) -> RouterOutput:
             n_tokens, device = out.expert_ids_TK.shape[0], out.expert_ids_TK.device
-            ids_TK = random_topk(n_tokens, router.n_experts, router.top_k, device, self.generator, candidates_C)
+            # A router restricted to some experts (a window, a merged pool's stored mask) draws from those.
+            mask_E = getattr(router, "candidate_mask_E", None)
+            pool_C = candidates_C if candidates_C is not None or mask_E is None else mask_E.nonzero().flatten()
+            ids_TK = random_topk(n_tokens, router.n_experts, router.top_k, device, self.generator, pool_C)
             if self.gates == "uniform":
                 weights_TK = torch.full(ids_TK.shape, 1.0 / router.top_k, device=device)
             else:
