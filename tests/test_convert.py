@@ -276,3 +276,23 @@ def test_cli_merges_and_the_merged_pool_exports_exactly(tmp_path, capsys):
         torch.testing.assert_close(hf(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
     assert cli.main(["convert", str(src), "--to", "grouped:2", "--experts", "3", "--out", str(tmp_path / "x")]) == 2
     assert "implemented for --to pool" in capsys.readouterr().err
+
+
+def test_switching_losses_keeps_the_logits_and_switching_the_router_keeps_the_picks(tmp_path):
+    from unipool.interop.convert import switch_routing
+
+    source = _perturbed(get_preset("debug-vanilla").replace(n_layers=4, top_k=2, renormalize=True))
+    pool = convert_to_shared(source, 1)
+    with_loss = switch_routing(pool, pool_loss=0.01, switch_loss=0.0)
+    assert with_loss.config.pool_loss_coef == 0.01 and with_loss.config.switch_loss_coef == 0.0
+    assert max_logit_difference(source, with_loss, source.config.vocab_size) <= 1e-5
+    normed = switch_routing(pool, router="norm")
+    assert normed.config.router == "norm" and not normed.config.renormalize
+    assert all(bool(b.router.candidate_mask_E.sum() == 4) for b in normed.layers)  # still its own block
+    ids = torch.randint(0, source.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        soft, norm = pool(ids).routing[0], normed(ids).routing[0]  # layer 0: the same input
+    live = (norm.weights_TK > 0).all(-1)  # rows with a positive score for each pick
+    assert live.any()
+    assert torch.equal(soft.expert_ids_TK[live].sort(-1).values, norm.expert_ids_TK[live].sort(-1).values)
+    assert max_logit_difference(source, normed, source.config.vocab_size) > 1e-3  # the gates changed

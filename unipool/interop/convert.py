@@ -283,6 +283,41 @@ def merge_within_layers(source: Unipool, n_experts: int) -> Unipool:
     return model.eval()
 
 
+def switch_routing(model: Unipool, router: str | None = None, pool_loss: float | None = None,
+                   switch_loss: float | None = None) -> Unipool:
+    """The converted model with another router kind or other balance losses (`--router`, `--pool-loss`,
+    `--switch-loss`). The losses change nothing at step 0 (they only add gradients). A new router kind
+    keeps each router's rows (so its logits), its mask and the source's picks, except for rows whose
+    candidate logits are all <= 0 (a NormRouter's dead rows); the gates change, so the logits do: the
+    command prints by how much. NormRouter starts at sigma = 1 with the Monte Carlo c of its width."""
+    cfg, changes = model.config, {}
+    if router is not None and router != cfg.router:
+        if router not in ("norm", "softmax"):
+            raise ConvertError(f"--router must be 'norm' or 'softmax', not {router!r}")
+        changes.update(router=router, norm_router_c="monte_carlo", norm_router_scale="linear",
+                       renormalize=cfg.renormalize and router == "softmax")
+    if pool_loss is not None:
+        changes["pool_loss_coef"] = pool_loss
+    if switch_loss is not None:
+        changes["switch_loss_coef"] = switch_loss
+    if not changes:
+        return model
+    try:
+        new_cfg = cfg.replace(**changes)
+    except UnipoolError as e:
+        raise ConvertError(str(e)) from None
+    new = build_model(new_cfg, "cpu", init=False)
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.endswith((".router.scale", ".router.scale_raw", ".router.expert_bias"))}
+    if new_cfg.router == cfg.router:  # losses only: the routers' own parameters stay
+        state = model.state_dict()
+    elif new_cfg.router == "norm":
+        for layer in range(new_cfg.n_layers):
+            state[f"layers.{layer}.router.scale"] = torch.ones(1)
+    _load_all(new, state)
+    return new.eval()
+
+
 def _load_all(model: Unipool, state: dict) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     left = [k for k in missing if k not in ("pool_load_PE", "pool_load_valid")]
@@ -403,6 +438,12 @@ def add_convert_args(parser) -> None:
                         help="fraction of the next training run over which the windows open (default 0.5)")
     parser.add_argument("--router-init", default="copy", choices=ROUTER_INITS,
                         help="router rows for other layers' experts: that layer's own rows (copy) or zeros")
+    parser.add_argument("--router", default=None, choices=("norm", "softmax"),
+                        help="switch the routers to NormRouter or softmax (not exact: the command prints the change)")
+    parser.add_argument("--pool-loss", type=float, default=None, metavar="ALPHA",
+                        help="pool-level balance loss coefficient of the converted model (no effect at step 0)")
+    parser.add_argument("--switch-loss", type=float, default=None, metavar="ALPHA",
+                        help="per-layer Switch loss coefficient of the converted model (no effect at step 0)")
     parser.add_argument("--top-k", type=int, default=2, help="dense sources: experts per token (default 2)")
     parser.add_argument("--drop-upcycling", type=float, default=0.0, metavar="R",
                         help="dense sources: re-initialise this fraction of each expert's units (Drop-Upcycling)")
@@ -420,6 +461,7 @@ def cmd_convert(args) -> int:
         source_dense = upcycle_dense_hf(src, args.experts, args.top_k, args.drop_upcycling, args.seed)
         model = source_dense if n_pools is None else convert_to_shared(source_dense, n_pools, args.window,
                                                                        args.unmask_over, args.router_init)
+        model = switch_routing(model, args.router, args.pool_loss, args.switch_loss)
         tokenizer = src / "tokenizer.json"
         from unipool.interop.hf import write_run
 
@@ -442,6 +484,7 @@ def cmd_convert(args) -> int:
         model = merge_across_layers(source, args.experts)
     else:
         model = convert_to_shared(source, n_pools, args.window, args.unmask_over, args.router_init)
+    model = switch_routing(model, args.router, args.pool_loss, args.switch_loss)
     diff = max_logit_difference(source, model, source.config.vocab_size)
     if run is not None and run.config is not None:
         Run.create(out, run.config.replace(model=model.config, preset="custom"), tokenizer).add_weights(
