@@ -11,7 +11,8 @@ run in OUT/<variant>-s<seed>, launched as its own process. A run with a summary.
 and skipped; a run with checkpoints but no summary is resumed from its latest checkpoint, so the
 study can be interrupted (Ctrl-C) and started again with the same command.
 
-The report (OUT/results.md, results.json, contrasts.json, OUT/report/curves.png, dead_rows.png and
+The report (OUT/results.md, results.json, contrasts.json, copied to the study's `results_dir` if it names
+one, for the docs to cite; OUT/report/curves.png, dead_rows.png and
 zero_gate.png, and each run's routing analysis in RUN/routing/) gives, per variant: mean +- std over
 seeds of the final validation loss and perplexity; the loss difference to vanilla paired by seed, with
 its standard error and 95% confidence interval (t distribution over the seeds' paired differences); the
@@ -301,6 +302,12 @@ def report(study: dict, out: Path) -> str:
     if contrasts:
         (out / "contrasts.json").write_text(json.dumps(contrasts, indent=2))
     (out / "results.md").write_text(table + "\n")
+    if study.get("results_dir"):  # the small outputs that docs cite, kept with the code (committed)
+        keep = Path(study["results_dir"])
+        keep.mkdir(parents=True, exist_ok=True)
+        for name in ("results.json", "contrasts.json", "results.md"):
+            if (out / name).is_file():
+                (keep / name).write_text((out / name).read_text())
     if any(runs.values()):
         plot_study(rows, runs, out / "report")
     return table
