@@ -201,8 +201,9 @@ def _merged_weights(source: Unipool, clusters: list[list[int]]) -> tuple[torch.T
     return (torch.stack([w13[c].mean(0) for c in clusters]), torch.stack([w2[c].mean(0) for c in clusters]))
 
 
-def merge_across_layers(source: Unipool, n_experts: int) -> Unipool:
-    """A pool of `n_experts` merged from a per-layer MoE across layers (module docstring)."""
+def merge_across_layers(source: Unipool, n_experts: int, similarity: torch.Tensor | None = None) -> Unipool:
+    """A pool of `n_experts` merged from a per-layer MoE across layers (module docstring). `similarity`: other
+    (L * E, n) vectors whose cosine decides the pairs (a control; default: the experts' weights)."""
     cfg = source.config
     n_layers, per_layer = cfg.n_layers, cfg.n_routed_experts
     if cfg.moe_mode != "layerwise":
@@ -212,7 +213,8 @@ def merge_across_layers(source: Unipool, n_experts: int) -> Unipool:
         raise ConvertError(f"--experts must be between the {per_layer} experts of one layer and the "
                            f"{n_layers * per_layer} of all layers (exclusive) to merge, not {n_experts}")
     layer_of = [i // per_layer for i in range(n_layers * per_layer)]
-    clusters = greedy_merge(_expert_vectors(source), n_experts, layer_of, same_group_ok=False)
+    vectors = _expert_vectors(source) if similarity is None else similarity
+    clusters = greedy_merge(vectors, n_experts, layer_of, same_group_ok=False)
     if n_experts % cfg.granularity:
         raise ConvertError(f"--experts {n_experts} is not a multiple of the granularity {cfg.granularity}")
     norm_c = float(source.layers[0].router.norm_c) if cfg.router == "norm" else None
