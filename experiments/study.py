@@ -406,6 +406,9 @@ def stopping_line(state: dict | None) -> str:
     if state["seeds"] >= state["max_seeds"]:
         return (f"Stopping rule: the study's {state['max_seeds']} seeds ran out before every paired SE reached "
                 f"{state['se']} (largest: {name}, {se:.4f}).")
+    if math.isinf(se):
+        return (f"Stopping rule not met yet: some contrast has fewer than 2 paired seeds ({name}); target paired SE "
+                f"{state['se']}, at most {state['max_seeds']} seeds.")
     return (f"Stopping rule not met yet: {state['seeds']} seeds on every contrast so far; the largest paired SE "
             f"is {name}'s, {se:.4f} (target {state['se']}, at most {state['max_seeds']} seeds).")
 

@@ -242,19 +242,28 @@ def test_interrupted_run_with_a_growing_window_resumes_exactly(corpus, tmp_path,
     assert all(int(b.router.candidate_mask_E.sum()) == model.config.router_width for b in model.layers)
 
 
+# No balancing losses: their statistics are per rank (tests/test_distributed.py says why).
+GLOO_COMMON = ["--train.steps", "3", "--train.log-interval", "1", "--set", "model.pool_loss_coef=0",
+               "--set", "train.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("family-gloo")
+    assert cli.main(_args(corpus, root, "single", *GLOO_COMMON)) == 0
+    return root
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_gloo_ranks_match_one_process(corpus, tmp_path, mode):
-    # No balancing losses: their statistics are per rank (tests/test_distributed.py says why).
-    common = ["--train.steps", "3", "--train.log-interval", "1", "--set", "model.pool_loss_coef=0",
-              "--set", "train.batch_size=4"]
-    assert cli.main(_args(corpus, tmp_path, "single", *common)) == 0
+def test_two_gloo_ranks_match_one_process(corpus, single_process_run, mode):
+    root = single_process_run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "unipool.train", *_args(corpus, tmp_path, mode, *common)[1:], "--train.distributed", mode]
+           "-m", "unipool.train", *_args(corpus, root, mode, *GLOO_COMMON)[1:], "--train.distributed", mode]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    single, dist = _metrics(tmp_path / "single"), _metrics(tmp_path / mode)
+    single, dist = _metrics(root / "single"), _metrics(root / mode)
     for a, b in zip([r["loss"] for r in single if "loss" in r], [r["loss"] for r in dist if "loss" in r], strict=True):
         assert a == pytest.approx(b, rel=1e-4)
 
