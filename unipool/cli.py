@@ -52,7 +52,7 @@ COMMANDS: list[Command] = [
     Command("export", "export a run to a Hugging Face transformers directory", hf.add_export_args, hf.cmd_export),
     Command("import", "import a Mixtral / OLMoE / Qwen3-MoE checkpoint as a layerwise model",
             hf.add_import_args, hf.cmd_import),
-    Command("convert", "turn a trained per-layer MoE (run or Hugging Face directory) into a shared pool, exactly",
+    Command("convert", "a trained per-layer MoE into a shared pool (exact at step 0), merged, or a dense model upcycled",
             convert.add_convert_args, convert.cmd_convert),
     Command("lm-eval", "zero-shot evaluation with lm-evaluation-harness", lm_eval.add_lm_eval_args,
             lm_eval.cmd_lm_eval),

@@ -433,7 +433,8 @@ def add_convert_args(parser) -> None:
                         help="pool (one pool of L x E), grouped:G, or layerwise (dense sources)")
     parser.add_argument("--out", required=True, help="output run directory (never overwritten)")
     parser.add_argument("--experts", type=int, default=None, metavar="N",
-                        help="dense sources: experts per layer; MoE sources: experts per pool (only the exact L x E)")
+                        help="dense sources: experts per layer; MoE sources: experts per pool (default L x E, exact; "
+                             "fewer with --to pool: merged, lossy)")
     parser.add_argument("--window", type=int, default=None,
                         help="layers whose experts a router may use in the end (default: all sharing its pool)")
     parser.add_argument("--unmask-over", type=float, default=0.5,
