@@ -130,8 +130,7 @@ def convert_to_shared(source: Unipool, n_pools: int = 1, window: int | None = No
     per_pool, block = new_cfg.layers_per_pool, cfg.n_routed_experts
     model = build_model(new_cfg, "cpu", init=False)  # buffers: every router masked to its own block
     src = source.state_dict()
-    state = {k: v for k, v in src.items() if not k.startswith("experts.") and ".router." not in k
-             and k not in ("pool_load_PE", "pool_load_valid")}
+    state = _kept_weights(src)
     for p in range(n_pools):
         layers = range(p * per_pool, (p + 1) * per_pool)
         state[f"experts.{p}.w13_EFD"] = torch.cat([src[f"experts.{layer}.w13_EFD"] for layer in layers])
@@ -222,8 +221,7 @@ def merge_across_layers(source: Unipool, n_experts: int, similarity: torch.Tenso
                           stored_router_masks=True, norm_router_c=norm_c if norm_c is not None else cfg.norm_router_c)
     model = build_model(new_cfg, "cpu", init=False)
     src = source.state_dict()
-    state = {k: v for k, v in src.items() if not k.startswith("experts.") and ".router." not in k
-             and k not in ("pool_load_PE", "pool_load_valid")}
+    state = _kept_weights(src)
     state["experts.0.w13_EFD"], state["experts.0.w2_EDF"] = _merged_weights(source, clusters)
     cluster_of = {member: c for c, members in enumerate(clusters) for member in members}
     for layer in range(n_layers):
@@ -265,8 +263,7 @@ def merge_within_layers(source: Unipool, n_experts: int) -> Unipool:
     new_cfg = cfg.replace(num_experts=keep // cfg.granularity)
     model = build_model(new_cfg, "cpu", init=False)
     src = source.state_dict()
-    state = {k: v for k, v in src.items() if not k.startswith("experts.") and ".router." not in k
-             and k not in ("pool_load_PE", "pool_load_valid")}
+    state = _kept_weights(src)
     w13, w2 = _merged_weights(source, clusters)
     for layer in range(n_layers):
         mine = clusters[layer * keep:(layer + 1) * keep]
@@ -318,6 +315,13 @@ def switch_routing(model: Unipool, router: str | None = None, pool_loss: float |
             state[f"layers.{layer}.router.scale"] = torch.ones(1)
     _load_all(new, state)
     return new.eval()
+
+
+def _kept_weights(src: dict) -> dict:
+    """The source's weights that every conversion keeps as they are: all but experts, routers and the
+    pool-loss statistics."""
+    return {k: v for k, v in src.items() if not k.startswith("experts.") and ".router." not in k
+            and k not in ("pool_load_PE", "pool_load_valid")}
 
 
 def _load_all(model: Unipool, state: dict) -> None:
