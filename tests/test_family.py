@@ -285,6 +285,16 @@ def test_family_study_rows_have_the_budgets_its_comments_state():
         assert report["expert_budget_vs_matched_vanilla"] == pytest.approx(want_budget), variant
 
 
+def test_the_docs_family_table_is_the_committed_results():
+    """docs/results.md's study 3 table is rendered from the committed results.json, not typed."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from family_table import BEGIN, END, render
+
+    docs = (REPO / "docs" / "results.md").read_text()
+    in_docs = docs.split(BEGIN)[1].split(END)[0].strip()
+    assert in_docs == render(REPO / "experiments" / "family.yaml")
+
+
 def test_the_probe_draws_from_a_windowed_router_candidates():
     from unipool.analysis.probe import RandomRouting, wrap_model
 
