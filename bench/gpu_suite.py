@@ -912,6 +912,35 @@ def real_run(suite: Suite, rec: dict) -> None:
         plot_curves(curves, suite.out / "curves.png")
 
 
+def prepare_scaling(suite: Suite, rec: dict) -> None:
+    """`unipool prepare --workers N` against the tokenizer's one-thread batch encode (bench/prepare_speed.py),
+    on this machine's cores: the worker scaling a 2-core development machine cannot measure. CPU only; the
+    GPU idles. Target: per-worker efficiency (tok/s / N / one worker's tok/s) >= 0.7 at 8 workers."""
+    import tempfile
+
+    from prepare_speed import limit, run_prepare, write_corpus
+
+    cores = os.cpu_count() or 1
+    mb, counts = (0.2, [1, 2]) if suite.smoke else (40.0, [n for n in (1, 4, 8, 16) if n <= cores])
+    rec.update(cores=cores, mb=mb, tokenizer="gpt2", rows=[])
+    with tempfile.TemporaryDirectory(dir=suite.work) as tmp:
+        files = write_corpus(Path(tmp) / "src", int(mb * 1e6))
+        lim = limit(files, "gpt2")
+        rec["limit_tok_per_s"] = lim["tokens"] / lim["seconds"]
+        for n in counts:
+            if not suite.case_fits(15.0, 10.0):
+                rec.setdefault("skipped", []).append(n)
+                continue
+            r = run_prepare(files, Path(tmp) / f"out{n}", "gpt2", n)
+            rec["rows"].append({"workers": n, "tok_per_s": r["tokens"] / r["seconds"], "seconds": r["seconds"]})
+    one = rec["rows"][0]["tok_per_s"]
+    for r in rec["rows"]:
+        r["vs_limit_per_core"] = r["tok_per_s"] / r["workers"] / rec["limit_tok_per_s"]
+        r["efficiency"] = r["tok_per_s"] / r["workers"] / one
+    at8 = next((r for r in rec["rows"] if r["workers"] == 8), None)
+    rec["ok"] = at8["efficiency"] >= 0.7 if at8 is not None else True
+
+
 def plot_curves(runs: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -1034,6 +1063,15 @@ def markdown(results: dict) -> str:
                          f"{_f(r.get('naive_vs_vanilla'))} | {_f(r.get('fused_vs_vanilla'))} | "
                          f"{_cell('; '.join(f'{k}: {v}' for k, v in missing.items()))[:300]} |")
         lines.append(f"\nsmallest micro-batch with fused within 3% of vanilla: {s.get('smallest_within_3pct')}")
+    ps = sec.get("prepare_scaling", {})
+    if ps.get("rows"):
+        lines += ["", f"## `unipool prepare --workers N`, {ps.get('mb')} MB, GPT-2 BPE, {ps.get('cores')} cores "
+                  f"(limit: one-thread batch encode, {_f(ps.get('limit_tok_per_s'), ',.0f')} tok/s; "
+                  "target: efficiency >= 0.7 at 8 workers)", "",
+                  "| workers | tok/s | per core vs limit | efficiency vs 1 worker | s |", "|---|---|---|---|---|"]
+        for r in ps["rows"]:
+            lines.append(f"| {r.get('workers')} | {_f(r.get('tok_per_s'), ',.0f')} | {_f(r.get('vs_limit_per_core'), '.2f')} | "
+                         f"{_f(r.get('efficiency'), '.2f')} | {_f(r.get('seconds'), '.1f')} |")
     rr = sec.get("real_run", {}).get("runs")
     if rr:
         lines += ["", "## Real run (embedded corpus, GPT-2 tokenizer)", "", "| preset | steps | val loss | unigram | tok/s | check |",
@@ -1047,7 +1085,7 @@ def markdown(results: dict) -> str:
 # ---- main ------------------------------------------------------------------------------------------
 
 # (name, estimated seconds on one H200, function), in order of priority. The estimates include each
-# section's first CUDA calls and compile warm-ups; they add up to 406 s, so --budget-s 420 runs them all.
+# section's first CUDA calls and compile warm-ups; they add up to 451 s, so --budget-s 480 runs them all.
 SECTIONS: list[tuple[str, float, Callable[[Suite, dict], None]]] = [
     ("environment", 15, environment),  # CUDA context + cuBLAS init, transformers import, 25 GEMMs of 8192^3
     ("dispatch_vs_reference", 10, dispatch_vs_reference),  # 3 shapes x 2 dtypes, 4096 tokens
@@ -1062,6 +1100,7 @@ SECTIONS: list[tuple[str, float, Callable[[Suite, dict], None]]] = [
     ("reduced_pools", 15, reduced_pool_memory),  # 3 cases at 182m
     ("real_run", 50, real_run),  # 2 x 120 steps of 16k tokens + tokenization, eval, a ~9 GB final checkpoint
     ("compiled_step", 80, compiled_step),  # two inductor compiles of the 182m model (~30-40 s each) + 9 steps
+    ("prepare_scaling", 45, prepare_scaling),  # CPU only: 40 MB tokenized once in one thread, then 1/4/8/16 workers
 ]
 
 

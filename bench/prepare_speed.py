@@ -27,6 +27,11 @@ from common import meta, print_table, write_json  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def python_path() -> str:
+    """This checkout first, then whatever PYTHONPATH already holds (the GPU machine's unpacked wheels)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def write_corpus(root: Path, n_bytes: int) -> list[Path]:
     """Copies of the default corpus's plays, up to `n_bytes` in all."""
     from unipool.data.corpus import default_corpus_files
@@ -70,7 +75,7 @@ dt = time.perf_counter() - t0
 print(json.dumps({{"tokens": tokens, "seconds": dt, "chars": sum(map(len, pieces))}}))
 """
     out = subprocess.run([sys.executable, "-c", code, *map(str, files)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": python_path()})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -79,7 +84,7 @@ def run_prepare(files: list[Path], out: Path, tokenizer: str, workers: int) -> d
            tokenizer, "--workers", str(workers)]
     t0 = time.perf_counter()
     subprocess.run(cmd, capture_output=True, text=True, check=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+                   env={**os.environ, "PYTHONPATH": python_path(), "TOKENIZERS_PARALLELISM": "false"})
     dt = time.perf_counter() - t0
     index = json.loads((out / "index.json").read_text())
     tokens = sum(s["n_tokens"] for s in index["splits"].values())

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_suite.py"
 SECTIONS = ["environment", "dispatch_vs_reference", "fused_wgrad_vs_plain", "no_host_syncs", "compile_block",
             "loss_and_resume", "moe_layer", "train_step", "microbatch_sweep", "pool_wgrad_830m", "reduced_pools",
-            "real_run", "compiled_step"]
+            "real_run", "compiled_step", "prepare_scaling"]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def test_gpu_suite_cpu_smoke(tmp_path):
         assert rec["status"] in ("ok", "skipped"), (name, rec.get("error"), rec.get("traceback"))
         assert rec.get("ok", True), (name, rec)
         assert rec["estimate_s"] > 0 and rec["seconds"] >= 0, (name, rec)
-    # the GPU estimates fit --budget-s 420 on an H200
-    assert 0 < results["estimated_total_s"] <= 420
+    # the GPU estimates fit --budget-s 480 on an H200 (the budget the recipe in the GPU notes uses)
+    assert 0 < results["estimated_total_s"] <= 480
     assert sections["no_host_syncs"]["status"] == "skipped" and "CUDA" in sections["no_host_syncs"]["reason"]
     assert sections["environment"]["gemm_tflops"] > 0 and sections["environment"]["copy_gbps"] > 0
     assert sections["loss_and_resume"]["resume_max_abs_diff"] == 0.0  # exact on CPU
@@ -61,6 +61,9 @@ def test_gpu_suite_cpu_smoke(tmp_path):
         assert r["mem_growth_per_step"] is not None and r["mem_growth_per_step"] <= r["mem_growth_bound"], r
         assert r["mem_estimate_gb"] > 0 and r["free_gb"] > r["mem_estimate_gb"], r
     assert len(sections["real_run"]["runs"]) == 2 and (out / "curves.png").is_file()
+    scaling = sections["prepare_scaling"]
+    assert [r["workers"] for r in scaling["rows"]] == [1, 2] and scaling["limit_tok_per_s"] > 0
+    assert scaling["rows"][0]["efficiency"] == 1.0 and all(r["tok_per_s"] > 0 for r in scaling["rows"])
     md = (out / "results.md").read_text()
     assert "| section | status | estimated s | actual s |" in md and "## MoE layer" in md and "## Real run" in md
     assert "growth/step" in md and "tensors | PASS |" in md
