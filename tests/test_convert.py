@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import TEXTS, make_run
+from helpers import HF_TINY, TEXTS, make_run, tiny_hf
 
 from unipool import cli
 from unipool.interop.convert import (
@@ -20,17 +20,9 @@ from unipool.weights import load_model
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=320, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2)
-FAMILIES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=32, num_local_experts=4,
-                                                            num_experts_per_tok=2)),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=32, num_experts=4,
-                                                                num_experts_per_tok=2, head_dim=32,
-                                                                norm_topk_prob=True)),
-}
+# 4 layers (grouped:2 needs 2 per pool); Qwen3-MoE with renormalised top-k and a head_dim of its own
+FAMILIES = {"mixtral": ("mixtral", {}), "olmoe": ("olmoe", {}), "qwen3_moe": ("qwen3_moe-normtopk", dict(head_dim=32))}
+LAYERS = 4
 
 
 def _perturbed(cfg, seed=0):
@@ -82,12 +74,12 @@ def test_window_one_keeps_the_source_routing_and_zeros_init_leaves_rows_empty():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_hugging_face_moe_converts_exactly(family, tmp_path):
-    config_cls, model_cls, extra = FAMILIES[family]
-    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**TINY, **extra)).eval()
+    name, overrides = FAMILIES[family]
+    hf = tiny_hf(name, num_hidden_layers=LAYERS, **overrides)
     hf.save_pretrained(tmp_path / "hf")
     assert cli.main(["convert", str(tmp_path / "hf"), "--to", "pool", "--out", str(tmp_path / "run")]) == 0
     model, _ = load_model(tmp_path / "run")
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, HF_TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
 
@@ -168,18 +160,16 @@ def test_init_from_a_missing_run_is_one_line(tmp_path, capsys):
     assert err.startswith("error: train.init_from") and "\n" not in err
 
 
-DENSE = {"llama": ("LlamaConfig", "LlamaForCausalLM", dict(intermediate_size=48)),
-         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(intermediate_size=48, head_dim=32))}
+DENSE = ["llama", "qwen3"]
 
 
 def _dense_hf(family, path):
-    config_cls, model_cls, extra = DENSE[family]
-    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**TINY, **extra)).eval()
+    hf = tiny_hf(family, num_hidden_layers=LAYERS)
     hf.save_pretrained(path)
     return hf
 
 
-@pytest.mark.parametrize("family", list(DENSE))
+@pytest.mark.parametrize("family", DENSE)
 @pytest.mark.parametrize("target", ["layerwise", "pool", "grouped:2"])
 def test_dense_model_upcycles_exactly(family, target, tmp_path):
     hf = _dense_hf(family, tmp_path / "hf")
@@ -188,7 +178,7 @@ def test_dense_model_upcycles_exactly(family, target, tmp_path):
     model, _ = load_model(out)
     cfg = model.config
     assert cfg.routed_top_k == 2 and cfg.renormalize and cfg.n_routed_experts == 4 * cfg.layers_per_pool
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, HF_TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
         w13 = model.experts[0].w13_EFD

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from helpers import HF_FAMILIES, HF_TINY, hf_config, tiny_hf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -268,56 +269,36 @@ def test_cli_export_then_import_restores_the_model(tokenizer, tmp_path, capsys):
 # Import
 # ------------------------------------------------------------------------------------------------
 
-TINY = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2)
-FAMILIES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=32, num_local_experts=4,
-                                                            num_experts_per_tok=2)),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
-    "olmoe-normtopk": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=32, num_experts=6,
-                                                               num_experts_per_tok=3, norm_topk_prob=True)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=32, num_experts=4,
-                                                                num_experts_per_tok=2, head_dim=32)),
-    "qwen3_moe-normtopk": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=32, num_experts=4,
-                                                                         num_experts_per_tok=2,
-                                                                         norm_topk_prob=True)),
-}
-
-
-def _tiny_hf(family, **overrides):
-    config_cls, model_cls, extra = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
-    return getattr(transformers, model_cls)(config).eval()
+MOE_FAMILIES = [k for k in HF_FAMILIES if k not in ("llama", "qwen3")]
 
 
 def _assert_same_logits(hf, other):
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, HF_TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, got = hf(ids).logits, other.eval()(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_import_matches_transformers(family, tmp_path):
-    hf = _tiny_hf(family)
+    hf = tiny_hf(family)
     with torch.no_grad():  # move norms off 1 so that every tensor's mapping is tested
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
     hf.save_pretrained(str(tmp_path))
     ours = import_hf(tmp_path)
-    assert ours.config.moe_mode == "layerwise" and ours.config.padded_vocab_size == TINY["vocab_size"]
+    assert ours.config.moe_mode == "layerwise" and ours.config.padded_vocab_size == HF_TINY["vocab_size"]
     assert ours.param_counts()["total"] == sum(p.numel() for p in hf.parameters())
     _assert_same_logits(hf, ours)
     # and back out through our own export: same logits again under transformers, and the same greedy text
     # as the original model, with the cache, for a single prompt and a left-padded batch
     export = _load_hf(export_hf(ours, None, tmp_path / "export"))
     _assert_same_logits(hf, export)
-    ids = torch.randint(3, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, HF_TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
-    ids[1, :3], mask[1, :3] = TINY["pad_token_id"], 0
-    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=TINY["pad_token_id"])
+    ids[1, :3], mask[1, :3] = HF_TINY["pad_token_id"], 0
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=HF_TINY["pad_token_id"])
     for batch, attention_mask in ((ids[:1], mask[:1]), (ids, mask)):
         expected = hf.generate(batch, attention_mask=attention_mask, **kw)
         assert export.generate(batch, attention_mask=attention_mask, **kw).tolist() == expected.tolist()
@@ -325,7 +306,7 @@ def test_import_matches_transformers(family, tmp_path):
 
 def test_import_reads_fused_expert_tensors(tmp_path):
     # transformers 5 holds experts as fused 3-D gate_up_proj / down_proj; a file with those names imports too.
-    hf = _tiny_hf("qwen3_moe")
+    hf = tiny_hf("qwen3_moe")
     hf.config.save_pretrained(str(tmp_path))
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
@@ -347,8 +328,7 @@ REFUSED = [
 
 @pytest.mark.parametrize("family,overrides,message", REFUSED)
 def test_import_refuses_what_does_not_map(family, overrides, message, tmp_path, capsys):
-    config_cls, _, extra = FAMILIES[family]
-    getattr(transformers, config_cls)(**{**TINY, **extra, **overrides}).save_pretrained(str(tmp_path / "hf"))
+    hf_config(family, **overrides).save_pretrained(str(tmp_path / "hf"))
     assert cli.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
@@ -356,24 +336,24 @@ def test_import_refuses_what_does_not_map(family, overrides, message, tmp_path, 
 
 
 def test_import_refuses_shared_experts_and_other_families(tmp_path):
-    cfg = transformers.Qwen2MoeConfig(**TINY, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    cfg = transformers.Qwen2MoeConfig(**HF_TINY, moe_intermediate_size=32, shared_expert_intermediate_size=32,
                                       num_experts=4, num_experts_per_tok=2)
     cfg.save_pretrained(str(tmp_path / "qwen2"))
     with pytest.raises(HFError, match="shared experts"):
         import_hf(tmp_path / "qwen2")
-    transformers.LlamaConfig(**TINY).save_pretrained(str(tmp_path / "llama"))
+    transformers.LlamaConfig(**HF_TINY).save_pretrained(str(tmp_path / "llama"))
     with pytest.raises(HFError, match="model_type 'llama'"):
         import_hf(tmp_path / "llama")
     with pytest.raises(HFError, match="no such directory"):
         import_hf(tmp_path / "missing")
     # a directory with a config but no safetensors weights
-    _tiny_hf("mixtral").config.save_pretrained(str(tmp_path / "noweights"))
+    tiny_hf("mixtral").config.save_pretrained(str(tmp_path / "noweights"))
     with pytest.raises(HFError, match="no model.safetensors"):
         import_hf(tmp_path / "noweights")
 
 
 def test_refusals_name_the_missing_features(tmp_path, capsys):
-    deepseek = transformers.DeepseekV3Config(**TINY, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+    deepseek = transformers.DeepseekV3Config(**HF_TINY, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
                                              first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, n_group=2,
                                              topk_group=1, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
     deepseek.save_pretrained(str(tmp_path / "deepseek"))
@@ -383,7 +363,7 @@ def test_refusals_name_the_missing_features(tmp_path, capsys):
     for feature in ("shared experts (n_shared_experts=1)", "dense FFN layers", "first_k_dense_replace=1",
                     "multi-head latent attention (MLA", "group-limited routing (n_group=2"):
         assert feature in err
-    transformers.LlamaConfig(**TINY).save_pretrained(str(tmp_path / "llama"))
+    transformers.LlamaConfig(**HF_TINY).save_pretrained(str(tmp_path / "llama"))
     with pytest.raises(HFError, match=r"model_type 'llama': it has dense FFNs only \(no mixture-of-experts layers\)"):
         import_hf(tmp_path / "llama")
 
@@ -398,7 +378,7 @@ def _safetensors_dtypes(paths):
 
 
 def test_bf16_import_and_export_keep_the_dtype_and_shard(tmp_path, capsys):
-    hf = _tiny_hf("olmoe").to(torch.bfloat16)
+    hf = tiny_hf("olmoe").to(torch.bfloat16)
     hf.save_pretrained(str(tmp_path / "hf"))
     assert cli.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
     assert "bfloat16" in capsys.readouterr().out
@@ -417,7 +397,7 @@ def test_bf16_import_and_export_keep_the_dtype_and_shard(tmp_path, capsys):
     exported = _load_hf(out)
     assert exported.dtype == torch.bfloat16
     with torch.no_grad():  # the same bf16 weights: the same logits up to bf16 rounding in the two codes
-        ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(3))
+        ids = torch.randint(0, HF_TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(exported(ids).logits.float(), hf(ids).logits.float(), atol=0.1, rtol=0.05)
     # and the sharded export imports again, to the same weights
     back = import_hf(out)
