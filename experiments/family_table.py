@@ -6,7 +6,7 @@
 The table's numbers are read, never typed: per row the seeds finished, the mean validation loss, the
 paired difference to vanilla and to UniPool (mean; with 2+ seeds its standard error and 95% t interval,
 with 1 seed the single paired observation), and the routing columns of the study's report (means over
-seeds). The markers in docs/results.md are `<!-- family-table:begin -->` and `<!-- family-table:end -->`.
+seeds), layers per expert being how many layers use each expert (reuse across depth). The markers in docs/results.md are `<!-- family-table:begin -->` and `<!-- family-table:end -->`.
 """
 
 from __future__ import annotations
@@ -44,18 +44,18 @@ def render(study_file: Path) -> str:
     by_name = {r["variant"]: r for r in results}
     vanilla, unipool = by_name.get("vanilla", {}), by_name.get("unipool", {})
     lines = ["| row | seeds | val loss | − vanilla (paired) | − unipool (paired) | zero-gate tokens | gate sum "
-             "| U(x)/L | dead experts |", "|---|---|---|---|---|---|---|---|---|"]
+             "| U(x)/L | dead experts | layers per expert |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in study["variants"]:
         row = by_name.get(name)
         if row is None or not row.get("val_losses"):
-            lines.append(f"| {name} | 0 | not run yet | | | | | | |")
+            lines.append(f"| {name} | 0 | not run yet | | | | | | | |")
             continue
         losses = row["val_losses"]
         d_van = paired(losses, vanilla.get("val_losses", {})) if name != "vanilla" else ""
         d_uni = paired(losses, unipool.get("val_losses", {})) if name != "unipool" else ""
         lines.append(f"| {name} | {len(losses)} | {row['val_loss'][0]:.3f} | {d_van} | {d_uni} "
                      f"| {100 * row['zero_gate'][0]:.1f}% | {row['gate_sum'][0]:.3f} | {row['u_fraction'][0]:.3f} "
-                     f"| {row['dead_experts'][0]:.1f} |")
+                     f"| {row['dead_experts'][0]:.1f} | {row['layers_per_expert'][0]:.2f} |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,8 @@ seeds of the final validation loss and perplexity; the loss difference to vanill
 its standard error and 95% confidence interval (t distribution over the seeds' paired differences); the
 expert budget relative to the matched vanilla model; and routing statistics on the validation split
 (tokens whose picked gates are all zero, the mean sum of picked gates, i.e. how strongly the MoE output
-is scaled, distinct experts per token U(x) over the layers with zero-gate picks left out, dead experts).
+is scaled, distinct experts per token U(x) over the layers with zero-gate picks left out, dead experts,
+and reuse across depth: how many layers use each expert, at >= 0.1 x the uniform share, averaged over experts).
 A study file's optional `contrasts` ({name: [a, b]}) adds the same paired statistics for a − b, and
 dead_rows.png shows when rows die during training (the runs' `dead_rows` and `router_scale` telemetry).
 """
@@ -147,7 +148,10 @@ def routing_summary(run_dir: Path, max_tokens: int = 16384) -> dict:
         analyse(run.load_model(), batches, path.parent, max_tokens=max_tokens)  # writes routing.json and the plots
     stats = json.loads(path.read_text())
     zero_L = stats["per_layer"]["zero_gate_fraction"]
+    layers_G = stats["layers_per_expert"]  # how many layers use each expert: reuse across depth
     return {"u_fraction": stats["unique_experts_per_token"]["fraction_of_layers"],
+            "layers_per_expert": statistics.fmean(layers_G),
+            "shared_experts": sum(n >= 2 for n in layers_G) / len(layers_G),
             "dead_experts": len(stats["dead_experts"]), "zero_gate_L": zero_L,
             "zero_gate": statistics.fmean(zero_L), "gate_sum": statistics.fmean(stats["per_layer"]["mean_gate_sum"])}
 
@@ -262,6 +266,8 @@ def report(study: dict, out: Path) -> str:
             row["gate_sum"] = mean_std([r["gate_sum"] for r in routing])
             row["u_fraction"] = mean_std([r["u_fraction"] for r in routing])
             row["dead_experts"] = mean_std([r["dead_experts"] for r in routing])
+            row["layers_per_expert"] = mean_std([r["layers_per_expert"] for r in routing])
+            row["shared_experts"] = mean_std([r["shared_experts"] for r in routing])
         rows.append(row)
     base = next((r for r in rows if r["variant"] == "vanilla" and "val_loss" in r), None)
     for r in rows:
@@ -273,8 +279,8 @@ def report(study: dict, out: Path) -> str:
                 r["delta_se"], r["delta_ci95"] = ci[0], [ci[1], ci[2]]
     contrasts = paired_contrasts(study, rows)
     header = ("| variant | router | experts/pool x pools | expert budget | seeds | val loss | Δ vs vanilla (paired) "
-              "| Δ 95% CI | val ppl | zero-gate tokens | gate sum | U(x)/L | dead experts |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| Δ 95% CI | val ppl | zero-gate tokens | gate sum | U(x)/L | dead experts | layers per expert |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = "val_loss" in r
         lines.append(
@@ -285,7 +291,7 @@ def report(study: dict, out: Path) -> str:
             f"{fmt(r.get('val_ppl'), 1)} | "
             f"{fmt(r.get('zero_gate'), 1, 100) + '%' if ok else '–'} | {fmt(r.get('gate_sum'), 3)} | "
             f"{fmt(r.get('u_fraction'), 3)} | "
-            f"{fmt(r.get('dead_experts'), 1)} |")
+            f"{fmt(r.get('dead_experts'), 1)} | {fmt(r.get('layers_per_expert'), 2)} |")
     target = study.get("target_se")
     vs_vanilla = paired_contrasts({"contrasts": {r["variant"]: [r["variant"], "vanilla"] for r in rows
                                                  if r is not base and "val_loss" in r}}, rows) if base else []
