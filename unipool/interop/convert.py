@@ -149,10 +149,7 @@ def convert_to_shared(source: Unipool, n_pools: int = 1, window: int | None = No
             bias = torch.zeros(per_pool * block, dtype=src[f"layers.{layer}.router.expert_bias"].dtype)
             bias[own * block:(own + 1) * block] = src[f"layers.{layer}.router.expert_bias"]
             state[f"layers.{layer}.router.expert_bias"] = bias
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    left = [k for k in missing if not k.endswith("candidate_mask_E") and k not in ("pool_load_PE", "pool_load_valid")]
-    if left or unexpected:  # a parameter this function does not know yet
-        raise ConvertError(f"cannot map parameters: missing {left}, unexpected {unexpected}")
+    _load_all(model, state, keep_built=("candidate_mask_E",))  # the masks: built above, one block per router
     return model.eval()
 
 
@@ -324,9 +321,11 @@ def _kept_weights(src: dict) -> dict:
             and k not in ("pool_load_PE", "pool_load_valid")}
 
 
-def _load_all(model: Unipool, state: dict) -> None:
+def _load_all(model: Unipool, state: dict, keep_built: tuple[str, ...] = ()) -> None:
+    """Load `state` into `model`, refusing any parameter neither side knows (a field this module does not map
+    yet). The pool-loss statistics, and buffers whose names end in `keep_built`, keep their built values."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    left = [k for k in missing if k not in ("pool_load_PE", "pool_load_valid")]
+    left = [k for k in missing if k not in ("pool_load_PE", "pool_load_valid") and not k.endswith(keep_built)]
     if left or unexpected:
         raise ConvertError(f"cannot map parameters: missing {left[:3]}, unexpected {unexpected[:3]}")
 
