@@ -48,11 +48,11 @@ from pathlib import Path
 import torch
 
 from unipool.errors import UnipoolError
-from unipool.interop.hf import check_target, find_run_tokenizer, import_hf, unipool_dir_kind
+from unipool.interop.hf import _TRAINING_BUFFERS, check_target, find_run_tokenizer, import_hf, unipool_dir_kind
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool, build_model
 from unipool.run import Run
-from unipool.weights import load_model
+from unipool.weights import load_model, load_state
 
 ROUTER_INITS = ("copy", "zeros")
 
@@ -318,16 +318,15 @@ def _kept_weights(src: dict) -> dict:
     """The source's weights that every conversion keeps as they are: all but experts, routers and the
     pool-loss statistics."""
     return {k: v for k, v in src.items() if not k.startswith("experts.") and ".router." not in k
-            and k not in ("pool_load_PE", "pool_load_valid")}
+            and k not in _TRAINING_BUFFERS}
 
 
 def _load_all(model: Unipool, state: dict, keep_built: tuple[str, ...] = ()) -> None:
-    """Load `state` into `model`, refusing any parameter neither side knows (a field this module does not map
-    yet). The pool-loss statistics, and buffers whose names end in `keep_built`, keep their built values."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    left = [k for k in missing if k not in ("pool_load_PE", "pool_load_valid") and not k.endswith(keep_built)]
-    if left or unexpected:
-        raise ConvertError(f"cannot map parameters: missing {left[:3]}, unexpected {unexpected[:3]}")
+    """The strict load of weights.load_state, refusing any parameter neither side knows (a field this module
+    does not map yet). The pool-loss statistics, and buffers whose names end in `keep_built`, keep their
+    built values."""
+    optional = _TRAINING_BUFFERS + tuple(k for k in model.state_dict() if k.endswith(keep_built))
+    load_state(model, state, "the converted model", optional=optional, error=ConvertError)
 
 
 DENSE_FAMILIES = {"llama": "none", "qwen3": "head"}  # model_type -> QK-norm
@@ -395,10 +394,7 @@ def upcycle_dense_hf(hf_dir: Path, n_experts: int, top_k: int = 2, drop_fraction
         state[f"layers.{layer}.router.gate.weight"] = torch.randn(
             n_experts, cfg.d_model, generator=generator).to(w1.dtype) * cfg.init_std
     model = build_model(cfg, "cpu", init=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    left = [k for k in missing if k not in ("pool_load_PE", "pool_load_valid")]
-    if left or unexpected:
-        raise ConvertError(f"cannot map the dense model: missing {left[:3]}, unexpected {unexpected[:3]}")
+    _load_all(model, state)
     return model.float().eval()
 
 
