@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ci95, load_study  # noqa: E402
+from study import ci95, load_study, paired_deltas  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- family-table:begin -->", "<!-- family-table:end -->"
@@ -26,10 +26,9 @@ BEGIN, END = "<!-- family-table:begin -->", "<!-- family-table:end -->"
 
 def paired(a: dict[str, float], b: dict[str, float]) -> str:
     """a − b over the seeds both have: mean, then SE and interval (2+ seeds) or 'one seed'."""
-    seeds = sorted(set(a) & set(b), key=int)
-    if not seeds:
+    deltas = list(paired_deltas(a, b).values())
+    if not deltas:
         return ""
-    deltas = [a[s] - b[s] for s in seeds]
     mean = statistics.fmean(deltas)
     stats = ci95(deltas)
     if stats is None:
