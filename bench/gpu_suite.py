@@ -933,6 +933,8 @@ def prepare_scaling(suite: Suite, rec: dict) -> None:
                 continue
             r = run_prepare(files, Path(tmp) / f"out{n}", "gpt2", n)
             rec["rows"].append({"workers": n, "tok_per_s": r["tokens"] / r["seconds"], "seconds": r["seconds"]})
+    if not rec["rows"]:  # the budget ran out after the limit: nothing to compare
+        return
     one = rec["rows"][0]["tok_per_s"]
     for r in rec["rows"]:
         r["vs_limit_per_core"] = r["tok_per_s"] / r["workers"] / rec["limit_tok_per_s"]
