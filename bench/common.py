@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -87,9 +88,22 @@ def process_peak_rss() -> int:
     return peak_rss_bytes()
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it; None outside a git checkout
+    (the GPU machine gets a copy of the working tree, which may have no .git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def meta(device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> dict:
     return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+            "commit": git_commit(), "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
             "torch": torch.__version__, "load_avg_1m": os.getloadavg()[0],
             "args": {k: str(v) for k, v in vars(args).items()}}
 

@@ -6,7 +6,13 @@
 The table's numbers are read, never typed: per row the seeds finished, the mean validation loss, the
 paired difference to vanilla and to UniPool (mean; with 2+ seeds its standard error and 95% t interval,
 with 1 seed the single paired observation), and the routing columns of the study's report (means over
-seeds), layers per expert being how many layers use each expert (reuse across depth). The markers in docs/results.md are `<!-- family-table:begin -->` and `<!-- family-table:end -->`.
+seeds), layers per expert being how many layers use each expert (reuse across depth) and, beside it, the
+share of experts that serve 2 or more layers. The markers in docs/results.md are `<!-- family-table:begin -->`
+and `<!-- family-table:end -->`.
+
+The cost table (`<!-- family-cost:begin -->` ... `<!-- family-cost:end -->`) is rendered the same way from
+bench/family_cost.py's committed JSON (bench/results/family_cost_cpu.json): each design's training-step time
+and peak memory, measured side by side in one run, as ratios to vanilla.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from study import ci95, load_study, paired_deltas  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- family-table:begin -->", "<!-- family-table:end -->"
+COST_BEGIN, COST_END = "<!-- family-cost:begin -->", "<!-- family-cost:end -->"
+COST_JSON = ROOT / "bench" / "results" / "family_cost_cpu.json"
 
 
 def paired(a: dict[str, float], b: dict[str, float]) -> str:
@@ -43,7 +51,7 @@ def render(study_file: Path) -> str:
     by_name = {r["variant"]: r for r in results}
     vanilla, unipool = by_name.get("vanilla", {}), by_name.get("unipool", {})
     lines = ["| row | seeds | val loss | − vanilla (paired) | − unipool (paired) | zero-gate tokens | gate sum "
-             "| U(x)/L | dead experts | layers per expert |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| U(x)/L | dead experts | layers per expert (experts serving 2+) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in study["variants"]:
         row = by_name.get(name)
         if row is None or not row.get("val_losses"):
@@ -54,8 +62,42 @@ def render(study_file: Path) -> str:
         d_uni = paired(losses, unipool.get("val_losses", {})) if name != "unipool" else ""
         lines.append(f"| {name} | {len(losses)} | {row['val_loss'][0]:.3f} | {d_van} | {d_uni} "
                      f"| {100 * row['zero_gate'][0]:.1f}% | {row['gate_sum'][0]:.3f} | {row['u_fraction'][0]:.3f} "
-                     f"| {row['dead_experts'][0]:.1f} | {row['layers_per_expert'][0]:.2f} |")
+                     f"| {row['dead_experts'][0]:.1f} | {row['layers_per_expert'][0]:.2f} "
+                     f"({100 * row['shared_experts'][0]:.0f}%) |")
     return "\n".join(lines)
+
+
+def render_cost(study_file: Path, cost_json: Path = COST_JSON) -> str:
+    """The cost table: every row of the study, in its order, from the benchmark's JSON."""
+    study = load_study(study_file)
+    bench = json.loads(cost_json.read_text())
+    by_name = {r["variant"]: r for r in bench["rows"]}
+    meta = bench["meta"]
+    lines = [f"`python bench/family_cost.py {cost_args(meta)}` at commit `{meta.get('commit') or 'not recorded'}`, "
+             f"{meta['date_utc']} UTC, {meta['device']}, torch {meta['torch']}, {meta['dtype']}, load average "
+             f"{meta['load_avg_1m']:.1f} at the start:", "",
+             "| row | s/step | x vanilla | peak RSS MB | x vanilla | params | active |", "|---|---|---|---|---|---|---|"]
+    for name in study["variants"]:
+        row = by_name.get(name)
+        if row is None:
+            lines.append(f"| {name} | not measured | | | | | |")
+            continue
+        lines.append(f"| {name} | {row['median_s']:.3f} | {row['time_vs_vanilla']:.2f} | {row['peak_rss_mb']:,.0f} "
+                     f"| {row['memory_vs_vanilla']:.2f} | {row['total']:,} | {row['active']:,} |")
+    return "\n".join(lines)
+
+
+def cost_args(meta: dict) -> str:
+    args = meta["args"]
+    return " ".join(f"--{k} {args[k]}" for k in ("steps", "warmup", "rounds") if k in args)
+
+
+def replace_between(text: str, begin: str, end: str, body: str, where: Path) -> str:
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise SystemExit(f"{where}: needs exactly one {begin} and one {end}")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
 
 
 def main() -> None:
@@ -63,17 +105,13 @@ def main() -> None:
     p.add_argument("--study", type=Path, default=ROOT / "experiments" / "family.yaml")
     p.add_argument("--write", type=Path, help="a markdown file whose table between the markers is replaced")
     args = p.parse_args()
-    table = render(args.study)
+    table, cost = render(args.study), render_cost(args.study)
     if args.write is None:
-        print(table)
+        print(f"{table}\n\n{cost}")
         return
-    text = args.write.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise SystemExit(f"{args.write}: needs exactly one {BEGIN} and one {END}")
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    args.write.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
-    print(f"wrote the table into {args.write}")
+    text = replace_between(args.write.read_text(), BEGIN, END, table, args.write)
+    args.write.write_text(replace_between(text, COST_BEGIN, COST_END, cost, args.write))
+    print(f"wrote the family and cost tables into {args.write}")
 
 
 if __name__ == "__main__":

@@ -285,14 +285,18 @@ def test_family_study_rows_have_the_budgets_its_comments_state():
         assert report["expert_budget_vs_matched_vanilla"] == pytest.approx(want_budget), variant
 
 
-def test_the_docs_family_table_is_the_committed_results():
-    """docs/results.md's study 3 table is rendered from the committed results.json, not typed."""
+def test_the_docs_family_tables_are_the_committed_results():
+    """docs/results.md's study 3 table and its cost table are rendered from the committed JSON, not typed,
+    and the cost table measured every row of the study."""
     sys.path.insert(0, str(REPO / "experiments"))
-    from family_table import BEGIN, END, render
+    from family_table import BEGIN, COST_BEGIN, COST_END, END, render, render_cost
 
     docs = (REPO / "docs" / "results.md").read_text()
-    in_docs = docs.split(BEGIN)[1].split(END)[0].strip()
-    assert in_docs == render(REPO / "experiments" / "family.yaml")
+    study = REPO / "experiments" / "family.yaml"
+    assert docs.split(BEGIN)[1].split(END)[0].strip() == render(study)
+    cost = docs.split(COST_BEGIN)[1].split(COST_END)[0].strip()
+    assert cost == render_cost(study)
+    assert "not measured" not in cost
 
 
 def test_the_probe_draws_from_a_windowed_router_candidates():
