@@ -168,6 +168,9 @@ def test_window_norm_router_uses_the_window_width_and_never_picks_outside():
 
 FAMILY = {
     "private": dict(router="softmax", private_hidden=32, switch_loss_coef=0.01, pool_loss_coef=0.0),
+    # as the study's cs-moe-k2 routes: fine-grained experts, top-2 renormalised, beside the private expert
+    "private-fine": dict(router="softmax", private_hidden=32, granularity=2, renormalize=True,
+                         switch_loss_coef=0.01, pool_loss_coef=0.0),
     "depth": dict(depth_embedding="normal", top_k=2),
     "window": dict(router_window=2, router_window_warmup=0.5, top_k=2),
     "tied": dict(moe_mode="grouped", n_groups=2, num_experts=4, router="softmax", z_loss_coef=1e-4,
