@@ -37,6 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from unipool.analysis.compare import smooth, summarize_run
@@ -222,6 +223,8 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
     fig.savefig(out / "dead_rows.png", dpi=120)
     plt.close(fig)
 
+    plot_depth_usage(runs, out / "depth_usage.png")
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, r in enumerate(rows):
         if r.get("zero_gate_L"):
@@ -232,6 +235,50 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "zero_gate.png", dpi=120)
+    plt.close(fig)
+
+
+def depth_usage(stats: dict) -> np.ndarray:
+    """A run's routing.json as one layers x experts matrix over every expert of the model (pools side by side),
+    each entry a layer's share of its picks, the experts ordered by the mean depth of the layers that pick
+    them: a per-layer MoE is a staircase of blocks, a shared pool whatever band its routers chose."""
+    usage_LE = np.asarray(stats["usage_LE"])
+    n_layers, width = usage_LE.shape
+    full = np.zeros((n_layers, width * stats["n_pools"]))
+    for layer, pool in enumerate(stats["pool_of_layer"]):
+        full[layer, pool * width:(pool + 1) * width] = usage_LE[layer]
+    picks = full.sum(0)
+    depth = (np.arange(n_layers)[:, None] * full).sum(0) / np.maximum(picks, 1e-12)
+    depth[picks == 0] = n_layers  # unused experts last
+    return full[:, np.argsort(depth, kind="stable")]
+
+
+def plot_depth_usage(runs: dict[str, list[Path]], path: Path) -> None:
+    """depth_usage.png: `depth_usage` of each variant's first finished seed, one panel per variant, the
+    colour scale relative to a uniform spread over the layer's own pool (1 = uniform)."""
+    import matplotlib.pyplot as plt
+
+    panels = [(v, json.loads((dirs[0] / "routing" / "routing.json").read_text())) for v, dirs in runs.items()
+              if dirs and (dirs[0] / "routing" / "routing.json").is_file()]
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    rows_ = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 2.5 * rows_ + 0.6), squeeze=False,
+                             layout="constrained")
+    for ax, (variant, stats) in zip(axes.flat, panels):
+        rel = depth_usage(stats) * stats["experts_per_pool"]
+        im = ax.imshow(rel, aspect="auto", cmap="magma", vmin=0, vmax=4, interpolation="nearest")
+        ax.set_title(f"{variant} ({stats['n_pools']} x {stats['experts_per_pool']})", fontsize=9)
+        ax.set_ylabel("layer", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="share of the layer's picks x its pool's width\n"
+                 "(1 = spread evenly over its pool)")
+    fig.suptitle("expert use across depth (first seed; experts ordered by the mean depth that picks them)",
+                 fontsize=10)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -63,7 +63,7 @@ def test_study_runs_skips_and_reports(tmp_path):
     assert rows["vanilla"]["zero_gate"][0] == 0.0  # softmax gates are never zero
     assert rows["unipool"]["expert_budget"] == 0.5  # 8 experts vs 8 per layer x 2 layers
     assert rows["vanilla"]["n_pools"] == 2
-    for png in ("curves.png", "zero_gate.png", "dead_rows.png"):
+    for png in ("curves.png", "zero_gate.png", "dead_rows.png", "depth_usage.png"):
         assert (tmp_path / "out" / "report" / png).read_bytes()[:4] == b"\x89PNG"
 
     again = study(tmp_path)  # finished runs are skipped, the table is the same
@@ -114,3 +114,17 @@ def test_paired_confidence_interval_by_hand():
     assert se == pytest.approx(sd / 2)
     assert (lo, hi) == pytest.approx((-0.2 - 3.182 * sd / 2, -0.2 + 3.182 * sd / 2))
     assert ci95([0.1]) is None
+
+
+def test_depth_usage_places_each_pool_and_orders_experts_by_depth():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from study import depth_usage
+
+    # 4 layers tied in pairs (2 pools of 2 experts): layer 0 uses only expert 1 of pool 0, layer 1 both
+    # evenly, layers 2-3 only expert 0 of pool 1; expert 1 of pool 1 is never picked
+    stats = {"n_pools": 2, "pool_of_layer": [0, 0, 1, 1],
+             "usage_LE": [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0], [1.0, 0.0]]}
+    full = depth_usage(stats)
+    # columns by mean depth: pool 0's expert 1 (depth 1/3), pool 0's expert 0 (depth 1), pool 1's expert 0
+    # (depth 2.5), the unused expert last
+    assert full.tolist() == [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
