@@ -245,28 +245,47 @@ def test_interrupted_run_with_a_growing_window_resumes_exactly(corpus, tmp_path,
     assert all(int(b.router.candidate_mask_E.sum()) == model.config.router_width for b in model.layers)
 
 
-# No balancing losses: their statistics are per rank (tests/test_distributed.py says why).
+# No balancing losses: their statistics are per rank (tests/test_distributed.py says why). Two designs: the
+# pool with every pool option on (private expert, depth embedding, a widening window), and experts tied over
+# pairs of layers with z-loss and the shared experts' learning rate scaled (parameter groups found by name
+# must survive FSDP2's sharding).
 GLOO_COMMON = ["--train.steps", "3", "--train.log-interval", "1", "--set", "model.pool_loss_coef=0",
                "--set", "train.batch_size=4"]
+GLOO_DESIGNS = {
+    "pool-options": [],
+    "tied": ["--set", "model.moe_mode=grouped", "--set", "model.n_groups=2", "--set", "model.num_experts=4",
+             "--set", "model.router=softmax", "--set", "model.switch_loss_coef=0", "--set", "model.z_loss_coef=1e-4",
+             "--set", "model.private_hidden=0", "--set", "model.depth_embedding=none", "--set", "model.router_window=0",
+             # p = 2 (lr / 4 for the tied experts): strong enough that FSDP2 losing the parameter group would move
+             # the third step's loss by ~3e-4 relative, 3x the tolerance below (p = 0.5 moves it by ~1e-4)
+             "--set", "train.shared_expert_lr_power=2"],
+}
 
 
 @pytest.fixture(scope="module")
-def single_process_run(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("family-gloo")
-    assert cli.main(_args(corpus, root, "single", *GLOO_COMMON)) == 0
-    return root
+def single_process_runs(corpus, tmp_path_factory):
+    root, done = tmp_path_factory.mktemp("family-gloo"), set()
+
+    def run(design: str) -> Path:
+        if design not in done:
+            assert cli.main(_args(corpus, root, design, *GLOO_COMMON, *GLOO_DESIGNS[design])) == 0
+            done.add(design)
+        return root
+    return run
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_gloo_ranks_match_one_process(corpus, single_process_run, mode):
-    root = single_process_run
+@pytest.mark.parametrize("design, mode", [("pool-options", "ddp"), ("pool-options", "fsdp"), ("tied", "fsdp")])
+def test_two_gloo_ranks_match_one_process(corpus, single_process_runs, design, mode):
+    root = single_process_runs(design)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    name = f"{design}-{mode}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "unipool.train", *_args(corpus, root, mode, *GLOO_COMMON)[1:], "--train.distributed", mode]
+           "-m", "unipool.train", *_args(corpus, root, name, *GLOO_COMMON, *GLOO_DESIGNS[design])[1:],
+           "--train.distributed", mode]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    single, dist = _metrics(root / "single"), _metrics(root / mode)
+    single, dist = _metrics(root / design), _metrics(root / name)
     for a, b in zip([r["loss"] for r in single if "loss" in r], [r["loss"] for r in dist if "loss" in r], strict=True):
         assert a == pytest.approx(b, rel=1e-4)
 
