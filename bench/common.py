@@ -93,6 +93,10 @@ def git_commit() -> str | None:
     (the GPU machine gets a copy of the working tree, which may have no .git)."""
     root = Path(__file__).resolve().parents[1]
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        if Path(top).resolve() != root:  # a copy inside some other checkout: its commit is not ours
+            return None
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0

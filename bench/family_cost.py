@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     study = yaml.safe_load(args.study.read_text())
     variants = list(study["variants"])
+    device = torch.device("cpu")
+    started = meta(device, torch.float32, args)  # date, commit and load average before the rounds
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     for round_ in range(args.rounds):
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"variant": v, **summarize(per_round), "tok_per_s": first["tokens"] / statistics.median(per_round),
                      "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs[v]) / 2**20, "total": first["total"],
                      "active": first["active"], "per_round_median_s": per_round,
-                     "moe_mode": variant_sections(study["variants"][v])["model"].get("moe_mode")})
+                     "moe_mode": variant_sections(study["variants"][v])["model"].get("moe_mode"),
+                     "overrides": study["variants"][v]})  # what was measured, to tell a stale row
     base = next((r for r in rows if r["variant"] == "vanilla"), rows[0])
     for r in rows:
         r["time_vs_vanilla"] = r["median_s"] / base["median_s"]
@@ -105,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, [("variant", "variant", ""), ("median_s", "s/step", ".3f"), ("time_vs_vanilla", "x vanilla", ".2f"),
                        ("tok_per_s", "tok/s", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
                        ("memory_vs_vanilla", "x vanilla", ".2f"), ("total", "params", ",d"), ("active", "active", ",d")])
-    device = torch.device("cpu")
-    write_json(args.json, "family_cost", device, {"meta": meta(device, torch.float32, args), "study": str(args.study),
+    write_json(args.json, "family_cost", device, {"meta": started, "study": str(args.study),
                                                   "rows": rows})
     return 0
 

@@ -12,7 +12,8 @@ and `<!-- family-table:end -->`.
 
 The cost table (`<!-- family-cost:begin -->` ... `<!-- family-cost:end -->`) is rendered the same way from
 bench/family_cost.py's committed JSON (bench/results/family_cost_cpu.json): each design's training-step time
-and peak memory, measured side by side in one run, as ratios to vanilla.
+and peak memory, measured side by side in one run, as ratios to vanilla. A row whose measured settings differ
+from the study file's current ones reads "not measured".
 """
 
 from __future__ import annotations
@@ -71,15 +72,18 @@ def render_cost(study_file: Path, cost_json: Path = COST_JSON) -> str:
     """The cost table: every row of the study, in its order, from the benchmark's JSON."""
     study = load_study(study_file)
     bench = json.loads(cost_json.read_text())
+    if Path(bench["study"]).name != study_file.name:
+        raise SystemExit(f"{cost_json} measured {bench['study']}, not {study_file}: run bench/family_cost.py "
+                         f"--study {study_file} --json <file> and pass it as --cost-json")
     by_name = {r["variant"]: r for r in bench["rows"]}
     meta = bench["meta"]
     lines = [f"`python bench/family_cost.py {cost_args(meta)}` at commit `{meta.get('commit') or 'not recorded'}`, "
              f"{meta['date_utc']} UTC, {meta['device']}, torch {meta['torch']}, {meta['dtype']}, load average "
-             f"{meta['load_avg_1m']:.1f} at the start:", "",
+             f"{meta['load_avg_1m']:.1f} before the first round:", "",
              "| row | s/step | x vanilla | peak RSS MB | x vanilla | params | active |", "|---|---|---|---|---|---|---|"]
     for name in study["variants"]:
         row = by_name.get(name)
-        if row is None:
+        if row is None or row.get("overrides") != study["variants"][name]:  # absent, or measured as another
             lines.append(f"| {name} | not measured | | | | | |")
             continue
         lines.append(f"| {name} | {row['median_s']:.3f} | {row['time_vs_vanilla']:.2f} | {row['peak_rss_mb']:,.0f} "
@@ -103,15 +107,19 @@ def replace_between(text: str, begin: str, end: str, body: str, where: Path) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", type=Path, default=ROOT / "experiments" / "family.yaml")
-    p.add_argument("--write", type=Path, help="a markdown file whose table between the markers is replaced")
+    p.add_argument("--cost-json", type=Path, default=COST_JSON, help="bench/family_cost.py's JSON for this study")
+    p.add_argument("--write", type=Path, help="a markdown file whose tables between the markers are replaced "
+                                              "(the cost table only where its markers are)")
     args = p.parse_args()
-    table, cost = render(args.study), render_cost(args.study)
+    table = render(args.study)
     if args.write is None:
-        print(f"{table}\n\n{cost}")
+        print(f"{table}\n\n{render_cost(args.study, args.cost_json)}")
         return
     text = replace_between(args.write.read_text(), BEGIN, END, table, args.write)
-    args.write.write_text(replace_between(text, COST_BEGIN, COST_END, cost, args.write))
-    print(f"wrote the family and cost tables into {args.write}")
+    if COST_BEGIN in text:
+        text = replace_between(text, COST_BEGIN, COST_END, render_cost(args.study, args.cost_json), args.write)
+    args.write.write_text(text)
+    print(f"wrote the tables into {args.write}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import yaml
 
 from unipool.analysis.compare import smooth, summarize_run
 from unipool.analysis.eval import eval_batches_for
-from unipool.analysis.routing import analyse
+from unipool.analysis.routing import analyse, to_global_LG
 from unipool.config import run_config_from_dict
 from unipool.data.prepare import prepare_run_data
 from unipool.model.config import ModelConfig
@@ -242,15 +242,12 @@ def depth_usage(stats: dict) -> np.ndarray:
     """A run's routing.json as one layers x experts matrix over every expert of the model (pools side by side),
     each entry a layer's share of its picks, the experts ordered by the mean depth of the layers that pick
     them: a per-layer MoE is a staircase of blocks, a shared pool whatever band its routers chose."""
-    usage_LE = np.asarray(stats["usage_LE"])
-    n_layers, width = usage_LE.shape
-    full = np.zeros((n_layers, width * stats["n_pools"]))
-    for layer, pool in enumerate(stats["pool_of_layer"]):
-        full[layer, pool * width:(pool + 1) * width] = usage_LE[layer]
-    picks = full.sum(0)
-    depth = (np.arange(n_layers)[:, None] * full).sum(0) / np.maximum(picks, 1e-12)
-    depth[picks == 0] = n_layers  # unused experts last
-    return full[:, np.argsort(depth, kind="stable")]
+    usage_LG = to_global_LG(stats["usage_LE"], stats["pool_of_layer"], stats["n_pools"])
+    n_layers = usage_LG.shape[0]
+    picks_G = usage_LG.sum(0)
+    depth_G = (np.arange(n_layers)[:, None] * usage_LG).sum(0) / np.maximum(picks_G, 1e-12)
+    depth_G[picks_G == 0] = n_layers  # unused experts last
+    return usage_LG[:, np.argsort(depth_G, kind="stable")]
 
 
 def plot_depth_usage(runs: dict[str, list[Path]], path: Path) -> None:
@@ -263,8 +260,8 @@ def plot_depth_usage(runs: dict[str, list[Path]], path: Path) -> None:
     if not panels:
         return
     cols = min(3, len(panels))
-    rows_ = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 2.5 * rows_ + 0.6), squeeze=False,
+    n_rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.6 * cols, 2.5 * n_rows + 0.6), squeeze=False,
                              layout="constrained")
     for ax, (variant, stats) in zip(axes.flat, panels):
         rel = depth_usage(stats) * stats["experts_per_pool"]
@@ -274,7 +271,7 @@ def plot_depth_usage(runs: dict[str, list[Path]], path: Path) -> None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes, shrink=0.6, label="share of the layer's picks x its pool's width\n"
+    fig.colorbar(im, ax=axes, shrink=0.6, extend="max", label="share of the layer's picks x its pool's width\n"
                  "(1 = spread evenly over its pool)")
     fig.suptitle("expert use across depth (first seed; experts ordered by the mean depth that picks them)",
                  fontsize=10)

@@ -63,9 +63,11 @@ CONFIGS = {
     "pool-sigmoid-head": dict(preset="debug", router="sigmoid", top_k=2, qk_norm="head", attn_head_dim=32),
     # the sharing family: a private expert per layer beside the pool (CS-MoE), a depth embedding (MoRE),
     # experts tied over 2 layers with z-loss (Expert Tying), routers in a window being widened (ReXMoE)
-    # (the private case routes as cs-moe-k2 does: fine-grained experts, top-2 renormalised)
-    "pool-private": dict(preset="debug", router="softmax", top_k=1, granularity=2, renormalize=True,
-                         private_hidden=32, switch_loss_coef=0.01, pool_loss_coef=0.0),
+    "pool-private": dict(preset="debug", router="softmax", top_k=2, private_hidden=32, switch_loss_coef=0.01,
+                         pool_loss_coef=0.0),
+    # ... routed as the study's cs-moe-k2: fine-grained experts, top-2 renormalised
+    "pool-private-fine": dict(preset="debug", router="softmax", top_k=1, granularity=2, renormalize=True,
+                              private_hidden=32, switch_loss_coef=0.01, pool_loss_coef=0.0),
     "pool-depth-embedding": dict(preset="debug", depth_embedding="normal", top_k=2),
     "tied-softmax-z": dict(preset="debug-vanilla", moe_mode="grouped", n_layers=4, n_groups=2, num_experts=4,
                            z_loss_coef=1e-4),

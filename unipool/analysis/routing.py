@@ -124,6 +124,17 @@ def load_stats(counts_LE: torch.Tensor, layers_per_pool: int) -> dict:
     }
 
 
+def to_global_LG(values_LE: np.ndarray, pool_of_layer, n_pools: int) -> np.ndarray:
+    """Per-layer values over the layer's own pool (L x E) placed on the model's global expert axis, where
+    pool p's expert e is column p * E + e (L x G, G = n_pools * E); zero outside each layer's pool."""
+    values_LE = np.asarray(values_LE)
+    n_layers, n_experts = values_LE.shape
+    values_LG = np.zeros((n_layers, n_pools * n_experts), dtype=values_LE.dtype)
+    for layer, pool in enumerate(pool_of_layer):
+        values_LG[layer, pool * n_experts:(pool + 1) * n_experts] = values_LE[layer]
+    return values_LG
+
+
 def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshold: float = 0.1) -> dict:
     """All routing statistics of a trace, as plain JSON-ready Python values (see module docstring)."""
     ids_LTK = trace.expert_ids_LTK
@@ -139,9 +150,7 @@ def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshol
     # Global view: pool p's expert e is column p * E + e.
     gid_LTK = np.where(valid_LTK, ids_LTK + (pool_L * n_experts)[:, None, None], -1)
     n_global = n_pools * n_experts
-    counts_LG = np.zeros((n_layers, n_global), dtype=np.int64)
-    for l in range(n_layers):
-        counts_LG[l, pool_L[l] * n_experts:(pool_L[l] + 1) * n_experts] = counts_LE[l]
+    counts_LG = to_global_LG(counts_LE, pool_L, n_pools)
     layers_in_pool_G = np.repeat(np.bincount(pool_L, minlength=n_pools), n_experts)
     agg_rel_G = counts_LG.sum(0) / (slots * layers_in_pool_G) * n_experts
     used_LG = (counts_LG > 0) & (counts_LG / slots * n_experts >= use_threshold)
