@@ -80,14 +80,18 @@ def render_cost(study_file: Path, cost_json: Path = COST_JSON) -> str:
     lines = [f"`python bench/family_cost.py {cost_args(meta)}` at commit `{meta.get('commit') or 'not recorded'}`, "
              f"{meta['date_utc']} UTC, {meta['device']}, torch {meta['torch']}, {meta['dtype']}, load average "
              f"{meta['load_avg_1m']:.1f} before the first round:", "",
-             "| row | s/step | x vanilla | peak RSS MB | x vanilla | params | active |", "|---|---|---|---|---|---|---|"]
+             "| row | s/step | x vanilla | fastest round x vanilla | per-round medians (s) | peak RSS MB | x vanilla "
+             "| params | active |", "|---|---|---|---|---|---|---|---|---|"]
+    fastest_vanilla = min(by_name["vanilla"]["per_round_median_s"])
     for name in study["variants"]:
         row = by_name.get(name)
         if row is None or row.get("overrides") != study["variants"][name]:  # absent, or measured as another
-            lines.append(f"| {name} | not measured | | | | | |")
+            lines.append(f"| {name} | not measured | | | | | | | |")
             continue
-        lines.append(f"| {name} | {row['median_s']:.3f} | {row['time_vs_vanilla']:.2f} | {row['peak_rss_mb']:,.0f} "
-                     f"| {row['memory_vs_vanilla']:.2f} | {row['total']:,} | {row['active']:,} |")
+        rounds = row["per_round_median_s"]
+        lines.append(f"| {name} | {row['median_s']:.3f} | {row['time_vs_vanilla']:.2f} "
+                     f"| {min(rounds) / fastest_vanilla:.2f} | {', '.join(f'{t:.2f}' for t in rounds)} "
+                     f"| {row['peak_rss_mb']:,.0f} | {row['memory_vs_vanilla']:.2f} | {row['total']:,} | {row['active']:,} |")
     return "\n".join(lines)
 
 
