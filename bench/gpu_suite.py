@@ -112,6 +112,14 @@ def install_signal_handlers() -> None:
             signal.signal(sig, _on_signal)
 
 
+def stop_if_signalled(summary: dict) -> None:
+    """After a training run: the loop catches SIGINT/SIGTERM itself (finishing the step and saving), so the
+    suite stops on what its summary says; a signal in the run's last step leaves it complete, not
+    "interrupted", but still names the signal."""
+    if summary.get("interrupted") or summary.get("signal"):
+        raise stop_now(summary.get("signal") or "SIGTERM", "in a training run (it saved a checkpoint and returned)")
+
+
 def stop_now(signal_name: str, where: str) -> Interrupted:
     """For a signal that someone else caught (the training loop): stop the suite as our handler would."""
     global _stopping
@@ -559,8 +567,7 @@ def training_run(suite: Suite, *, preset: str, steps: int, batch: int, seq: int,
     shutil.rmtree(run_dir, ignore_errors=True)
     try:
         summary = train(run_cfg)
-        if summary.get("interrupted"):  # the loop caught the SIGTERM (and saved); the suite stops too
-            raise stop_now("SIGTERM", "in a training run (it saved a checkpoint and returned)")
+        stop_if_signalled(summary)
         records, _ = Run.open(run_dir).metrics()
     finally:
         if not keep_run:
@@ -600,8 +607,7 @@ def loss_falls_and_resume(suite: Suite, rec: dict) -> None:
         shutil.rmtree(ckpts / "step_000020")
         write_latest(ckpts, "step_000010")  # rewind: resume from step 10 and replay 10-20
         run = Run.open(run_dir)
-        if train(run.config, resume=run).get("interrupted"):
-            raise stop_now("SIGTERM", "in a training run (it saved a checkpoint and returned)")
+        stop_if_signalled(train(run.config, resume=run))
         replay, _ = Run.open(run_dir).metrics()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

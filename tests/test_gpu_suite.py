@@ -108,11 +108,14 @@ def test_sigterm_stops_the_suite_and_keeps_results(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
 
 
-def test_training_run_caught_sigterm_stops_the_suite(gs, tmp_path, monkeypatch):
-    """The training loop catches SIGTERM (saves, returns interrupted): the suite must still stop."""
+@pytest.mark.parametrize("summary", [{"interrupted": True, "signal": "SIGTERM"},
+                                     {"interrupted": False, "signal": "SIGTERM"}], ids=["mid-run", "last-step"])
+def test_training_run_caught_sigterm_stops_the_suite(gs, tmp_path, monkeypatch, summary):
+    """The training loop catches SIGTERM (saves, returns interrupted, or completes when it landed in the
+    last step, naming the signal): the suite must still stop."""
     import unipool.train.loop as loop
 
-    monkeypatch.setattr(loop, "train", lambda cfg, resume=None: {"interrupted": True})
+    monkeypatch.setattr(loop, "train", lambda cfg, resume=None: summary)
     monkeypatch.setattr(gs, "_stopping", False)
     with pytest.raises(gs.Interrupted):
         gs.training_run(smoke_suite(gs, tmp_path), preset="debug", steps=2, batch=2, seq=16, tokenizer="bpe:512",

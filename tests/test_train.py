@@ -101,6 +101,26 @@ def test_interrupt_then_resume_is_exact(corpus, data_dir, tmp_path, monkeypatch)
         assert torch.equal(p, q), name
 
 
+def test_a_signal_in_the_last_step_completes_the_run_and_is_reported(corpus, data_dir, tmp_path, monkeypatch):
+    """SIGTERM during the last step: the run finishes normally (exit 0, final checkpoint, summary), and the
+    summary names the signal, so a caller running several trainings in one process can stop too."""
+    common = ["--train.steps", "3", "--train.grad-accum", "2", "--train.log-interval", "1",
+              "--train.eval-interval", "0", "--train.ckpt-interval", "100", "--train.precision", "fp32"]
+    original = WindowSampler.next_batch
+
+    def next_batch(self):
+        if self.step == 4:  # first micro-batch of step 3 of 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(WindowSampler, "next_batch", next_batch)
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "last", *common)) == 0
+    run = tmp_path / "last"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["signal"] == "SIGTERM" and summary["interrupted"] is False and summary["step"] == 3
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == "step_000003"
+
+
 def test_cli_errors_are_one_line(corpus, data_dir, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")

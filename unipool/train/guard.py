@@ -88,6 +88,7 @@ class StopFlag:
 
     def __init__(self):
         self.set = False
+        self.signal_name: str | None = None  # the signal that set the flag (also when it lands in the last step)
         self._old = {}
 
     def __enter__(self):
@@ -101,7 +102,7 @@ class StopFlag:
     def _handle(self, signum, frame):
         if self.set and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.set = True
+        self.set, self.signal_name = True, signal.Signals(signum).name
         dist.print0("\nstopping after this step (Ctrl-C again to abort without a checkpoint)")
 
     def __exit__(self, *exc):

@@ -441,8 +441,11 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
     finally:
         bar.close()
         metrics.close()
+    # "signal": a SIGINT/SIGTERM that reached the loop, also one in the last step (the run then completes and
+    # is not "interrupted"): a caller that runs several trainings in one process stops on it too
     summary = {"run_dir": str(s.out.path), "step": step, "tokens": step * s.tokens_per_step, "interrupted": stopped,
-               "wall_time_s": round(time.time() - t_start, 2), "train_time_s": round(train_time, 2)}
+               "signal": stop.signal_name, "wall_time_s": round(time.time() - t_start, 2),
+               "train_time_s": round(train_time, 2)}
     if stopped:
         dist.print0(f"stopped at step {step}; continue with: unipool train --resume {s.out.path}")
         return summary
