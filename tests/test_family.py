@@ -21,7 +21,7 @@ from unipool.model.config import ConfigError, ModelConfig
 from unipool.model.model import build_model, window_ranks
 from unipool.model.moe import moe_reference
 from unipool.model.params import param_report
-from unipool.model.router import norm_router_constant
+from unipool.model.router import mean_picked_gate_sum, norm_router_constant
 from unipool.presets import get_preset
 from unipool.weights import load_model
 
@@ -292,19 +292,36 @@ def test_two_gloo_ranks_match_one_process(corpus, single_process_runs, design, m
 
 # ---- the study's budget claims ---------------------------------------------------------------------
 
-def test_family_study_rows_have_the_budgets_its_comments_state():
+@pytest.mark.parametrize("name", ["family.yaml", "family-gpu.yaml"])
+def test_family_study_rows_have_the_budgets_its_comments_state(name):
     sys.path.insert(0, str(REPO / "experiments"))
     from study import variant_sections
 
-    study = yaml.safe_load((REPO / "experiments" / "family.yaml").read_text())
+    study = yaml.safe_load((REPO / "experiments" / name).read_text())
     base = study["base"]["model"]
     vanilla_active_ffn = base["ffn_hidden"] * base["top_k"]
+    unipool = ModelConfig.from_dict({**base, "vocab_size": 4096, **study["variants"]["unipool"]})
+    unipool_gate = norm_router_constant(unipool.router_width, unipool.routed_top_k) * mean_picked_gate_sum(
+        unipool.router_width, unipool.routed_top_k)
     for variant, overrides in study["variants"].items():
         cfg = ModelConfig.from_dict({**base, "vocab_size": 4096, **variant_sections(overrides)["model"]})
         report = param_report(cfg)
         assert cfg.routed_top_k * cfg.expert_hidden + cfg.private_hidden == vanilla_active_ffn, variant
         want_budget = 0.5 if variant == "tie-g2" else 1.0
         assert report["expert_budget_vs_matched_vanilla"] == pytest.approx(want_budget), variant
+        if variant.startswith("gate-control"):  # NormRouter started at UniPool's initial mean gate
+            assert cfg.norm_router_c == f"match_gate:{unipool_gate:.3f}", variant
+
+
+def test_the_gpu_family_file_has_the_cpu_files_rows_and_contrasts():
+    """family-gpu.yaml is family.yaml at the 182M shape: the same rows, options and contrasts; only the
+    expert widths (ffn_hidden, private_hidden) scale with the model."""
+    cpu, gpu = (yaml.safe_load((REPO / "experiments" / n).read_text()) for n in ("family.yaml", "family-gpu.yaml"))
+    assert list(gpu["variants"]) == list(cpu["variants"]) and gpu["contrasts"] == cpu["contrasts"]
+    scale = gpu["base"]["model"]["ffn_hidden"] / cpu["base"]["model"]["ffn_hidden"]
+    for name, row in cpu["variants"].items():
+        want = {k: (v * scale if k in ("ffn_hidden", "private_hidden") else v) for k, v in row.items()}
+        assert gpu["variants"][name] == want, name
 
 
 def test_the_docs_family_tables_are_the_committed_results():

@@ -86,7 +86,9 @@ def test_study_bad_input(tmp_path):
     assert r.returncode != 0 and "contrast 'a vs b' must be [variant, variant]" in r.stderr
 
 
-@pytest.mark.parametrize("name, runs, tokens", [("cpu2.yaml", 32, "3,276,800"), ("gpu.yaml", 42, "2,000,158,720")])
+@pytest.mark.parametrize("name, runs, tokens", [("cpu2.yaml", 32, "3,276,800"), ("gpu.yaml", 42, "2,000,158,720"),
+                                                ("family.yaml", 96, "3,276,800"),
+                                                ("family-gpu.yaml", 36, "2,000,158,720")])
 def test_plan_checks_every_run_of_the_study_files(name, runs, tokens, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "study.py"), str(ROOT / "experiments" / name),
                         "--plan", "--out", str(tmp_path)], capture_output=True, text=True)
