@@ -63,6 +63,7 @@ from unipool.model.moe import moe_dispatch, moe_reference  # noqa: E402
 from unipool.model.router import Router  # noqa: E402
 from unipool.presets import get_preset  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 SPEC_PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16, for comparison with published MFU figures
 GROWTH_BOUND_MB = 1.0  # CUDA: memory_allocated growth per training step above which a row FAILs
 GROWTH_BOUND_TENSORS = 0.5  # CPU smoke: live tensors gained per step (one leaked tensor a step gives 1.0)
@@ -684,13 +685,15 @@ def moe_layer_speed(suite: Suite, rec: dict) -> None:
 
 def step_case(suite: Suite, preset: str, mode: str, batch: int, seq: int, *, checkpointing: bool = False,
               layers: int | None = None, optimizer: bool = True, repeats: int | None = None,
-              warmup: int | None = None, compile_model: bool | str = False, memory_check: bool = False) -> dict:
+              warmup: int | None = None, compile_model: bool | str = False, memory_check: bool = False,
+              config=None) -> dict:
     """One training step (fwd + bwd [+ AdamW]) of `preset`: tok/s, MFU, peak memory, and the memory after
     every step with its growth per step (always on CUDA, where it is free; on CPU with `memory_check`).
     Skipped if the memory estimate exceeds the free memory; an exception (an out-of-memory) makes a failed
-    row. `compile_model`: as in train_step.make_step (False, True for inductor, or a backend name)."""
+    row. `compile_model`: as in train_step.make_step (False, True for inductor, or a backend name).
+    `config`: a ModelConfig to run instead of the preset's (`preset` then only names the row)."""
     dev = suite.device
-    cfg = get_preset(preset).replace(max_seq_len=max(seq, 64), norm_router_c="one")
+    cfg = (config or get_preset(preset)).replace(max_seq_len=max(seq, 64), norm_router_c="one")
     if layers:
         cfg = cfg.replace(n_layers=layers, **({"num_experts": 8 * layers} if cfg.moe_mode == "pool" else {}))
     dtype = torch.float32 if suite.smoke else torch.bfloat16
@@ -812,6 +815,40 @@ def compiled_step(suite: Suite, rec: dict) -> None:
                   if r.get("mode") == "fused" and r.get("scale") in ("182m", "debug") and r.get("tok_per_s")), None)
     for r in rows:
         r["vs_eager_fused"] = r["tok_per_s"] / eager["tok_per_s"] if eager and r.get("tok_per_s") else None
+    rec["rows"], rec["ok"] = rows, rows_ok(rows)
+
+
+FAMILY_ROWS = ("vanilla", "unipool", "cs-moe-k2", "tie-g2-e16", "unipool-depth", "rexmoe-r4")
+
+
+def family_cost(suite: Suite, rec: dict) -> None:
+    """The sharing family on the GPU: one design per relative (experiments/family-gpu.yaml's rows, the
+    182m shape, vanilla's active FFN and expert budget) at the paper's micro-batch, bf16, the fused pool
+    gradient: step time against vanilla and memory after every step (a design whose step leaks fails its
+    row). The smoke runs experiments/family.yaml's rows (the CPU study's model) instead, without the memory
+    trace (counting live tensors on the CPU costs more than the steps)."""
+    import yaml
+
+    from unipool.model.config import ModelConfig
+
+    study = yaml.safe_load((REPO / "experiments" / ("family.yaml" if suite.smoke else "family-gpu.yaml")).read_text())
+    batch, seq = (2, 32) if suite.smoke else (16, 1024)
+    vocab = 4096 if suite.smoke else 50257  # padded to the file's vocab_multiple, as a run pads GPT-2's
+    rows = []
+    for name in FAMILY_ROWS:
+        if not suite.case_fits(4):  # build ~1-2 s + 6 steps of ~0.3 s at 182m
+            rec.setdefault("skipped", []).append(name)
+            continue
+        overrides = {k: v for k, v in study["variants"][name].items() if k != "train"}  # train: LR groups only
+        cfg = ModelConfig.from_dict({**study["base"]["model"], "vocab_size": vocab, **overrides})
+        # memory after every step on CUDA (free there); the CPU smoke only checks that each design runs
+        row = {"design": name, **step_case(suite, name, "fused", batch, seq, config=cfg,
+                                           warmup=1 if suite.smoke else 2, repeats=2 if suite.smoke else 4)}
+        rows.append(row)
+        print(f"  {name}: {describe(row)}", flush=True)
+    base = next((r for r in rows if r["design"] == "vanilla" and r.get("tok_per_s")), None)
+    for r in rows:
+        r["vs_vanilla"] = r["tok_per_s"] / base["tok_per_s"] if base and r.get("tok_per_s") else None
     rec["rows"], rec["ok"] = rows, rows_ok(rows)
 
 
@@ -1037,7 +1074,9 @@ def markdown(results: dict) -> str:
                    f"({GROWTH_BOUND_TENSORS} live tensors/step on the CPU smoke)")
     for name, title in (("train_step", "Training step (fwd + bwd + AdamW) at 16 x 1024 tokens; target MFU >= 0.40 at 469m"),
                         ("pool_wgrad_830m", "830m shape fwd + bwd (8 x 1024, checkpointing); target fused >= 2 x naive"),
-                        ("reduced_pools", "Peak memory of reduced pools at 182m (16 x 1024)")):
+                        ("reduced_pools", "Peak memory of reduced pools at 182m (16 x 1024)"),
+                        ("family_cost", "The sharing family at 182m (16 x 1024, fused pool gradient): one design "
+                                        "per relative, vanilla's active FFN and expert budget")):
         rows = sec.get(name, {}).get("rows")
         if rows:
             lines += ["", f"## {title}", "", f"({growth_note})", "",
@@ -1093,7 +1132,7 @@ def markdown(results: dict) -> str:
 # ---- main ------------------------------------------------------------------------------------------
 
 # (name, estimated seconds on one H200, function), in order of priority. The estimates include each
-# section's first CUDA calls and compile warm-ups; they add up to 451 s, so --budget-s 480 runs them all.
+# section's first CUDA calls and compile warm-ups; they add up to 471 s, so --budget-s 480 runs them all.
 SECTIONS: list[tuple[str, float, Callable[[Suite, dict], None]]] = [
     ("environment", 15, environment),  # CUDA context + cuBLAS init, transformers import, 25 GEMMs of 8192^3
     ("dispatch_vs_reference", 10, dispatch_vs_reference),  # 3 shapes x 2 dtypes, 4096 tokens
@@ -1108,6 +1147,7 @@ SECTIONS: list[tuple[str, float, Callable[[Suite, dict], None]]] = [
     ("reduced_pools", 15, reduced_pool_memory),  # 3 cases at 182m
     ("real_run", 50, real_run),  # 2 x 120 steps of 16k tokens + tokenization, eval, a ~9 GB final checkpoint
     ("compiled_step", 80, compiled_step),  # two inductor compiles of the 182m model (~30-40 s each) + 9 steps
+    ("family_cost", 20, family_cost),  # 6 designs at 182m, 6 steps each
     ("prepare_scaling", 45, prepare_scaling),  # CPU only: 40 MB tokenized once in one thread, then 1/4/8/16 workers
 ]
 

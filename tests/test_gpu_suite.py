@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_suite.py"
 SECTIONS = ["environment", "dispatch_vs_reference", "fused_wgrad_vs_plain", "no_host_syncs", "compile_block",
             "loss_and_resume", "moe_layer", "train_step", "microbatch_sweep", "pool_wgrad_830m", "reduced_pools",
-            "real_run", "compiled_step", "prepare_scaling"]
+            "real_run", "compiled_step", "family_cost", "prepare_scaling"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,10 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert {r["mode"] for r in sections["train_step"]["rows"]} == {"vanilla", "naive", "fused"}
     assert [r["mode"] for r in sections["compiled_step"]["rows"]] == ["naive", "fused"]
     assert all(r["vs_eager_fused"] > 0 for r in sections["compiled_step"]["rows"])
+    family = sections["family_cost"]["rows"]  # one design per relative, from the study file, vanilla first
+    assert [r["design"] for r in family] == ["vanilla", "unipool", "cs-moe-k2", "tie-g2-e16", "unipool-depth",
+                                             "rexmoe-r4"]
+    assert family[0]["vs_vanilla"] == 1.0 and all(r["vs_vanilla"] > 0 and r["status"] == "ok" for r in family)
     # memory after every step and its growth, for every path of train_step and compiled_step
     for r in sections["train_step"]["rows"] + sections["compiled_step"]["rows"]:
         assert r["ok"] is True and r["status"] == "ok", r
@@ -66,7 +70,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert scaling["rows"][0]["efficiency"] == 1.0 and all(r["tok_per_s"] > 0 for r in scaling["rows"])
     md = (out / "results.md").read_text()
     assert "| section | status | estimated s | actual s |" in md and "## MoE layer" in md and "## Real run" in md
-    assert "growth/step" in md and "tensors | PASS |" in md
+    assert "growth/step" in md and "tensors | PASS |" in md and "## The sharing family at 182m" in md
     # what comes back from the GPU machine: a few small files (no temporary files left by the atomic
     # writes), the runs stay in the scratch folder and their checkpoints are deleted
     assert sorted(p.name for p in out.iterdir()) == ["curves.png", "results.json", "results.md"]
