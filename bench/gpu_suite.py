@@ -1132,7 +1132,7 @@ def markdown(results: dict) -> str:
 # ---- main ------------------------------------------------------------------------------------------
 
 # (name, estimated seconds on one H200, function), in order of priority. The estimates include each
-# section's first CUDA calls and compile warm-ups; they add up to 471 s, so --budget-s 480 runs them all.
+# section's first CUDA calls and compile warm-ups; they add up to 476 s, so --budget-s 480 runs them all.
 SECTIONS: list[tuple[str, float, Callable[[Suite, dict], None]]] = [
     ("environment", 15, environment),  # CUDA context + cuBLAS init, transformers import, 25 GEMMs of 8192^3
     ("dispatch_vs_reference", 10, dispatch_vs_reference),  # 3 shapes x 2 dtypes, 4096 tokens
@@ -1147,7 +1147,7 @@ SECTIONS: list[tuple[str, float, Callable[[Suite, dict], None]]] = [
     ("reduced_pools", 15, reduced_pool_memory),  # 3 cases at 182m
     ("real_run", 50, real_run),  # 2 x 120 steps of 16k tokens + tokenization, eval, a ~9 GB final checkpoint
     ("compiled_step", 80, compiled_step),  # two inductor compiles of the 182m model (~30-40 s each) + 9 steps
-    ("family_cost", 20, family_cost),  # 6 designs at 182m, 6 steps each
+    ("family_cost", 25, family_cost),  # 6 designs at 182m: build ~1-2 s + 6 steps of ~0.3-0.5 s each
     ("prepare_scaling", 45, prepare_scaling),  # CPU only: 40 MB tokenized once in one thread, then 1/4/8/16 workers
 ]
 
