@@ -459,8 +459,8 @@ def stopping_line(state: dict | None) -> str:
     if math.isinf(se):
         return (f"Stopping rule not met yet: some contrast has fewer than 2 paired seeds ({name}); target paired SE "
                 f"{state['se']}, at most {state['max_seeds']} seeds.")
-    return (f"Stopping rule not met yet: {state['seeds']} seeds on every contrast so far; the largest paired SE "
-            f"is {name}'s, {se:.4f} (target {state['se']}, at most {state['max_seeds']} seeds).")
+    return (f"Stopping rule not met yet: at least {state['seeds']} paired seeds on every contrast so far; the "
+            f"largest paired SE is {name}'s, {se:.4f} (target {state['se']}, at most {state['max_seeds']} seeds).")
 
 
 def plan(study: dict, out: Path, names: list[tuple[str, str, int]], steps: int | None) -> None:
