@@ -831,6 +831,9 @@ def family_cost(suite: Suite, rec: dict) -> None:
 
     from unipool.model.config import ModelConfig
 
+    sys.path.insert(0, str(REPO / "experiments"))
+    from study import variant_sections
+
     study = yaml.safe_load((REPO / "experiments" / ("family.yaml" if suite.smoke else "family-gpu.yaml")).read_text())
     batch, seq = (2, 32) if suite.smoke else (16, 1024)
     vocab = 4096 if suite.smoke else 50257  # padded to the file's vocab_multiple, as a run pads GPT-2's
@@ -839,7 +842,7 @@ def family_cost(suite: Suite, rec: dict) -> None:
         if not suite.case_fits(4):  # build ~1-2 s + 6 steps of ~0.3 s at 182m
             rec.setdefault("skipped", []).append(name)
             continue
-        overrides = {k: v for k, v in study["variants"][name].items() if k != "train"}  # train: LR groups only
+        overrides = variant_sections(study["variants"][name])["model"]  # the train section sets LR groups only
         cfg = ModelConfig.from_dict({**study["base"]["model"], "vocab_size": vocab, **overrides})
         # memory after every step on CUDA (free there); the CPU smoke only checks that each design runs
         row = {"design": name, **step_case(suite, name, "fused", batch, seq, config=cfg,
