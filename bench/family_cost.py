@@ -78,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print("RESULT " + json.dumps(one_variant(args.study, args.child, args.steps, args.warmup)))
         return 0
+    if not args.study.is_file():
+        sys.exit(f"error: study file not found: {args.study}")
     study = yaml.safe_load(args.study.read_text())
     variants = list(study["variants"])
+    if "vanilla" not in variants:
+        sys.exit(f"error: {args.study} has no 'vanilla' row: the costs are ratios to it")
     device = torch.device("cpu")
     started = meta(device, torch.float32, args)  # date, commit and load average before the rounds
     runs: dict[str, list[dict]] = {v: [] for v in variants}
@@ -100,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
                      "peak_rss_mb": max(r["peak_rss_bytes"] for r in runs[v]) / 2**20, "total": first["total"],
                      "active": first["active"], "per_round_median_s": per_round,
                      "moe_mode": variant_sections(study["variants"][v])["model"].get("moe_mode"),
-                     "overrides": study["variants"][v]})  # what was measured, to tell a stale row
-    base = next((r for r in rows if r["variant"] == "vanilla"), rows[0])
+                     "overrides": study["variants"][v],  # what was measured, to tell a stale row
+                     "config": run_config(study, v, 0, None)})
+    base = next((r for r in rows if r["variant"] == "vanilla"), None)
+    if base is None:
+        sys.exit(f"error: {args.study} has no 'vanilla' row: the costs are ratios to it")
     for r in rows:
         r["time_vs_vanilla"] = r["median_s"] / base["median_s"]
         r["memory_vs_vanilla"] = r["peak_rss_mb"] / base["peak_rss_mb"]

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ci95, load_study, paired_deltas  # noqa: E402
+from study import ci95, load_study, paired_deltas, run_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- family-table:begin -->", "<!-- family-table:end -->"
@@ -46,9 +46,19 @@ def paired(a: dict[str, float], b: dict[str, float]) -> str:
     return f"{mean:+.3f}, SE {se:.3f}, [{lo:+.3f}, {hi:+.3f}]"
 
 
+def read_json(path: Path, what: str) -> dict | list:
+    if not path.is_file():
+        raise SystemExit(f"error: {what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path} is not valid JSON ({e})") from None
+
+
 def render(study_file: Path) -> str:
     study = load_study(study_file)
-    results = json.loads((ROOT / study["results_dir"] / "results.json").read_text())
+    results = read_json(ROOT / study["results_dir"] / "results.json",
+                        f"the study's results (python experiments/study.py {study_file} --report)")
     by_name = {r["variant"]: r for r in results}
     vanilla, unipool = by_name.get("vanilla", {}), by_name.get("unipool", {})
     lines = ["| row | seeds | val loss | − vanilla (paired) | − unipool (paired) | zero-gate tokens | gate sum "
@@ -71,7 +81,7 @@ def render(study_file: Path) -> str:
 def render_cost(study_file: Path, cost_json: Path = COST_JSON) -> str:
     """The cost table: every row of the study, in its order, from the benchmark's JSON."""
     study = load_study(study_file)
-    bench = json.loads(cost_json.read_text())
+    bench = read_json(cost_json, f"the cost benchmark's JSON (python bench/family_cost.py --study {study_file})")
     if Path(bench["study"]).name != study_file.name:
         raise SystemExit(f"{cost_json} measured {bench['study']}, not {study_file}: run bench/family_cost.py "
                          f"--study {study_file} --json <file> and pass it as --cost-json")
@@ -82,10 +92,12 @@ def render_cost(study_file: Path, cost_json: Path = COST_JSON) -> str:
              f"{meta['load_avg_1m']:.1f} before the first round:", "",
              "| row | s/step | x vanilla | fastest round x vanilla | per-round medians (s) | peak RSS MB | x vanilla "
              "| params | active |", "|---|---|---|---|---|---|---|---|---|"]
+    if "vanilla" not in by_name:
+        raise SystemExit(f"error: {cost_json} has no vanilla row: the costs are ratios to it")
     fastest_vanilla = min(by_name["vanilla"]["per_round_median_s"])
     for name in study["variants"]:
         row = by_name.get(name)
-        if row is None or row.get("overrides") != study["variants"][name]:  # absent, or measured as another
+        if row is None or not measured_as(row, study, name):
             lines.append(f"| {name} | not measured | | | | | | | |")
             continue
         rounds = row["per_round_median_s"]
@@ -93,6 +105,14 @@ def render_cost(study_file: Path, cost_json: Path = COST_JSON) -> str:
                      f"| {min(rounds) / fastest_vanilla:.2f} | {', '.join(f'{t:.2f}' for t in rounds)} "
                      f"| {row['peak_rss_mb']:,.0f} | {row['memory_vs_vanilla']:.2f} | {row['total']:,} | {row['active']:,} |")
     return "\n".join(lines)
+
+
+def measured_as(row: dict, study: dict, name: str) -> bool:
+    """Whether a cost row measured what the study file now runs as `name`: its whole run config (base and
+    overrides) where the JSON records it, else (older JSON) the row's overrides."""
+    if "config" in row:
+        return row["config"] == json.loads(json.dumps(run_config(study, name, 0, None)))  # JSON's types
+    return row.get("overrides") == study["variants"][name]
 
 
 def cost_args(meta: dict) -> str:
@@ -117,8 +137,10 @@ def main() -> None:
     args = p.parse_args()
     table = render(args.study)
     if args.write is None:
-        print(f"{table}\n\n{render_cost(args.study, args.cost_json)}")
+        print(table if not args.cost_json.is_file() else f"{table}\n\n{render_cost(args.study, args.cost_json)}")
         return
+    if not args.write.is_file():
+        raise SystemExit(f"error: {args.write} not found: --write replaces the tables in an existing file")
     text = replace_between(args.write.read_text(), BEGIN, END, table, args.write)
     if COST_BEGIN in text:
         text = replace_between(text, COST_BEGIN, COST_END, render_cost(args.study, args.cost_json), args.write)

@@ -12,8 +12,8 @@ and skipped; a run with checkpoints but no summary is resumed from its latest ch
 study can be interrupted (Ctrl-C) and started again with the same command.
 
 The report (OUT/results.md, results.json, contrasts.json, copied to the study's `results_dir` if it names
-one, for the docs to cite; OUT/report/curves.png, dead_rows.png and
-zero_gate.png, and each run's routing analysis in RUN/routing/) gives, per variant: mean +- std over
+one, for the docs to cite; OUT/report/curves.png, dead_rows.png,
+zero_gate.png and depth_usage.png, and each run's routing analysis in RUN/routing/) gives, per variant: mean +- std over
 seeds of the final validation loss and perplexity; the loss difference to vanilla paired by seed, with
 its standard error and 95% confidence interval (t distribution over the seeds' paired differences); the
 expert budget relative to the matched vanilla model; and routing statistics on the validation split
@@ -27,12 +27,14 @@ dead_rows.png shows when rows die during training (the runs' `dead_rows` and `ro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -130,14 +132,16 @@ def ci95(xs: list[float]) -> tuple[float, float, float] | None:
     return se, mean - t * se, mean + t * se
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def mean_std(xs: list[float]) -> tuple[float, float | None]:
+    """(mean, sample std); the std is None for one value: one seed has no spread to show."""
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None)
 
 
-def fmt(ms: tuple[float, float] | None, digits: int = 4, scale: float = 1.0, sign: bool = False) -> str:
+def fmt(ms: tuple[float, float | None] | None, digits: int = 4, scale: float = 1.0, sign: bool = False) -> str:
     if ms is None:
         return "–"
-    return f"{scale * ms[0]:{'+' if sign else ''}.{digits}f} ± {scale * ms[1]:.{digits}f}"
+    mean = f"{scale * ms[0]:{'+' if sign else ''}.{digits}f}"
+    return mean + " (1 seed)" if ms[1] is None else f"{mean} ± {scale * ms[1]:.{digits}f}"
 
 
 def routing_summary(run_dir: Path, max_tokens: int = 16384) -> dict:
@@ -179,7 +183,7 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
         m = min(len(c[1]) for c in curves)
         vx = [x for x, _ in curves[0][1][:m]]
         vs = [mean_std([c[1][j][1] for c in curves]) for j in range(m)]
-        ax_v.errorbar(vx, [v[0] for v in vs], yerr=[v[1] for v in vs], color=f"C{i}", marker="o", ms=3,
+        ax_v.errorbar(vx, [v[0] for v in vs], yerr=[v[1] or 0.0 for v in vs], color=f"C{i}", marker="o", ms=3,
                       capsize=3, label=variant)
     tail = [y for line in ax_t.get_lines() for y in line.get_ydata()[len(line.get_ydata()) // 2:]]
     if tail:  # the interesting part is the end: zoom there
@@ -268,15 +272,38 @@ def plot_depth_usage(runs: dict[str, list[Path]], path: Path) -> None:
         im = ax.imshow(rel, aspect="auto", cmap="magma", vmin=0, vmax=4, interpolation="nearest")
         ax.set_title(f"{variant} ({stats['n_pools']} x {stats['experts_per_pool']})", fontsize=9)
         ax.set_ylabel("layer", fontsize=8)
+        ax.set_xlabel("expert (every pool side by side, ordered by mean depth)", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.6, extend="max", label="share of the layer's picks x its pool's width\n"
-                 "(1 = spread evenly over its pool)")
+                 "(1 = spread evenly over its whole pool; zero-gate picks\ncount nowhere, so dead rows darken a layer)")
     fig.suptitle("expert use across depth (first seed; experts ordered by the mean depth that picks them)",
                  fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# Fields a run's config.json may hold differently from its study row without being another experiment:
+# where it was written, how it reported, the data directory the study resolves, and the vocabulary size the
+# tokenizer (data.tokenizer, compared) sets.
+RUN_ONLY_FIELDS = {("train", "out_dir"), ("train", "run_name"), ("train", "progress"), ("data", "data_dir"),
+                   ("model", "vocab_size")}
+
+
+def config_drift(study: dict, variant: str, seed: int, run_dir: Path) -> list[str]:
+    """Where a finished run's config.json differs from what the study file now asks of (variant, seed):
+    ["model.num_experts: run 8, study 16", ...]. A field the run predates compares as its default."""
+    want = dataclasses.asdict(run_config_from_dict(run_config(study, variant, seed, None)))
+    default = dataclasses.asdict(run_config_from_dict({}))
+    have = json.loads((run_dir / "config.json").read_text())
+    drift = []
+    for section in SECTIONS:
+        for key, value in want[section].items():
+            ran = have.get(section, {}).get(key, default[section][key])
+            if (section, key) not in RUN_ONLY_FIELDS and ran != value:
+                drift.append(f"{section}.{key}: run {ran!r}, study {value!r}")
+    return drift
 
 
 def report(study: dict, out: Path) -> str:
@@ -286,6 +313,11 @@ def report(study: dict, out: Path) -> str:
         for seed in study["seeds"]:
             run_dir = out / f"{variant}-s{seed}"
             if (run_dir / "summary.json").is_file():
+                drift = config_drift(study, variant, seed, run_dir)
+                if drift:  # its loss would be reported under a row it was not trained as
+                    raise SystemExit(f"error: {run_dir} was trained with another config than the study file's row "
+                                     f"{variant!r} now gives ({'; '.join(drift)}): restore the row, or delete the "
+                                     f"run to train it again")
                 summary = Run.open(run_dir).summary() or {}
                 if summary.get("val_loss") is not None:
                     summaries[seed] = summary
@@ -315,14 +347,15 @@ def report(study: dict, out: Path) -> str:
         rows.append(row)
     base = next((r for r in rows if r["variant"] == "vanilla" and "val_loss" in r), None)
     for r in rows:
-        deltas = list(paired_deltas(r["val_losses"], base["val_losses"]).values()) if base and "val_loss" in r else []
+        deltas = (list(paired_deltas(r["val_losses"], base["val_losses"]).values())
+                  if base and r is not base and "val_loss" in r else [])
         if deltas:
             r["delta_paired"] = mean_std(deltas)
-            ci = ci95(deltas) if r is not base else None
+            ci = ci95(deltas)
             if ci:
                 r["delta_se"], r["delta_ci95"] = ci[0], [ci[1], ci[2]]
     contrasts = paired_contrasts(study, rows)
-    header = ("| variant | router | experts/pool x pools | expert budget | seeds | val loss | Δ vs vanilla (paired) "
+    header = ("| variant | router | experts/pool x pools | expert budget | seeds | val loss | Δ vs vanilla (paired, ± sd) "
               "| Δ 95% CI | val ppl | zero-gate tokens | gate sum | U(x)/L | dead experts | layers per expert |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -337,13 +370,14 @@ def report(study: dict, out: Path) -> str:
             f"{fmt(r.get('u_fraction'), 3)} | "
             f"{fmt(r.get('dead_experts'), 1)} | {fmt(r.get('layers_per_expert'), 2)} |")
     target = study.get("target_se")
+    min_seeds = (study.get("stop_when_se") or {}).get("min_seeds", 2)  # the rule never stops below its minimum
     vs_vanilla = paired_contrasts({"contrasts": {r["variant"]: [r["variant"], "vanilla"] for r in rows
                                                  if r is not base and "val_loss" in r}}, rows) if base else []
     if vs_vanilla:
-        lines += ["", "Each variant − vanilla, paired by seed:", "", *contrast_table(vs_vanilla, target)]
+        lines += ["", "Each variant − vanilla, paired by seed:", "", *contrast_table(vs_vanilla, target, min_seeds)]
     if contrasts:
         lines += ["", "Paired contrasts (the study's `contrasts`: a − b on the same seeds):", "",
-                  *contrast_table(contrasts, target)]
+                  *contrast_table(contrasts, target, min_seeds)]
     rule = stopping_line(stopping_state(study, out))
     if rule:
         lines += ["", rule]
@@ -363,15 +397,15 @@ def report(study: dict, out: Path) -> str:
     return table
 
 
-def seeds_for_se(deltas: list[float], target: float) -> int | None:
+def seeds_for_se(deltas: list[float], target: float, min_seeds: int = 2) -> int | None:
     """Seeds at which the paired standard error would reach `target`, at the spread seen so far
-    (itself uncertain with few seeds): ceil((sd / target)^2), at least 2."""
+    (itself uncertain with few seeds): ceil((sd / target)^2), at least `min_seeds`."""
     if len(deltas) < 2:
         return None
-    return max(2, math.ceil((statistics.stdev(deltas) / target) ** 2))
+    return max(min_seeds, math.ceil((statistics.stdev(deltas) / target) ** 2))
 
 
-def contrast_table(contrasts: list[dict], target: float | None) -> list[str]:
+def contrast_table(contrasts: list[dict], target: float | None, min_seeds: int = 2) -> list[str]:
     """Markdown rows of paired contrasts: mean, SE, 95% CI, the per-seed values and, when the study
     names a `target_se`, the seeds that SE would take at the observed spread."""
     extra = f" seeds for SE ≤ {target} |" if target else ""
@@ -383,7 +417,7 @@ def contrast_table(contrasts: list[dict], target: float | None) -> list[str]:
         per_seed = ", ".join(f"{d:+.3f}" for d in c["deltas"].values())
         row = f"| {c['name']} | {c['a']} − {c['b']} | {len(c['deltas'])} | {c['mean']:+.4f} | {se} | {ci} | {per_seed} |"
         if target:
-            need = seeds_for_se(list(c["deltas"].values()), target)
+            need = seeds_for_se(list(c["deltas"].values()), target, min_seeds)
             row += f" {need if need is not None else '–'} |"
         lines.append(row)
     return lines
@@ -463,6 +497,26 @@ def stopping_line(state: dict | None) -> str:
             f"largest paired SE is {name}'s, {se:.4f} (target {state['se']}, at most {state['max_seeds']} seeds).")
 
 
+class SeedGate:
+    """The stopping rule, decided once per seed at that seed's first run (runs go seed by seed): a seed is
+    run by every variant or by none, so every contrast rests on the same seeds. Thread-safe (--jobs)."""
+
+    def __init__(self, study: dict, out: Path):
+        self.study, self.out = study, out
+        self.min_seeds = (study.get("stop_when_se") or {}).get("min_seeds", 3)
+        self.reasons: dict[int, str] = {}  # seed -> why it is not needed; "" where it runs
+        self.lock = threading.Lock()
+
+    def skip_reason(self, seed: int) -> str:
+        with self.lock:
+            if seed not in self.reasons:
+                state = stopping_state(self.study, self.out)
+                # the seed's place in the study, not its value: seeds need not be 0, 1, 2, ...
+                met = state is not None and state["met"] and self.study["seeds"].index(seed) >= self.min_seeds
+                self.reasons[seed] = stopping_line(state) if met else ""
+            return self.reasons[seed]
+
+
 def plan(study: dict, out: Path, names: list[tuple[str, str, int]], steps: int | None) -> None:
     """Check every run's config (as `unipool train` would read it) and list each run's state."""
     states: dict[str, int] = {}
@@ -519,13 +573,13 @@ def main() -> None:
         if names:  # tokenize once here, so parallel runs never prepare the same data directory together
             prepare_run_data(run_config_from_dict(run_config(study, names[0][1], names[0][2], args.steps)).data)
 
+        gate = SeedGate(study, out)
+
         def launch(item: tuple[str, str, int]) -> None:
             name, variant, seed = item
-            state = stopping_state(study, out)
-            rule = study.get("stop_when_se") or {}
-            if (state and state["met"] and seed >= rule.get("min_seeds", 3)
-                    and not (out / name / "checkpoints" / "LATEST").is_file()):
-                print(f"[{time.time() - t0:7.0f} s] {name}: not needed ({stopping_line(state)})", flush=True)
+            reason = gate.skip_reason(seed)
+            if reason and not (out / name / "checkpoints" / "LATEST").is_file():  # a started run is finished
+                print(f"[{time.time() - t0:7.0f} s] {name}: not needed ({reason})", flush=True)
                 return
             result = run_one(out, name, run_config(study, variant, seed, args.steps), threads)
             print(f"[{time.time() - t0:7.0f} s] {name}: {result}", flush=True)

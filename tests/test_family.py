@@ -350,3 +350,27 @@ def test_the_probe_draws_from_a_windowed_router_candidates():
             routing = model(ids).routing
     for block, routed in zip(model.layers, routing):
         assert bool(block.router.candidate_mask_E[routed.expert_ids_TK].all())
+
+
+def test_a_cost_row_measured_under_another_base_reads_not_measured(tmp_path):
+    """A cost row records the whole run config it measured: a later change to the study's base (not only to
+    the row's overrides) turns it into "not measured" instead of a stale number."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    from family_table import COST_JSON, render_cost
+    from study import run_config
+
+    study = yaml.safe_load((REPO / "experiments" / "family.yaml").read_text())
+    bench = json.loads(COST_JSON.read_text())
+    for row in bench["rows"]:
+        row["config"] = run_config(study, row["variant"], 0, None)
+    (tmp_path / "cost.json").write_text(json.dumps(bench))
+    same = tmp_path / "same" / "family.yaml"
+    same.parent.mkdir()
+    same.write_text(yaml.safe_dump(study, sort_keys=False))
+    assert "not measured" not in render_cost(same, tmp_path / "cost.json")
+    study["base"]["train"]["seq_len"] *= 2  # the study's base moved on since the measurement
+    moved = tmp_path / "moved" / "family.yaml"
+    moved.parent.mkdir()
+    moved.write_text(yaml.safe_dump(study, sort_keys=False))
+    table = render_cost(moved, tmp_path / "cost.json")
+    assert table.count("| not measured |") == len(study["variants"])

@@ -58,7 +58,7 @@ def test_study_runs_skips_and_reports(tmp_path):
     need = max(2, math.ceil((abs(paired[0] - paired[1]) / math.sqrt(2) / 0.01) ** 2))
     [vs] = [line for line in table.splitlines() if line.startswith("| unipool | unipool − vanilla |")]
     assert "seeds for SE ≤ 0.01" in table and vs.endswith(f"| {need} |")
-    assert rows["vanilla"]["delta_paired"] == [0.0, 0.0]
+    assert "delta_paired" not in rows["vanilla"]  # no difference to itself: the table shows "–"
     assert rows["vanilla"]["u_fraction"][0] == 1.0  # private experts: every layer is a new expert
     assert rows["vanilla"]["zero_gate"][0] == 0.0  # softmax gates are never zero
     assert rows["unipool"]["expert_budget"] == 0.5  # 8 experts vs 8 per layer x 2 layers
@@ -71,6 +71,15 @@ def test_study_runs_skips_and_reports(tmp_path):
     rerun = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["variant"] for r in rerun] == ["vanilla", "unipool"]  # the study file's order
     assert rerun == list(rows.values())
+
+    # a row changed after its runs finished: the report refuses to file their losses under the new row
+    spec = yaml.safe_load((tmp_path / "study.yaml").read_text())
+    spec["variants"]["unipool"]["num_experts"] = 6
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    changed = study(tmp_path, "--report")
+    assert changed.returncode != 0 and "Traceback" not in changed.stderr
+    assert "unipool-s0 was trained with another config" in changed.stderr
+    assert "model.num_experts: run 8, study 6" in changed.stderr
 
 
 def test_study_bad_input(tmp_path):
@@ -130,3 +139,51 @@ def test_depth_usage_places_each_pool_and_orders_experts_by_depth():
     # columns by mean depth: pool 0's expert 1 (depth 1/3), pool 0's expert 0 (depth 1), pool 1's expert 0
     # (depth 2.5), the unused expert last
     assert full.tolist() == [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
+
+
+def test_stopping_rule_decides_once_per_seed(tmp_path):
+    """The rule (`stop_when_se`) is met once every paired SE is <= se over >= min_seeds seeds; the decision
+    is taken at a seed's first run and holds for the whole seed, so no seed is run by only some variants."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from study import SeedGate, stopping_line, stopping_state
+
+    study = {"seeds": [10, 11, 12, 13, 14], "stop_when_se": {"se": 0.02, "min_seeds": 3},
+             "variants": {"vanilla": {}, "unipool": {}}, "contrasts": {}}
+
+    def finish(variant: str, seed: int, loss: float) -> None:
+        (tmp_path / f"{variant}-s{seed}").mkdir()
+        (tmp_path / f"{variant}-s{seed}" / "summary.json").write_text(json.dumps({"val_loss": loss}))
+
+    for seed, delta in zip((10, 11), (-0.10, -0.11)):
+        finish("vanilla", seed, 4.0)
+        finish("unipool", seed, 4.0 + delta)
+    state = stopping_state(study, tmp_path)
+    assert not state["met"] and state["seeds"] == 2  # SE 0.005, but 2 seeds < min_seeds
+    assert SeedGate(study, tmp_path).skip_reason(12) == ""
+    finish("vanilla", 12, 4.0)
+    finish("unipool", 12, 3.88)  # deltas -0.10, -0.11, -0.12: sd 0.01, SE 0.0058 <= 0.02
+    state = stopping_state(study, tmp_path)
+    assert state["met"] and state["seeds"] == 3 and state["worst"][1] == pytest.approx(0.01 / 3 ** 0.5)
+    assert "Stopping rule met" in stopping_line(state)
+    gate = SeedGate(study, tmp_path)
+    assert gate.skip_reason(13).startswith("Stopping rule met")  # the 4th seed is not needed
+
+    # a wide spread: seed 13 is needed, and stays needed for every variant even once a run of it has moved
+    # the rule (here vanilla-s13 and unipool-s13 finish and bring the SE under 0.02)
+    study["stop_when_se"]["se"] = 0.001
+    gate = SeedGate(study, tmp_path)
+    assert gate.skip_reason(13) == ""
+    study["stop_when_se"]["se"] = 0.02
+    finish("vanilla", 13, 4.0)
+    assert gate.skip_reason(13) == ""  # decided at the seed's first run
+    assert SeedGate(study, tmp_path).skip_reason(14).startswith("Stopping rule met")
+
+
+def test_one_seed_shows_no_spread():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from study import fmt, mean_std, seeds_for_se
+
+    assert mean_std([4.2]) == (4.2, None) and fmt(mean_std([4.2])) == "4.2000 (1 seed)"
+    assert fmt(mean_std([4.0, 4.2])) == f"4.1000 ± {0.2 / 2 ** 0.5:.4f}"
+    assert seeds_for_se([0.1, 0.1001], 0.02, min_seeds=3) == 3  # tiny spread: never below the rule's minimum
+    assert seeds_for_se([0.0, 0.2], 0.02) == 50  # sd 0.1414: (0.1414 / 0.02)^2 = 50
