@@ -61,3 +61,25 @@ def test_cli_bad_config_file_is_one_line(tmp_path, capsys):
     assert err.startswith("error: model.top_k") and "\n" not in err
     assert main(["params", "--config", str(tmp_path / "missing.json")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_the_budget_named_last_wins():
+    """A preset counts steps; `--train.tokens N` on top of it trains N tokens (naming one budget resets the
+    other), and a single layer naming both is a one-line error instead of steps silently winning."""
+    import argparse
+
+    from unipool.config import add_config_args, apply_dict, preset_config, resolve_config
+
+    base = preset_config("unipool-182m")
+    assert base.train.steps == 10_000 and base.train.tokens == 0
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    run = resolve_config(p.parse_args(["--preset", "unipool-182m", "--train.tokens", "2000000000"]))
+    assert (run.train.steps, run.train.tokens) == (0, 2_000_000_000)
+    assert run.train.total_steps(64 * 8 * 1024) == 3815  # ceil(2e9 / 524,288)
+    back = apply_dict(run, {"train": {"steps": 500}})
+    assert (back.train.steps, back.train.tokens) == (500, 0)
+    with pytest.raises(ConfigError) as e:
+        apply_dict(base, {"train": {"steps": 100, "tokens": 1000}})
+    assert "train.tokens" in str(e.value) and "both set" in str(e.value) and "\n" not in str(e.value)
+    assert apply_dict(base, {"train": {"steps": 0, "tokens": 1000}}).train.tokens == 1000  # both named, one 0

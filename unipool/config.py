@@ -39,7 +39,7 @@ ON_NONFINITE = ("skip", "stop", "rollback")
 @dataclass(frozen=True)
 class TrainConfig:
     # --- length and batch ---
-    steps: int = 0  # optimizer steps; 0: derived from `tokens`
+    steps: int = 0  # optimizer steps; 0: derived from `tokens` (naming one of the two resets the other to 0)
     tokens: int = 0  # token budget (used when steps == 0)
     batch_size: int = 32  # sequences per micro-batch, summed over all ranks
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -95,6 +95,9 @@ class TrainConfig:
                      "ckpt_interval", "keep_every", "sample_tokens"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.steps > 0 or self.tokens > 0, "steps", "set train.steps or train.tokens to a positive number")
+        need(self.steps == 0 or self.tokens == 0, "tokens",
+             f"steps ({self.steps}) and tokens ({self.tokens}) are both set: the budget is one of them, set the "
+             "other to 0")
         need(self.keep_last >= 1, "keep_last", "must be >= 1")
         need(self.lr > 0, "lr", "must be > 0")
         need(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
@@ -220,6 +223,12 @@ def _merge_section(obj: Any, section: str, values: dict[str, Any]) -> Any:
     if unknown:
         raise ConfigError(f"{section}: unknown field(s) {', '.join(unknown)}; known: {', '.join(types)}")
     changes = {k: _coerce(f"{section}.{k}", v, types[k]) for k, v in values.items()}
+    if section == "train":
+        # The budget is steps or tokens: a layer (preset, config file, flags) that names only one of them
+        # replaces the other, so `--train.tokens N` on a preset that counts steps trains N tokens.
+        for named, other in (("tokens", "steps"), ("steps", "tokens")):
+            if changes.get(named, 0) > 0 and other not in changes:
+                changes[other] = 0
     try:
         return dataclasses.replace(obj, **changes)
     except TypeError as e:  # validation comparing mismatched types
