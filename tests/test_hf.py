@@ -74,6 +74,9 @@ CONFIGS = {
     "pool-window": dict(preset="debug", n_layers=4, router_window=2, router_window_warmup=0.5, top_k=2),
     "pool-window-softmax": dict(preset="debug", n_layers=4, router="softmax", router_window=3,
                                 router_window_warmup=0.5),
+    # per-layer softmax top-2, its gates scaled to a NormRouter-sized gate (routed_scaling_factor "match_gate",
+    # the study's scaled control): the export carries the resolved factor
+    "layerwise-softmax-scaled": dict(preset="debug-vanilla", top_k=2, routed_scaling_factor="match_gate:1.5"),
 }
 
 

@@ -14,8 +14,10 @@ from unipool.model.router import (
     Router,
     balance_probs,
     mean_picked_gate_sum,
+    mean_picked_softmax_sum,
     norm_router_c_value,
     pool_loss,
+    routed_scaling_value,
     switch_loss,
 )
 from unipool.presets import get_preset
@@ -45,6 +47,31 @@ def test_match_gate_sets_the_mean_picked_gate_at_init_whatever_the_std(init_std)
     assert torch.stack(gates).mean().item() == pytest.approx(0.19, rel=0.03)
     # the paper's estimator at E = 8 gives a much larger gate
     assert norm_router_c_value("monte_carlo", 8, 1) * mean_picked_gate_sum(8, 1) > 0.4
+
+
+@pytest.mark.parametrize("init_std, d_model", [(0.02, 64), (0.01, 768)])
+def test_softmax_match_gate_sets_the_mean_picked_gate_of_a_fresh_model(init_std, d_model):
+    """routed_scaling_factor "match_gate:g": a freshly built per-layer softmax model's mean picked gate is g on
+    any input (the router's input is an RMSNorm output, so its logits are N(0, init_std^2 d) whatever the
+    tokens). Two widths and stds: the factor differs (6.6 at the study's cpu2 shape), the gate does not."""
+    cfg = get_preset("debug-vanilla").replace(d_model=d_model, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                                              num_experts=8, init_std=init_std, n_layers=2,
+                                              routed_scaling_factor="match_gate:1.024")
+    torch.manual_seed(0)
+    gates = []
+    for _ in range(8):
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            out = model(torch.randint(0, cfg.vocab_size, (4, 64)))
+        gates += [r.weights_TK.sum(-1).mean() for r in out.routing]
+    assert torch.stack(gates).mean().item() == pytest.approx(1.024, rel=0.02)
+    # by hand, E = 2 top-1: the larger of two probabilities, sigmoid(|x1 - x2|), x1 - x2 ~ N(0, 2 s^2)
+    s = 1.0
+    z = torch.randn(400_000, generator=torch.Generator().manual_seed(0)) * math.sqrt(2) * s
+    assert mean_picked_softmax_sum(2, 1, s) == pytest.approx(torch.sigmoid(z.abs()).mean().item(), abs=2e-3)
+    assert mean_picked_softmax_sum(8, 2, 0.3, renormalize=True) == 1.0
+    assert routed_scaling_value("match_gate:1.024", 8, 1, 0.16) == pytest.approx(1.024 / 0.1557, rel=5e-3)
+    assert routed_scaling_value(2.5, 8, 1, 0.16) == 2.5
 
 
 def test_norm_router_c_validation():
@@ -155,6 +182,33 @@ def test_sigmoid_gates_renormalised_for_k_above_one():
     torch.testing.assert_close(out.weights_TK, picked / (picked.sum(-1, keepdim=True) + 1e-20))
     r1 = Router(3, 4, 1, kind="sigmoid")
     assert torch.equal(r1(x).weights_TK, torch.sigmoid(r1.gate(x)).gather(1, r1(x).expert_ids_TK))
+
+
+def test_routed_scaling_factor_scales_the_gates_not_the_losses():
+    """softmax/sigmoid gates times the factor, after renormalisation; the picks, scores and balance loss are
+    those of the unscaled router (DeepSeek-V3's routed_scaling_factor)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    for kind, renorm in (("softmax", False), ("softmax", True), ("sigmoid", False)):
+        plain = Router(8, 6, 2, kind=kind, renormalize=renorm, switch_coef=0.01)
+        scaled = Router(8, 6, 2, kind=kind, renormalize=renorm, switch_coef=0.01, scaling=8.0)
+        scaled.load_state_dict(plain.state_dict())
+        a, b = plain(x), scaled(x)
+        assert torch.equal(a.expert_ids_TK, b.expert_ids_TK) and torch.equal(a.scores_TE, b.scores_TE)
+        torch.testing.assert_close(b.weights_TK, 8.0 * a.weights_TK, rtol=0, atol=0)
+        assert torch.equal(a.aux_loss, b.aux_loss)
+        if renorm:  # renormalised first, then scaled: the gates sum to the factor
+            torch.testing.assert_close(b.weights_TK.sum(-1), torch.full((16,), 8.0))
+    cfg = get_preset("debug-vanilla").replace(router="softmax", routed_scaling_factor=4.0)
+    assert build_model(cfg).layers[0].router.scaling == 4.0
+    for bad, msg in ((dict(routed_scaling_factor=0.0), "positive"),
+                     (dict(routed_scaling_factor="match_gate:-1"), "positive"),
+                     (dict(routed_scaling_factor="big"), "positive"),
+                     (dict(router="norm", routed_scaling_factor=2.0), "norm_router_c"),
+                     (dict(router="sigmoid", routed_scaling_factor="match_gate:1.0"), "a number")):
+        with pytest.raises(ConfigError, match="routed_scaling_factor") as e:
+            get_preset("debug-vanilla").replace(**bad)
+        assert msg in str(e.value)
 
 
 def run_train(tmp_path, name, *extra):

@@ -96,8 +96,8 @@ def test_study_bad_input(tmp_path):
 
 
 @pytest.mark.parametrize("name, runs, tokens", [("cpu2.yaml", 32, "3,276,800"), ("gpu.yaml", 42, "2,000,158,720"),
-                                                ("family.yaml", 96, "3,276,800"),
-                                                ("family-gpu.yaml", 36, "2,000,158,720")])
+                                                ("family.yaml", 104, "3,276,800"),
+                                                ("family-gpu.yaml", 39, "2,000,158,720")])
 def test_plan_checks_every_run_of_the_study_files(name, runs, tokens, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "study.py"), str(ROOT / "experiments" / name),
                         "--plan", "--out", str(tmp_path)], capture_output=True, text=True)

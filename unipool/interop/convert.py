@@ -291,7 +291,8 @@ def switch_routing(model: Unipool, router: str | None = None, pool_loss: float |
         if router not in ("norm", "softmax"):
             raise ConvertError(f"--router must be 'norm' or 'softmax', not {router!r}")
         changes.update(router=router, norm_router_c="monte_carlo", norm_router_scale="linear",
-                       renormalize=cfg.renormalize and router == "softmax")
+                       renormalize=cfg.renormalize and router == "softmax",
+                       routed_scaling_factor=cfg.routed_scaling_factor if router == "softmax" else 1.0)
     if pool_loss is not None:
         changes["pool_loss_coef"] = pool_loss
     if switch_loss is not None:

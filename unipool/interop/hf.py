@@ -140,6 +140,7 @@ def hf_config_dict(model: Unipool, eos_id: int | None = None) -> dict:
         "router": cfg.router,
         # sigmoid with k > 1 always renormalises its gates (router.weights_at), as the official code does
         "renormalize": cfg.renormalize or (cfg.router == "sigmoid" and cfg.routed_top_k > 1),
+        "routed_scaling_factor": float(model.layers[0].router.scaling),  # the number ("match_gate:" resolved)
         "norm_router_c": _norm_router_c(model),
         "norm_router_eps": cfg.norm_router_eps,
         "random_gates": cfg.random_gates,

@@ -145,6 +145,10 @@ class ModelConfig:
     # --- router ---
     router: str = "norm"  # softmax | norm (NormRouter) | sigmoid (aux-loss-free bias) | random
     renormalize: bool = False  # renormalise the selected gates to sum to 1 (softmax/sigmoid)
+    # softmax/sigmoid: the picked gates times this factor (DeepSeek-V3's routed_scaling_factor); 1.0: the gates
+    # as they are. "match_gate:<g>" (softmax, ours): the factor that makes the mean sum of picked gates at
+    # initialisation g, e.g. a NormRouter's (see router.routed_scaling_value)
+    routed_scaling_factor: float | str = 1.0
     # "monte_carlo" (paper) | "one" | a number | "match_gate:<g>" (c such that the mean sum of picked
     # gates at initialisation is g; see router.norm_router_c_value)
     norm_router_c: str | float = "monte_carlo"
@@ -274,6 +278,14 @@ class ModelConfig:
         need(self.norm_router_scale in NORM_ROUTER_SCALES, "norm_router_scale", f"must be one of {NORM_ROUTER_SCALES}")
         need(self.balance_scores in BALANCE_SCORES, "balance_scores", f"must be one of {BALANCE_SCORES}")
         need(isinstance(self.count_dead_picks, bool), "count_dead_picks", "must be true or false")
+        s = self.routed_scaling_factor
+        match = isinstance(s, str) and s.startswith("match_gate:")
+        need((not isinstance(s, str) and _positive_number(s)) or (match and _positive_number(s[len("match_gate:"):])),
+             "routed_scaling_factor", "must be a positive number or 'match_gate:<g>' with g > 0")
+        need(s == 1.0 or self.router in ("softmax", "sigmoid"), "routed_scaling_factor",
+             "applies to softmax and sigmoid routers (NormRouter's gate size is norm_router_c)")
+        need(not match or self.router == "softmax", "routed_scaling_factor",
+             "'match_gate:<g>' is computed for softmax routers; give a sigmoid router a number")
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from unipool.model.config import ModelConfig
 from unipool.model.moe import DISPATCH, ExpertPool
-from unipool.model.router import Router, RouterOutput, load_fraction, pool_loss
+from unipool.model.router import Router, RouterOutput, load_fraction, pool_loss, routed_scaling_value
 
 
 @dataclass
@@ -140,7 +140,12 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.router = Router(cfg.d_model, cfg.n_routed_experts, cfg.routed_top_k, cfg.router,
-                             renormalize=cfg.renormalize, norm_c=cfg.norm_router_c, norm_eps=cfg.norm_router_eps,
+                             renormalize=cfg.renormalize,
+                             scaling=routed_scaling_value(cfg.routed_scaling_factor,
+                                                          cfg.router_width if cfg.router_window else cfg.n_routed_experts,
+                                                          cfg.routed_top_k, cfg.init_std * math.sqrt(cfg.d_model),
+                                                          cfg.renormalize),
+                             norm_c=cfg.norm_router_c, norm_eps=cfg.norm_router_eps,
                              random_gates=cfg.random_gates, switch_coef=cfg.switch_loss_coef,
                              z_coef=cfg.z_loss_coef, bias_rate=cfg.aux_free_bias_rate,
                              balance_scores=cfg.balance_scores, count_dead_picks=cfg.count_dead_picks,

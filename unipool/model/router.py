@@ -24,6 +24,8 @@ Options that are ours, not the paper's (defaults are the paper's; docs/design.md
 - `count_dead_picks=False`: picks whose gate is exactly zero are no load: left out of counts_E and f.
 - `scale_param="softplus" | "exp"`: sigma = softplus(raw) or exp(raw), so it cannot cross zero.
 - `norm_c="match_gate:<g>"`: c chosen so that the mean sum of picked gates at initialisation is g.
+- `scaling` (config `routed_scaling_factor`): softmax/sigmoid gates times a constant, after any
+  renormalisation (DeepSeek-V3's routed_scaling_factor); the balancing losses still see the probabilities.
 """
 
 from __future__ import annotations
@@ -109,6 +111,37 @@ def norm_router_c_value(spec: str | float, num_experts: int, top_k: int) -> floa
     return float(spec)
 
 
+@functools.lru_cache(maxsize=64)
+def mean_picked_softmax_sum(num_experts: int, top_k: int, logit_std: float, renormalize: bool = False,
+                            n_samples: int = 100_000, seed: int = 42) -> float:
+    """E[sum of the top-k softmax probabilities] for logits ~ N(0, logit_std^2 I_E), by Monte Carlo: a softmax
+    router's mean picked-gate sum at initialisation. There logit_std = init_std * sqrt(d_model): the router's
+    input is an RMSNorm output (weight 1, so norm sqrt(d)) and its weights are i.i.d. N(0, init_std^2), so for
+    any input the logits are N(0, init_std^2 d I) (as for NormRouter, `mean_picked_gate_sum`). Renormalised
+    picks sum to 1."""
+    if renormalize:
+        return 1.0
+    rng = np.random.RandomState(seed)
+    total, chunk = 0.0, 10_000
+    for start in range(0, n_samples, chunk):
+        x = rng.standard_normal((min(chunk, n_samples - start), num_experts)) * logit_std
+        p = np.exp(x - x.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        top = -np.partition(-p, top_k - 1, axis=1)[:, :top_k] if top_k < num_experts else p
+        total += float(top.sum())
+    return total / n_samples
+
+
+def routed_scaling_value(spec: str | float, num_experts: int, top_k: int, logit_std: float,
+                         renormalize: bool = False) -> float:
+    """The factor of a `routed_scaling_factor` setting: a number, or "match_gate:<g>" (a softmax router's
+    factor that makes the mean sum of picked gates at initialisation g; see `mean_picked_softmax_sum`)."""
+    if isinstance(spec, str) and spec.startswith("match_gate:"):
+        gate = mean_picked_softmax_sum(int(num_experts), int(top_k), float(logit_std), bool(renormalize))
+        return float(spec.split(":", 1)[1]) / gate
+    return float(spec)
+
+
 def balance_probs(scores_TE: torch.Tensor, normalized: bool = False) -> torch.Tensor:
     """P_E of the balancing losses: the mean score per expert over the tokens ("raw", the paper's).
 
@@ -189,13 +222,14 @@ SCALE_PARAMS = {
 
 class Router(nn.Module):
     def __init__(self, d_model: int, n_experts: int, top_k: int, kind: str = "softmax", *,
-                 renormalize: bool = False, norm_c: str | float = "monte_carlo", norm_eps: float = 1e-8,
+                 renormalize: bool = False, scaling: float = 1.0, norm_c: str | float = "monte_carlo",
+                 norm_eps: float = 1e-8,
                  random_gates: str = "uniform", switch_coef: float = 0.0, z_coef: float = 0.0,
                  bias_rate: float = 1e-3, balance_scores: str = "raw", count_dead_picks: bool = True,
                  scale_param: str = "linear", window: int | None = None, masked: bool = False):
         super().__init__()
         self.n_experts, self.top_k, self.kind = n_experts, top_k, kind
-        self.renormalize, self.norm_eps = renormalize, norm_eps
+        self.renormalize, self.scaling, self.norm_eps = renormalize, float(scaling), norm_eps
         self.switch_coef, self.z_coef, self.bias_rate = switch_coef, z_coef, bias_rate
         self.normalized_balance, self.count_dead_picks = balance_scores == "normalized", count_dead_picks
         self.gate = nn.Linear(d_model, n_experts, bias=False)
@@ -248,7 +282,8 @@ class Router(nn.Module):
 
     def weights_at(self, scores_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
         """The gates this router gives the experts `ids_TK`: their scores, renormalised over the k
-        picks if it renormalises. Public because the probe gates random picks the same way.
+        picks if it renormalises, times its scaling factor. Public because the probe gates random picks
+        the same way.
 
         Sigmoid with k > 1 always renormalises, as the official code (Megatron's
         topk_routing_with_score_function) does: gates / (sum + 1e-20)."""
@@ -257,6 +292,8 @@ class Router(nn.Module):
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         elif self.renormalize and self.kind in ("softmax", "sigmoid"):
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        if self.scaling != 1.0:  # skipped at 1.0: the default path stays bit-identical
+            weights_TK = weights_TK * self.scaling
         return weights_TK
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:

@@ -31,6 +31,7 @@ class UnipoolConfig(PretrainedConfig):
         expert_hidden=128,
         router="norm",  # softmax | norm | sigmoid | random
         renormalize=False,
+        routed_scaling_factor=1.0,  # softmax/sigmoid: the picked gates times this factor
         norm_router_c=1.0,  # the NormRouter constant c, as a number
         norm_router_eps=1e-8,
         random_gates="uniform",
@@ -61,6 +62,7 @@ class UnipoolConfig(PretrainedConfig):
         self.expert_hidden = expert_hidden
         self.router = router
         self.renormalize = renormalize
+        self.routed_scaling_factor = routed_scaling_factor
         self.norm_router_c = norm_router_c
         self.norm_router_eps = norm_router_eps
         self.random_gates = random_gates

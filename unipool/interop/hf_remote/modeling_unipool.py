@@ -122,6 +122,7 @@ class UnipoolRouter(nn.Module):
         self.kind, self.top_k, self.n_experts = config.router, config.num_experts_per_tok, config.num_experts
         self.renormalize, self.norm_c, self.norm_eps = config.renormalize, config.norm_router_c, config.norm_router_eps
         self.random_gates = config.random_gates
+        self.scaling = float(getattr(config, "routed_scaling_factor", 1.0))  # exports before it: 1.0
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         if self.kind == "norm":
             self.scale = nn.Parameter(torch.ones(1))
@@ -154,6 +155,8 @@ class UnipoolRouter(nn.Module):
         weights_TK = scores_TE.gather(1, ids_TK)
         if self.renormalize and self.kind in ("softmax", "sigmoid"):
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        if self.scaling != 1.0:
+            weights_TK = weights_TK * self.scaling
         return logits_TE, ids_TK, weights_TK
 
 
