@@ -82,7 +82,7 @@ def run_config(study: dict, variant: str, seed: int, steps: int | None) -> dict:
         cfg[section].update(fields)
     cfg["train"]["seed"] = seed
     if steps is not None:  # smoke runs: same study, fewer steps
-        cfg["train"].update(steps=steps, eval_interval=0, ckpt_interval=0, routing_interval=0)
+        cfg["train"].update(steps=steps, tokens=0, eval_interval=0, ckpt_interval=0, routing_interval=0)
     return cfg
 
 
@@ -291,10 +291,11 @@ RUN_ONLY_FIELDS = {("train", "out_dir"), ("train", "run_name"), ("train", "progr
                    ("model", "vocab_size")}
 
 
-def config_drift(study: dict, variant: str, seed: int, run_dir: Path) -> list[str]:
-    """Where a finished run's config.json differs from what the study file now asks of (variant, seed):
-    ["model.num_experts: run 8, study 16", ...]. A field the run predates compares as its default."""
-    want = dataclasses.asdict(run_config_from_dict(run_config(study, variant, seed, None)))
+def config_drift(study: dict, variant: str, seed: int, run_dir: Path, steps: int | None = None) -> list[str]:
+    """Where a finished run's config.json differs from what the study file now asks of (variant, seed), at
+    `steps` for a smoke study: ["model.num_experts: run 8, study 16", ...]. A field the run predates compares
+    as its default."""
+    want = dataclasses.asdict(run_config_from_dict(run_config(study, variant, seed, steps)))
     default = dataclasses.asdict(run_config_from_dict({}))
     have = json.loads((run_dir / "config.json").read_text())
     drift = []
@@ -306,14 +307,14 @@ def config_drift(study: dict, variant: str, seed: int, run_dir: Path) -> list[st
     return drift
 
 
-def report(study: dict, out: Path) -> str:
+def report(study: dict, out: Path, steps: int | None = None) -> str:
     rows, runs = [], {}
     for variant, overrides in study["variants"].items():
         summaries, routing, runs[variant] = {}, [], []
         for seed in study["seeds"]:
             run_dir = out / f"{variant}-s{seed}"
             if (run_dir / "summary.json").is_file():
-                drift = config_drift(study, variant, seed, run_dir)
+                drift = config_drift(study, variant, seed, run_dir, steps)
                 if drift:  # its loss would be reported under a row it was not trained as
                     raise SystemExit(f"error: {run_dir} was trained with another config than the study file's row "
                                      f"{variant!r} now gives ({'; '.join(drift)}): restore the row, or delete the "
@@ -370,7 +371,8 @@ def report(study: dict, out: Path) -> str:
             f"{fmt(r.get('u_fraction'), 3)} | "
             f"{fmt(r.get('dead_experts'), 1)} | {fmt(r.get('layers_per_expert'), 2)} |")
     target = study.get("target_se")
-    min_seeds = (study.get("stop_when_se") or {}).get("min_seeds", 2)  # the rule never stops below its minimum
+    rule = study.get("stop_when_se")  # the rule never stops below its minimum (3 unless it says); without one, 2
+    min_seeds = rule.get("min_seeds", 3) if rule else 2
     vs_vanilla = paired_contrasts({"contrasts": {r["variant"]: [r["variant"], "vanilla"] for r in rows
                                                  if r is not base and "val_loss" in r}}, rows) if base else []
     if vs_vanilla:
@@ -592,7 +594,7 @@ def main() -> None:
                 pool.shutdown(cancel_futures=True)
                 sys.exit(f"error: {e}")
         print(f"study finished in {time.time() - t0:.0f} s")
-    print(report(study, out))
+    print(report(study, out, args.steps))
     print(f"\nreport: {out / 'results.md'}, plots in {out / 'report'}")
 
 

@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -8,6 +9,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist workers load exported models' remote code side by side: each worker gets its own modules cache
+# (read by transformers at import, so set before any test imports it), so that two never copy into the same
+# file at once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("HF_MODULES_CACHE", str(Path(tempfile.gettempdir()) / "unipool-tests-hf-modules" /
+                                                  os.environ["PYTEST_XDIST_WORKER"]))
 # The test models are tiny: one thread beats two (thread overhead), and far more so on a busy machine.
 torch.set_num_threads(1)
 

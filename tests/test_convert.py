@@ -43,6 +43,8 @@ SOURCES = {
     "norm": dict(router="norm", switch_loss_coef=0.0),
     "sigmoid-top2": dict(router="sigmoid", top_k=2),
     "fine-grained": dict(granularity=2, top_k=1),
+    # a factor computed from the router's width: the pool keeps the source's number, not its own width's
+    "softmax-scaled-match-gate": dict(routed_scaling_factor="match_gate:1.024"),
 }
 
 
@@ -215,8 +217,9 @@ def test_dense_refusals(tmp_path, capsys):
         assert err.startswith("error: ") and message in err and "\n" not in err, err
 
 
-def test_merging_across_layers_keeps_each_layer_routing_to_its_own_experts():
-    source = _perturbed(get_preset("debug-vanilla").replace(n_layers=4, top_k=2))
+@pytest.mark.parametrize("scaling", [1.0, "match_gate:1.024"])
+def test_merging_across_layers_keeps_each_layer_routing_to_its_own_experts(scaling):
+    source = _perturbed(get_preset("debug-vanilla").replace(n_layers=4, top_k=2, routed_scaling_factor=scaling))
     per_layer = source.config.num_experts
     for n in (15, 10):
         model = merge_across_layers(source, n)

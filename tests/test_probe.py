@@ -215,6 +215,20 @@ def test_unipool_random_choices_are_uniform(tokens):
     assert (r.weights_TK == 0).any() and (r.weights_TK > 0).any()  # ReLU'd scores: some picks get no gate
 
 
+def test_unipool_uniform_gates_carry_the_routers_scaling_factor(tokens):
+    """`uniform` gates are scale / k for our models too: a softmax router scaled by routed_scaling_factor keeps
+    its output scale under the probe, as DeepSeek's factor does for the HF families; `model` gates are scaled
+    by the router itself."""
+    model = tiny_unipool(router="softmax", top_k=2, routed_scaling_factor=3.0, pool_loss_coef=0.0)
+    target = wrap_model(model)
+    with torch.no_grad(), RandomRouting(target, [1], "uniform", torch.Generator().manual_seed(0)):
+        r = model(tokens[:2]).routing[1]
+    assert torch.equal(r.weights_TK, torch.full_like(r.weights_TK, 1.5))
+    with torch.no_grad(), RandomRouting(target, [1], "model", torch.Generator().manual_seed(0)):
+        r = model(tokens[:2]).routing[1]
+    torch.testing.assert_close(r.weights_TK, 3.0 * r.scores_TE.gather(1, r.expert_ids_TK), rtol=0, atol=0)
+
+
 def test_unipool_random_dagger_draws_from_most_used(tokens):
     model = tiny_unipool(num_experts=16, top_k=2)
     target = wrap_model(model)

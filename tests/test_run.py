@@ -107,6 +107,20 @@ def test_older_configs_move_execution_fields_into_exec():
     assert run.train.steps == 5
 
 
+def test_a_run_saved_with_both_budgets_opens_as_it_trained(tmp_path):
+    """Before naming one budget reset the other, `--preset X --train.tokens N` saved steps > 0 and tokens > 0,
+    and steps won: such a run still opens (resume, eval, export), as the steps it trained."""
+    root, _ = make_run(tmp_path / "run")
+    path = root / "config.json"
+    saved = json.loads(path.read_text())
+    saved["train"].update(steps=10_000, tokens=2_000_000_000)
+    path.write_text(json.dumps(saved))
+    run = Run.open(root)
+    assert (run.config.train.steps, run.config.train.tokens) == (10_000, 0)
+    with pytest.raises(ConfigError, match="both set"):  # a config written by hand still may not name both
+        run_config_from_dict({"train": {"steps": 5, "tokens": 100}})
+
+
 def test_resume_may_change_execution_but_not_the_model(tmp_path, capsys):
     corpus = tmp_path / "topics.txt"
     corpus.write_text("\f".join(topics[k] for k in sorted(topics)[:30]))

@@ -108,6 +108,28 @@ def test_plan_checks_every_run_of_the_study_files(name, runs, tokens, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
 
 
+def test_smoke_steps_replace_the_token_budget_and_the_report_expects_them(tmp_path):
+    """`--steps N` on a study whose base counts tokens (gpu.yaml) is a budget of N steps, and a smoke run's
+    config is what the report compares it with (not the full study's)."""
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from study import config_drift, load_study, run_config
+
+    from unipool.config import run_config_from_dict
+
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "study.py"), str(ROOT / "experiments" / "gpu.yaml"),
+                        "--plan", "--steps", "20", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    study = load_study(ROOT / "experiments" / "family.yaml")
+    run_dir = tmp_path / "vanilla-s0"
+    run_dir.mkdir()
+    cfg = dataclasses.asdict(run_config_from_dict(run_config(study, "vanilla", 0, 20)))
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    assert config_drift(study, "vanilla", 0, run_dir, steps=20) == []
+    assert "train.steps: run 20, study 800" in config_drift(study, "vanilla", 0, run_dir)
+
+
 def test_plan_names_a_bad_field(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({
         "seeds": [0], "base": {"model": {}, "train": {"steps": 2}},

@@ -50,7 +50,12 @@ def _run_dir_of(ckpt_dir: Path) -> Path | None:
 
 def read_config(path: Path) -> RunConfig:
     """RUN/config.json as a RunConfig (the only parser of that file)."""
-    return run_config_from_dict(read_json(path, RunError), str(path))
+    raw = read_json(path, RunError)
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if isinstance(train, dict) and (train.get("steps") or 0) > 0 and (train.get("tokens") or 0) > 0:
+        # written before one budget reset the other: steps won then, so the run trained `steps`
+        raw = {**raw, "train": {**train, "tokens": 0}}
+    return run_config_from_dict(raw, str(path))
 
 
 def parse_record(line: str) -> dict | None:

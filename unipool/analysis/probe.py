@@ -173,8 +173,8 @@ class RandomRouting:
             mask_E = getattr(router, "candidate_mask_E", None)
             pool_C = candidates_C if candidates_C is not None or mask_E is None else mask_E.nonzero().flatten()
             ids_TK = random_topk(n_tokens, router.n_experts, router.top_k, device, self.generator, pool_C)
-            if self.gates == "uniform":
-                weights_TK = torch.full(ids_TK.shape, 1.0 / router.top_k, device=device)
+            if self.gates == "uniform":  # the router's scaling factor / k, as for the HF families
+                weights_TK = torch.full(ids_TK.shape, router.scaling / router.top_k, device=device)
             else:
                 weights_TK = router.weights_at(out.scores_TE, ids_TK)
             return dataclasses.replace(out, expert_ids_TK=ids_TK, weights_TK=weights_TK,

@@ -126,7 +126,9 @@ def convert_to_shared(source: Unipool, n_pools: int = 1, window: int | None = No
         raise ConvertError(f"--router-init must be one of {ROUTER_INITS}, not {router_init!r}")
     cfg = source.config
     norm_c = float(source.layers[0].router.norm_c) if cfg.router == "norm" else None
-    new_cfg = shared_config(cfg, n_pools, window, unmask_over, norm_c)
+    # a "match_gate:" factor depends on the router's width: keep the source's number, so the gates stay its own
+    new_cfg = shared_config(cfg, n_pools, window, unmask_over, norm_c).replace(
+        routed_scaling_factor=float(source.layers[0].router.scaling))
     per_pool, block = new_cfg.layers_per_pool, cfg.n_routed_experts
     model = build_model(new_cfg, "cpu", init=False)  # buffers: every router masked to its own block
     src = source.state_dict()
@@ -215,7 +217,8 @@ def merge_across_layers(source: Unipool, n_experts: int, similarity: torch.Tenso
         raise ConvertError(f"--experts {n_experts} is not a multiple of the granularity {cfg.granularity}")
     norm_c = float(source.layers[0].router.norm_c) if cfg.router == "norm" else None
     new_cfg = cfg.replace(moe_mode="pool", n_groups=1, num_experts=n_experts // cfg.granularity,
-                          stored_router_masks=True, norm_router_c=norm_c if norm_c is not None else cfg.norm_router_c)
+                          stored_router_masks=True, norm_router_c=norm_c if norm_c is not None else cfg.norm_router_c,
+                          routed_scaling_factor=float(source.layers[0].router.scaling))
     model = build_model(new_cfg, "cpu", init=False)
     src = source.state_dict()
     state = _kept_weights(src)
@@ -257,7 +260,7 @@ def merge_within_layers(source: Unipool, n_experts: int) -> Unipool:
         own = list(range(layer * per_layer, (layer + 1) * per_layer))
         local = greedy_merge(vectors[own], keep, [0] * per_layer, same_group_ok=True)
         clusters += sorted(([own[i] for i in c] for c in local), key=min)
-    new_cfg = cfg.replace(num_experts=keep // cfg.granularity)
+    new_cfg = cfg.replace(num_experts=keep // cfg.granularity, routed_scaling_factor=float(source.layers[0].router.scaling))
     model = build_model(new_cfg, "cpu", init=False)
     src = source.state_dict()
     state = _kept_weights(src)
