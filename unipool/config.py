@@ -12,7 +12,9 @@ Resolution order (later wins):
     4. --config FILE (.json / .yaml, same structure as config.json; sections and fields may be partial)
     5. --set section.field=value, in the order given
     6. direct flags, e.g. --model.num-experts 64 or --train.lr 3e-4 (generated from the dataclasses)
-Unknown fields and bad values raise ConfigError naming the field. Configs written before the `exec`
+The budget is train.steps or train.tokens: a layer that names only one of them sets the other to 0, so the
+budget named last in this order wins (each --set is a layer; the direct flags are one). Unknown fields and
+bad values raise ConfigError naming the field. Configs written before the `exec`
 section existed are read with their execution fields (model.dispatch, model.fused_pool_wgrad,
 train.compile, train.activation_checkpointing) moved into it.
 """
