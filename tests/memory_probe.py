@@ -1,8 +1,8 @@
 """Run training steps in a fresh process and report what stays alive between them (tests/test_memory.py).
 
-    python tests/memory_probe.py MODE FUSED DTYPE [--checkpointing] [--compile] [--fsdp] [--steps N]
+    python tests/memory_probe.py MODE FUSED DTYPE [--checkpointing] [--compile] [--fsdp] [--steps N] --out DIR
 
-Prints one JSON line per rank: the live tensor count (`gc`) and the resident set size after freed heap
+Writes DIR/rank<R>.json per rank: the live tensor count (`gc`) and the resident set size after freed heap
 is handed back to the OS (`malloc_trim`) every 10 steps (every 5 from step 20), and the bytes of one copy of the
 experts in bf16 (the size of what the leak kept per step). Under `--fsdp` or `--ddp`, start it with torchrun.
 """
@@ -14,6 +14,7 @@ import ctypes
 import gc
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--ddp", action="store_true")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--out", type=Path, required=True, help="a directory: each rank writes rank<R>.json there")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.fsdp or args.ddp:
@@ -84,7 +86,8 @@ def main() -> None:
             record[f"tensors_{step}"] = live_tensors()
         if step % 10 == 0 or (step >= 20 and step % 5 == 0):
             record[f"rss_mb_{step}"] = round(rss_mb(), 2)
-    print(json.dumps(record), flush=True)
+    # a file per rank: two ranks' lines on one shared stdout can interleave mid-line
+    (args.out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))
     if args.fsdp or args.ddp:
         torch.distributed.destroy_process_group()
 

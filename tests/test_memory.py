@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
 def probe(*args: str, ranks: int = 1, timeout: int = 240) -> list[dict]:
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      "--nproc_per_node", str(ranks)]
-    proc = subprocess.run([*launcher, str(PROBE), *args], env=ENV, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == ranks
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run([*launcher, str(PROBE), *args, "--out", out], env=ENV, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(ranks)]
     return rows
 
 
