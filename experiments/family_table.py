@@ -27,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import ci95, load_study, paired_deltas, run_config  # noqa: E402
 
+from unipool.errors import UnipoolError, read_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- family-table:begin -->", "<!-- family-table:end -->"
 COST_BEGIN, COST_END = "<!-- family-cost:begin -->", "<!-- family-cost:end -->"
@@ -46,19 +48,18 @@ def paired(a: dict[str, float], b: dict[str, float]) -> str:
     return f"{mean:+.3f}, SE {se:.3f}, [{lo:+.3f}, {hi:+.3f}]"
 
 
-def read_json(path: Path, what: str) -> dict | list:
-    if not path.is_file():
-        raise SystemExit(f"error: {what} not found: {path}")
+def read_results(path: Path, made_by: str) -> dict | list:
+    """A committed JSON file, or one line naming it and the command that writes it."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path} is not valid JSON ({e})") from None
+        return read_json(path)
+    except UnipoolError as e:
+        raise SystemExit(f"error: {e} (written by {made_by})") from None
 
 
 def render(study_file: Path) -> str:
     study = load_study(study_file)
-    results = read_json(ROOT / study["results_dir"] / "results.json",
-                        f"the study's results (python experiments/study.py {study_file} --report)")
+    results = read_results(ROOT / study["results_dir"] / "results.json",
+                           f"python experiments/study.py {study_file} --report")
     by_name = {r["variant"]: r for r in results}
     vanilla, unipool = by_name.get("vanilla", {}), by_name.get("unipool", {})
     lines = ["| row | seeds | val loss | − vanilla (paired) | − unipool (paired) | zero-gate tokens | gate sum "
@@ -81,7 +82,7 @@ def render(study_file: Path) -> str:
 def render_cost(study_file: Path, cost_json: Path = COST_JSON) -> str:
     """The cost table: every row of the study, in its order, from the benchmark's JSON."""
     study = load_study(study_file)
-    bench = read_json(cost_json, f"the cost benchmark's JSON (python bench/family_cost.py --study {study_file})")
+    bench = read_results(cost_json, f"python bench/family_cost.py --study {study_file}")
     if Path(bench["study"]).name != study_file.name:
         raise SystemExit(f"{cost_json} measured {bench['study']}, not {study_file}: run bench/family_cost.py "
                          f"--study {study_file} --json <file> and pass it as --cost-json")

@@ -45,7 +45,7 @@ import yaml
 from unipool.analysis.compare import smooth, summarize_run
 from unipool.analysis.eval import eval_batches_for
 from unipool.analysis.routing import analyse, to_global_LG
-from unipool.config import run_config_from_dict
+from unipool.config import default_config, run_config_from_dict
 from unipool.data.prepare import prepare_run_data
 from unipool.model.config import ModelConfig
 from unipool.model.params import param_report
@@ -296,7 +296,7 @@ def config_drift(study: dict, variant: str, seed: int, run_dir: Path, steps: int
     `steps` for a smoke study: ["model.num_experts: run 8, study 16", ...]. A field the run predates compares
     as its default."""
     want = dataclasses.asdict(run_config_from_dict(run_config(study, variant, seed, steps)))
-    default = dataclasses.asdict(run_config_from_dict({}))
+    default = dataclasses.asdict(default_config())
     have = json.loads((run_dir / "config.json").read_text())
     drift = []
     for section in SECTIONS:
@@ -371,8 +371,8 @@ def report(study: dict, out: Path, steps: int | None = None) -> str:
             f"{fmt(r.get('u_fraction'), 3)} | "
             f"{fmt(r.get('dead_experts'), 1)} | {fmt(r.get('layers_per_expert'), 2)} |")
     target = study.get("target_se")
-    rule = study.get("stop_when_se")  # the rule never stops below its minimum (3 unless it says); without one, 2
-    min_seeds = rule.get("min_seeds", 3) if rule else 2
+    stop_rule = study.get("stop_when_se")  # it never stops below its minimum (3 unless it says); without one, 2
+    min_seeds = stop_rule.get("min_seeds", 3) if stop_rule else 2
     vs_vanilla = paired_contrasts({"contrasts": {r["variant"]: [r["variant"], "vanilla"] for r in rows
                                                  if r is not base and "val_loss" in r}}, rows) if base else []
     if vs_vanilla:

@@ -377,3 +377,12 @@ def test_a_cost_row_measured_under_another_base_reads_not_measured(tmp_path):
     moved.write_text(yaml.safe_dump(study, sort_keys=False))
     table = render_cost(moved, tmp_path / "cost.json")
     assert table.count("| not measured |") == len(study["variants"])
+
+
+def test_family_table_names_a_missing_json_and_its_command(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    from family_table import render_cost
+
+    with pytest.raises(SystemExit) as e:
+        render_cost(REPO / "experiments" / "family.yaml", tmp_path / "absent.json")
+    assert f"missing {tmp_path / 'absent.json'}" in str(e.value) and "bench/family_cost.py" in str(e.value)

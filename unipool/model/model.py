@@ -141,8 +141,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.router = Router(cfg.d_model, cfg.n_routed_experts, cfg.routed_top_k, cfg.router,
                              renormalize=cfg.renormalize,
-                             scaling=routed_scaling_value(cfg.routed_scaling_factor,
-                                                          cfg.router_width if cfg.router_window else cfg.n_routed_experts,
+                             scaling=routed_scaling_value(cfg.routed_scaling_factor, cfg.router_width,
                                                           cfg.routed_top_k, cfg.init_std * math.sqrt(cfg.d_model),
                                                           cfg.renormalize),
                              norm_c=cfg.norm_router_c, norm_eps=cfg.norm_router_eps,

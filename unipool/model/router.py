@@ -64,15 +64,25 @@ def norm_router_constant(num_experts: int, top_k: int, n_samples: int = 100_000,
     return _norm_router_constant(int(num_experts), int(top_k), int(n_samples), int(seed))
 
 
+def _gaussian_draws(num_experts: int, n_samples: int, seed: int, chunk: int = 10_000):
+    """x ~ N(0, I_E), `n_samples` rows in chunks drawn from one numpy RandomState(seed) stream (the official
+    estimator's), so every Monte Carlo estimate below sees the same numbers."""
+    rng = np.random.RandomState(seed)
+    for start in range(0, n_samples, chunk):
+        yield rng.standard_normal((min(chunk, n_samples - start), num_experts))
+
+
+def _top_k(y: np.ndarray, top_k: int) -> np.ndarray:
+    """The k largest entries of each row (unordered)."""
+    return -np.partition(-y, top_k - 1, axis=1)[:, :top_k] if top_k < y.shape[1] else y
+
+
 @functools.lru_cache(maxsize=64)
 def _norm_router_constant(num_experts: int, top_k: int, n_samples: int, seed: int) -> float:
-    rng = np.random.RandomState(seed)
-    total, kept, chunk = 0.0, 0, 10_000
-    for start in range(0, n_samples, chunk):
-        x = rng.standard_normal((min(chunk, n_samples - start), num_experts))
+    total, kept = 0.0, 0
+    for x in _gaussian_draws(num_experts, n_samples, seed):
         y = np.maximum(x / np.linalg.norm(x, axis=1, keepdims=True), 0.0)
-        top = -np.partition(-y, top_k - 1, axis=1)[:, :top_k] if top_k < num_experts else y
-        norm = np.sqrt((top**2).sum(axis=1))
+        norm = np.sqrt((_top_k(y, top_k) ** 2).sum(axis=1))
         ok = norm > 0
         total += float((1.0 / norm[ok]).sum())
         kept += int(ok.sum())
@@ -89,13 +99,10 @@ def mean_picked_gate_sum(num_experts: int, top_k: int, n_samples: int = 100_000,
     NormRouter divides z by its norm, so the scores' distribution depends neither on the std nor on
     h. All-negative samples count with a gate sum of 0: they are the rows that start dead.
     """
-    rng = np.random.RandomState(seed)
-    total, chunk = 0.0, 10_000
-    for start in range(0, n_samples, chunk):
-        x = rng.standard_normal((min(chunk, n_samples - start), num_experts))
+    total = 0.0
+    for x in _gaussian_draws(num_experts, n_samples, seed):
         y = np.maximum(x / np.linalg.norm(x, axis=1, keepdims=True), 0.0)
-        top = -np.partition(-y, top_k - 1, axis=1)[:, :top_k] if top_k < num_experts else y
-        total += float(top.sum())
+        total += float(_top_k(y, top_k).sum())
     return total / n_samples
 
 
@@ -121,14 +128,12 @@ def mean_picked_softmax_sum(num_experts: int, top_k: int, logit_std: float, reno
     picks sum to 1."""
     if renormalize:
         return 1.0
-    rng = np.random.RandomState(seed)
-    total, chunk = 0.0, 10_000
-    for start in range(0, n_samples, chunk):
-        x = rng.standard_normal((min(chunk, n_samples - start), num_experts)) * logit_std
+    total = 0.0
+    for x in _gaussian_draws(num_experts, n_samples, seed):
+        x = x * logit_std
         p = np.exp(x - x.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
-        top = -np.partition(-p, top_k - 1, axis=1)[:, :top_k] if top_k < num_experts else p
-        total += float(top.sum())
+        total += float(_top_k(p, top_k).sum())
     return total / n_samples
 
 
