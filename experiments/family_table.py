@@ -10,6 +10,11 @@ seeds), layers per expert being how many layers use each expert (reuse across de
 share of experts that serve 2 or more layers. The markers in docs/results.md are `<!-- family-table:begin -->`
 and `<!-- family-table:end -->`.
 
+The contrast table (`<!-- family-contrasts:begin -->` ... `<!-- family-contrasts:end -->`) gives, for every
+row against vanilla, every row against UniPool and the study file's `read_contrasts` (the further pairs the
+write-up reads), the paired difference per seed, its mean and 95% t interval, how many seeds fall below 0
+and whether the interval excludes 0: the facts the prose interprets, so that no number there is typed.
+
 The cost table (`<!-- family-cost:begin -->` ... `<!-- family-cost:end -->`) is rendered the same way from
 bench/family_cost.py's committed JSON (bench/results/family_cost_cpu.json): each design's training-step time
 and peak memory, measured side by side in one run, as ratios to vanilla. A row whose measured settings differ
@@ -32,6 +37,7 @@ from unipool.errors import UnipoolError, read_json  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- family-table:begin -->", "<!-- family-table:end -->"
 COST_BEGIN, COST_END = "<!-- family-cost:begin -->", "<!-- family-cost:end -->"
+PAIRS_BEGIN, PAIRS_END = "<!-- family-contrasts:begin -->", "<!-- family-contrasts:end -->"
 COST_JSON = ROOT / "bench" / "results" / "family_cost_cpu.json"
 
 
@@ -76,6 +82,39 @@ def render(study_file: Path) -> str:
                      f"| {100 * row['zero_gate'][0]:.1f}% | {row['gate_sum'][0]:.3f} | {row['u_fraction'][0]:.3f} "
                      f"| {row['dead_experts'][0]:.1f} | {row['layers_per_expert'][0]:.2f} "
                      f"({100 * row['shared_experts'][0]:.0f}%) |")
+    return "\n".join(lines)
+
+
+def contrast_pairs(study: dict) -> list[tuple[str, str]]:
+    """Every row − vanilla, every row − UniPool, then the study's `read_contrasts`; each pair once."""
+    names = list(study["variants"])
+    pairs = [(v, "vanilla") for v in names if v != "vanilla"]
+    pairs += [(v, "unipool") for v in names if v not in ("unipool", "vanilla")]  # vanilla − unipool: the mirror
+    pairs += [tuple(pair) for pair in (study.get("read_contrasts") or {}).values()]
+    return list(dict.fromkeys(pairs))
+
+
+def render_contrasts(study_file: Path) -> str:
+    study = load_study(study_file)
+    results = read_results(ROOT / study["results_dir"] / "results.json",
+                           f"python experiments/study.py {study_file} --report")
+    losses = {r["variant"]: r.get("val_losses") or {} for r in results}
+    lines = ["| a − b | seeds | mean | 95% CI | per seed (seed order) | seeds below 0 | interval |",
+             "|---|---|---|---|---|---|---|"]
+    for a, b in contrast_pairs(study):
+        deltas = list(paired_deltas(losses.get(a, {}), losses.get(b, {})).values())
+        if not deltas:
+            lines.append(f"| {a} − {b} | 0 | | | | | |")
+            continue
+        stats = ci95(deltas)
+        ci, side = "–", "one seed"
+        if stats is not None:
+            _, lo, hi = stats
+            ci = f"[{lo:+.3f}, {hi:+.3f}]"
+            side = "below 0" if hi < 0 else "above 0" if lo > 0 else "spans 0"
+        below = sum(d < 0 for d in deltas)
+        lines.append(f"| {a} − {b} | {len(deltas)} | {statistics.fmean(deltas):+.3f} | {ci} "
+                     f"| {', '.join(f'{d:+.3f}' for d in deltas)} | {below} of {len(deltas)} | {side} |")
     return "\n".join(lines)
 
 
@@ -138,11 +177,15 @@ def main() -> None:
     args = p.parse_args()
     table = render(args.study)
     if args.write is None:
-        print(table if not args.cost_json.is_file() else f"{table}\n\n{render_cost(args.study, args.cost_json)}")
+        print(f"{table}\n\n{render_contrasts(args.study)}")
+        if args.cost_json.is_file():
+            print(f"\n{render_cost(args.study, args.cost_json)}")
         return
     if not args.write.is_file():
         raise SystemExit(f"error: {args.write} not found: --write replaces the tables in an existing file")
     text = replace_between(args.write.read_text(), BEGIN, END, table, args.write)
+    if PAIRS_BEGIN in text:
+        text = replace_between(text, PAIRS_BEGIN, PAIRS_END, render_contrasts(args.study), args.write)
     if COST_BEGIN in text:
         text = replace_between(text, COST_BEGIN, COST_END, render_cost(args.study, args.cost_json), args.write)
     args.write.write_text(text)

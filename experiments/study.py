@@ -20,7 +20,9 @@ expert budget relative to the matched vanilla model; and routing statistics on t
 (tokens whose picked gates are all zero, the mean sum of picked gates, i.e. how strongly the MoE output
 is scaled, distinct experts per token U(x) over the layers with zero-gate picks left out, dead experts,
 and reuse across depth: how many layers use each expert, at >= 0.1 x the uniform share, averaged over experts).
-A study file's optional `contrasts` ({name: [a, b]}) adds the same paired statistics for a − b, and
+A study file's optional `contrasts` ({name: [a, b]}) adds the same paired statistics for a − b (and
+enters the stopping rule below); its optional `read_contrasts` (same form) names further pairs that a
+write-up reads, checked here and rendered by experiments/family_table.py, outside the stopping rule. And
 dead_rows.png shows when rows die during training (the runs' `dead_rows` and `router_scale` telemetry).
 """
 
@@ -57,9 +59,11 @@ def load_study(path: Path) -> dict:
     for key in ("base", "variants", "seeds"):
         if key not in study:
             sys.exit(f"error: {path} has no '{key}' section")
-    for name, pair in (study.get("contrasts") or {}).items():
-        if not (isinstance(pair, list) and len(pair) == 2 and all(v in study["variants"] for v in pair)):
-            sys.exit(f"error: {path}: contrast {name!r} must be [variant, variant] of the study's variants, got {pair!r}")
+    for key in ("contrasts", "read_contrasts"):
+        for name, pair in (study.get(key) or {}).items():
+            if not (isinstance(pair, list) and len(pair) == 2 and all(v in study["variants"] for v in pair)):
+                sys.exit(f"error: {path}: {key} {name!r} must be [variant, variant] of the study's variants, "
+                         f"got {pair!r}")
     return study
 
 

@@ -319,6 +319,7 @@ def test_the_gpu_family_file_has_the_cpu_files_rows_and_contrasts():
     expert widths (ffn_hidden, private_hidden) scale with the model."""
     cpu, gpu = (yaml.safe_load((REPO / "experiments" / n).read_text()) for n in ("family.yaml", "family-gpu.yaml"))
     assert list(gpu["variants"]) == list(cpu["variants"]) and gpu["contrasts"] == cpu["contrasts"]
+    assert gpu["read_contrasts"] == cpu["read_contrasts"]
     scale = gpu["base"]["model"]["ffn_hidden"] / cpu["base"]["model"]["ffn_hidden"]
     for name, row in cpu["variants"].items():
         want = {k: (v * scale if k in ("ffn_hidden", "private_hidden") else v) for k, v in row.items()}
@@ -329,13 +330,14 @@ def test_the_docs_family_tables_are_the_committed_results():
     """docs/results.md's study 3 table and its cost table are rendered from the committed JSON, not typed,
     and the cost table measured every row of the study."""
     sys.path.insert(0, str(REPO / "experiments"))
-    from family_table import BEGIN, COST_BEGIN, COST_END, END, render, render_cost
+    import family_table as ft
 
     docs = (REPO / "docs" / "results.md").read_text()
     study = REPO / "experiments" / "family.yaml"
-    assert docs.split(BEGIN)[1].split(END)[0].strip() == render(study)
-    cost = docs.split(COST_BEGIN)[1].split(COST_END)[0].strip()
-    assert cost == render_cost(study)
+    assert docs.split(ft.BEGIN)[1].split(ft.END)[0].strip() == ft.render(study)
+    assert docs.split(ft.PAIRS_BEGIN)[1].split(ft.PAIRS_END)[0].strip() == ft.render_contrasts(study)
+    cost = docs.split(ft.COST_BEGIN)[1].split(ft.COST_END)[0].strip()
+    assert cost == ft.render_cost(study)
     assert "not measured" not in cost
 
 
@@ -377,6 +379,37 @@ def test_a_cost_row_measured_under_another_base_reads_not_measured(tmp_path):
     moved.write_text(yaml.safe_dump(study, sort_keys=False))
     table = render_cost(moved, tmp_path / "cost.json")
     assert table.count("| not measured |") == len(study["variants"])
+
+
+def test_the_contrast_table_computes_paired_statistics_by_hand(tmp_path):
+    """Every row − vanilla, every row − UniPool and the read_contrasts, each once: the per-seed differences
+    over the seeds both rows finished, their mean, the 95% t interval and the count below 0, checked against
+    values computed here by hand."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import family_table
+
+    study = {"base": {}, "seeds": [0, 1, 2], "results_dir": str(tmp_path),
+             "variants": {"vanilla": {}, "unipool": {}, "x": {}},
+             "read_contrasts": {"x vs unipool again": ["x", "unipool"], "unipool vs x": ["unipool", "x"]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    results = [{"variant": "vanilla", "val_losses": {"0": 4.0, "1": 4.1, "2": 4.2}},
+               {"variant": "unipool", "val_losses": {"0": 3.9, "1": 4.0, "2": 4.3}},
+               {"variant": "x", "val_losses": {"0": 3.8, "1": 4.05}}]  # seed 2 not finished
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    table = family_table.render_contrasts(tmp_path / "s.yaml").splitlines()[2:]
+    assert [line.split(" | ")[0] for line in table] == ["| unipool − vanilla", "| x − vanilla", "| x − unipool",
+                                                       "| unipool − x"]
+    # unipool − vanilla: -0.1, -0.1, +0.1; mean -0.0333, SE = stdev/sqrt(3) = 0.11547/1.732 = 0.06667, t(2) 4.303:
+    # -0.0333 ± 0.2869 = [-0.3202, +0.2535]
+    assert table[0] == ("| unipool − vanilla | 3 | -0.033 | [-0.320, +0.254] | -0.100, -0.100, +0.100 | 2 of 3 "
+                        "| spans 0 |")
+    # x − unipool on seeds 0-1: -0.1, +0.05; mean -0.025, SE 0.075, t(1) 12.706
+    assert table[2] == "| x − unipool | 2 | -0.025 | [-0.978, +0.928] | -0.100, +0.050 | 1 of 2 | spans 0 |"
+    results[2]["val_losses"] = {"0": 3.5, "1": 3.6, "2": 3.7}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    # x − vanilla: -0.5 each seed: SE 0, so the interval is the point and lies below 0
+    assert family_table.render_contrasts(tmp_path / "s.yaml").splitlines()[3] == (
+        "| x − vanilla | 3 | -0.500 | [-0.500, -0.500] | -0.500, -0.500, -0.500 | 3 of 3 | below 0 |")
 
 
 def test_family_table_names_a_missing_json_and_its_command(tmp_path):
