@@ -1,7 +1,7 @@
 """The whole GPU check in one command: environment, correctness on CUDA, speed side by side, a real run.
 
-On the lent GPU machine (torch preinstalled, unipool on PYTHONPATH; recipe in docs/benchmarks.md):
-    python3 bench/gpu_suite.py --out $OUT --budget-s 480
+On a CUDA machine without network (its own torch, unipool on PYTHONPATH; recipe in docs/benchmarks.md):
+    python3 bench/gpu_suite.py --out results/gpu --budget-s 480
 On a CPU, the same sections on tiny shapes, in a few minutes (tests/test_gpu_suite.py runs it in CI):
     python bench/gpu_suite.py --cpu-smoke --out /tmp/suite
 

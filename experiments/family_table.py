@@ -1,6 +1,6 @@
 """Render study 3's table in docs/results.md from the study's committed results.json.
 
-    python experiments/family_table.py                         # print the table
+    python experiments/family_table.py                         # print the tables
     python experiments/family_table.py --write docs/results.md  # replace it between the markers
 
 The table's numbers are read, never typed: per row the seeds finished, the mean validation loss, the
@@ -173,7 +173,7 @@ def main() -> None:
     p.add_argument("--study", type=Path, default=ROOT / "experiments" / "family.yaml")
     p.add_argument("--cost-json", type=Path, default=COST_JSON, help="bench/family_cost.py's JSON for this study")
     p.add_argument("--write", type=Path, help="a markdown file whose tables between the markers are replaced "
-                                              "(the cost table only where its markers are)")
+                                              "(the contrast and cost tables only where their markers are)")
     args = p.parse_args()
     table = render(args.study)
     if args.write is None:

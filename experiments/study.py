@@ -6,7 +6,8 @@
     python experiments/study.py experiments/cpu2.yaml --plan     # check every run's config, list what is left
 
 A study file holds `base` (a run config: model/train/data sections, as in a run's config.json),
-`variants` (name -> model field overrides) and `seeds`. Each (variant, seed) is one `unipool train`
+`variants` (name -> model field overrides; a key naming a section, `train: {...}`, overrides that
+section's fields) and `seeds`. Each (variant, seed) is one `unipool train`
 run in OUT/<variant>-s<seed>, launched as its own process. A run with a summary.json is finished
 and skipped; a run with checkpoints but no summary is resumed from its latest checkpoint, so the
 study can be interrupted (Ctrl-C) and started again with the same command.
@@ -20,10 +21,13 @@ expert budget relative to the matched vanilla model; and routing statistics on t
 (tokens whose picked gates are all zero, the mean sum of picked gates, i.e. how strongly the MoE output
 is scaled, distinct experts per token U(x) over the layers with zero-gate picks left out, dead experts,
 and reuse across depth: how many layers use each expert, at >= 0.1 x the uniform share, averaged over experts).
-A study file's optional `contrasts` ({name: [a, b]}) adds the same paired statistics for a − b (and
-enters the stopping rule below); its optional `read_contrasts` (same form) names further pairs that a
-write-up reads, checked here and rendered by experiments/family_table.py, outside the stopping rule. And
-dead_rows.png shows when rows die during training (the runs' `dead_rows` and `router_scale` telemetry).
+A study file's optional `contrasts` ({name: [a, b]}) adds the same paired statistics for a − b and
+enters the stopping rule: with `stop_when_se: {se, min_seeds}`, seeds are added (seed-major) until every
+variant's difference to vanilla and every contrast has a paired standard error <= se over at least
+min_seeds seeds, decided once per seed so that every row runs the same seeds. Its optional
+`read_contrasts` (same form) names further pairs a write-up reads: checked here, rendered by
+experiments/family_table.py, outside the stopping rule. dead_rows.png shows when rows die during training
+(the runs' `dead_rows` and `router_scale` telemetry).
 """
 
 from __future__ import annotations
