@@ -4,6 +4,7 @@ pool gradient, export and import, and the study's budget claims."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -379,6 +380,28 @@ def test_a_cost_row_measured_under_another_base_reads_not_measured(tmp_path):
     moved.write_text(yaml.safe_dump(study, sort_keys=False))
     table = render_cost(moved, tmp_path / "cost.json")
     assert table.count("| not measured |") == len(study["variants"])
+
+
+def test_every_interval_quoted_about_study_3_is_a_row_of_its_contrast_table():
+    """Numbers in prose match the tables: every "mean [low, high]" (or "mean, CI [low, high]") quoted in study
+    3's section of docs/results.md, or after "study 3" in a row of the claims tables above it, is a row of the
+    rendered contrast table; a number typed from an older report would not be."""
+    docs = (REPO / "docs" / "results.md").read_text()
+    section = docs[docs.index("## Study 3"):docs.index("## Model surgery")]
+    claims = [line.split("tudy 3", 1)[1] for line in docs[:docs.index("## Study 3")].splitlines()
+              if line.startswith("|") and "tudy 3" in line]
+    table = section[section.index("<!-- family-contrasts:begin -->"):section.index("<!-- family-contrasts:end -->")]
+    rows = set()
+    for line in table.splitlines()[3:]:
+        cells = [c.strip() for c in line.split("|")]
+        if cells[4].startswith("["):
+            low, high = cells[4].strip("[]").split(", ")
+            rows.add((cells[3], low, high))
+    quoted = re.findall(r"([−+-]\d\.\d{3})(?:,? (?:CI )?)\[([−+-]\d\.\d{3}), ([−+-]\d\.\d{3})\]",
+                        "\n".join([section, *claims]))
+    assert len(quoted) > 20  # the prose quotes its intervals in this form
+    missing = [q for q in quoted if tuple(n.replace("−", "-") for n in q) not in rows]
+    assert not missing, f"quoted in docs/results.md but not in the contrast table: {missing}"
 
 
 def test_the_contrast_table_computes_paired_statistics_by_hand(tmp_path):
