@@ -66,7 +66,8 @@ def load_study(path: Path) -> dict:
     for key in ("contrasts", "read_contrasts"):
         for name, pair in (study.get(key) or {}).items():
             if not (isinstance(pair, list) and len(pair) == 2 and all(v in study["variants"] for v in pair)):
-                sys.exit(f"error: {path}: {key} {name!r} must be [variant, variant] of the study's variants, "
+                what = "contrast" if key == "contrasts" else "read_contrasts entry"
+                sys.exit(f"error: {path}: {what} {name!r} must be [variant, variant] of the study's variants, "
                          f"got {pair!r}")
     return study
 

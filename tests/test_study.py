@@ -93,6 +93,10 @@ def test_study_bad_input(tmp_path):
                                                           "contrasts": {"a vs b": ["a", "b"]}}))
     r = study(tmp_path, "--plan")
     assert r.returncode != 0 and "contrast 'a vs b' must be [variant, variant]" in r.stderr
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"seeds": [0], "base": {}, "variants": {"a": {}},
+                                                          "read_contrasts": {"a vs a": ["a"]}}))
+    r = study(tmp_path, "--plan")
+    assert r.returncode != 0 and "read_contrasts entry 'a vs a' must be [variant, variant]" in r.stderr
 
 
 @pytest.mark.parametrize("name, runs, tokens", [("cpu2.yaml", 32, "3,276,800"), ("gpu.yaml", 42, "2,000,158,720"),
