@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ci95, load_study, paired_deltas, run_config  # noqa: E402
+from study import ci95, load_study, paired_contrasts, paired_deltas, run_config  # noqa: E402
 
 from unipool.errors import UnipoolError, read_json  # noqa: E402
 
@@ -62,11 +62,16 @@ def read_results(path: Path, made_by: str) -> dict | list:
         raise SystemExit(f"error: {e} (written by {made_by})") from None
 
 
-def render(study_file: Path) -> str:
+def study_results(study_file: Path) -> tuple[dict, dict[str, dict]]:
+    """The study file and its committed report's rows by variant name."""
     study = load_study(study_file)
     results = read_results(ROOT / study["results_dir"] / "results.json",
                            f"python experiments/study.py {study_file} --report")
-    by_name = {r["variant"]: r for r in results}
+    return study, {r["variant"]: r for r in results}
+
+
+def render(study_file: Path) -> str:
+    study, by_name = study_results(study_file)
     vanilla, unipool = by_name.get("vanilla", {}), by_name.get("unipool", {})
     lines = ["| row | seeds | val loss | − vanilla (paired) | − unipool (paired) | zero-gate tokens | gate sum "
              "| U(x)/L | dead experts | layers per expert (experts serving 2+) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -95,25 +100,26 @@ def contrast_pairs(study: dict) -> list[tuple[str, str]]:
 
 
 def render_contrasts(study_file: Path) -> str:
-    study = load_study(study_file)
-    results = read_results(ROOT / study["results_dir"] / "results.json",
-                           f"python experiments/study.py {study_file} --report")
-    losses = {r["variant"]: r.get("val_losses") or {} for r in results}
+    study, by_name = study_results(study_file)
+    rows = [{"variant": v, "val_losses": by_name.get(v, {}).get("val_losses") or {}} for v in study["variants"]]
+    pairs = contrast_pairs(study)
+    found = {(c["a"], c["b"]): c for c in paired_contrasts({"contrasts": {f"{a} − {b}": [a, b] for a, b in pairs}},
+                                                           rows)}
     lines = ["| a − b | seeds | mean | 95% CI | per seed (seed order) | seeds below 0 | interval |",
              "|---|---|---|---|---|---|---|"]
-    for a, b in contrast_pairs(study):
-        deltas = list(paired_deltas(losses.get(a, {}), losses.get(b, {})).values())
-        if not deltas:
+    for a, b in pairs:
+        c = found.get((a, b))
+        if c is None:  # no seed finished by both
             lines.append(f"| {a} − {b} | 0 | | | | | |")
             continue
-        stats = ci95(deltas)
+        deltas = list(c["deltas"].values())
         ci, side = "–", "one seed"
-        if stats is not None:
-            _, lo, hi = stats
+        if "ci95" in c:
+            lo, hi = c["ci95"]
             ci = f"[{lo:+.3f}, {hi:+.3f}]"
             side = "below 0" if hi < 0 else "above 0" if lo > 0 else "spans 0"
         below = sum(d < 0 for d in deltas)
-        lines.append(f"| {a} − {b} | {len(deltas)} | {statistics.fmean(deltas):+.3f} | {ci} "
+        lines.append(f"| {a} − {b} | {len(deltas)} | {c['mean']:+.3f} | {ci} "
                      f"| {', '.join(f'{d:+.3f}' for d in deltas)} | {below} of {len(deltas)} | {side} |")
     return "\n".join(lines)
 
