@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -586,19 +586,19 @@ def main() -> None:
 
         gate = SeedGate(study, out)
 
-        def launch(item: tuple[str, str, int]) -> None:
+        def launch(item: tuple[str, str, int]) -> str:
             name, variant, seed = item
             reason = gate.skip_reason(seed)
             if reason and not (out / name / "checkpoints" / "LATEST").is_file():  # a started run is finished
-                print(f"[{time.time() - t0:7.0f} s] {name}: not needed ({reason})", flush=True)
-                return
-            result = run_one(out, name, run_config(study, variant, seed, args.steps), threads)
-            print(f"[{time.time() - t0:7.0f} s] {name}: {result}", flush=True)
+                result = f"not needed ({reason})"
+            else:
+                result = run_one(out, name, run_config(study, variant, seed, args.steps), threads)
+            return f"[{time.time() - t0:7.0f} s] {name}: {result}"
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            try:
-                for fut in [pool.submit(launch, item) for item in names]:
-                    fut.result()
+            try:  # only this thread prints: lines from parallel workers would interleave mid-line
+                for fut in as_completed([pool.submit(launch, item) for item in names]):
+                    print(fut.result(), flush=True)
             except RuntimeError as e:
                 pool.shutdown(cancel_futures=True)
                 sys.exit(f"error: {e}")

@@ -38,6 +38,8 @@ def test_study_runs_skips_and_reports(tmp_path):
     first = study(tmp_path, "--jobs", "2")
     assert first.returncode == 0, first.stderr + first.stdout
     assert first.stdout.count("trained in") == 4
+    # one whole line per run, even with two runs finishing together
+    assert [ln.count("] ") for ln in first.stdout.splitlines() if "trained in" in ln] == [1] * 4
     rows = {r["variant"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())}
     for name in ("vanilla", "unipool"):
         summaries = [json.loads((tmp_path / "out" / f"{name}-s{s}" / "summary.json").read_text()) for s in (0, 1)]
