@@ -150,3 +150,60 @@ def test_checkpoint_meta_and_files(trained_run):
     assert meta["step"] == 2 and meta["world_size"] == 1 and meta["model"]["moe_mode"] == "pool"
     assert sorted(p.name for p in d.iterdir()) == ["meta.json", "model.safetensors", "optimizer.pt", "state_rank0.pt"]
     assert os.path.getsize(d / "model.safetensors") > 0
+
+
+def test_resume_trains_with_the_configs_hyperparameters_not_the_checkpoints(dataset, tmp_path):
+    """Loading optimizer state would bring back the saved weight decay, betas and eps; the run's config wins."""
+    run, model, optimizer, sampler = make_state(dataset)
+    train_step(model, optimizer, sampler)
+    d = save(tmp_path, 1, run, model, optimizer, sampler)
+    groups = param_groups(model, 0.1)
+    for g in groups:
+        g["lr_scale"] = 0.5
+    resumed = torch.optim.AdamW(groups, lr=1e-3, betas=(0.8, 0.95), eps=1e-6)
+    assert ckpt.restore_checkpoint(d, model, resumed, sampler, "none", DistInfo()) == 1
+    decays = sorted({g["weight_decay"] for g in resumed.param_groups})
+    assert decays == [0.0, 0.1] and optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 and g["lr_scale"] == 0.5 for g in resumed.param_groups)
+    saved = ckpt.load_torch(d / "optimizer.pt")["state"][0]["exp_avg"]  # the moments still come from the checkpoint
+    assert torch.equal(resumed.state[next(iter(resumed.param_groups[0]["params"]))]["exp_avg"], saved)
+
+
+def test_resume_refuses_a_new_batch_shape_or_seed(dataset):
+    from unipool.config import resume_incompatibilities
+
+    run, *_ = make_state(dataset)
+    for field, value in (("batch_size", 64), ("grad_accum", 2), ("seq_len", 32), ("seed", 7)):
+        new = run.replace(train=dataclasses.replace(run.train, **{field: value}))
+        assert resume_incompatibilities(run, new) == [f"train.{field}"]
+    assert resume_incompatibilities(run, run.replace(train=dataclasses.replace(run.train, lr=1.0, steps=9))) == []
+
+
+def test_retention_after_a_rewind_keeps_the_resumed_branch(dataset, tmp_path):
+    """Rewinding LATEST to an earlier checkpoint (what a non-finite checkpoint's error advises): the later
+    checkpoints are left alone, and keep_last still counts the branch that is training now."""
+    run, model, optimizer, sampler = make_state(dataset)
+    run = run.replace(train=dataclasses.replace(run.train, keep_last=3, keep_every=0))
+    root = tmp_path / "checkpoints"
+    for step in (10, 15, 20):
+        save(tmp_path, step, run, model, optimizer, sampler)
+    weights.write_latest(root, "step_000010")
+    for step in (11, 12, 13):
+        save(tmp_path, step, run, model, optimizer, sampler)
+    assert [s for s, _ in weights.list_checkpoints(root)] == [11, 12, 13, 15, 20]
+    save(tmp_path, 15, run, model, optimizer, sampler)  # the branch reaches a step the old one wrote: replaced
+    assert [s for s, _ in weights.list_checkpoints(root)] == [12, 13, 15, 20]
+    assert (root / "LATEST").read_text().strip() == "step_000015"
+
+
+def test_cuda_generators_restore_on_fewer_visible_gpus(monkeypatch):
+    """A state saved with 3 visible GPUs, restored where 1 is visible: that one gets its state back (no GPU
+    here, so torch.cuda's three calls are stood in for)."""
+    state = ckpt.rng_state()
+    state["cuda"] = [torch.full((4,), i, dtype=torch.uint8) for i in range(3)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.__setitem__(i, s))
+    ckpt.set_rng_state(state)
+    assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])

@@ -440,3 +440,78 @@ def test_text_documents_split_across_read_blocks(tmp_path):
     docs = ["x" * (block - 1), "y", "z" * block, "w " * 999 + "w"]
     (tmp_path / "big.txt").write_text("\f".join(docs) + "\f\n\f", encoding="utf-8")
     assert [d for _, d in iter_documents([tmp_path / "big.txt"])] == docs
+
+
+# --- tokenizer and data directory cache -------------------------------------------------------------------
+
+def test_bpe_is_trained_on_the_named_text_field(tmp_path):
+    from unipool.config import DataConfig
+    from unipool.data.prepare import prepare_run_data
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "content": d}) + "\n" for i, d in enumerate(DOCS[:30])))
+    data = DataConfig(sources=[str(src)], tokenizer="bpe:300", text_field="content", data_dir=str(tmp_path / "d"))
+    out = prepare_run_data(data)
+    tokenizer = TokenDataset(out, "train").tokenizer()
+    assert tokenizer.fingerprint == train_bpe([src], 300, "content").fingerprint
+    assert set(decoded_docs(TokenDataset(out, "train"), tokenizer)) <= set(DOCS[:30])
+
+
+def test_a_cached_bpe_is_trained_again_when_its_sources_change(tmp_path):
+    from unipool.config import DataConfig
+    from unipool.data.prepare import prepare_run_data
+
+    src = tmp_path / "c.txt"
+    src.write_text("\f".join(DOCS[:40]))
+    data = DataConfig(sources=[str(src)], tokenizer="bpe:300", data_dir=str(tmp_path / "d"))
+    out = prepare_run_data(data)
+    first = TokenDataset(out, "train").tokenizer().fingerprint
+    assert prepare_run_data(data) == out and TokenDataset(out, "train").tokenizer().fingerprint == first
+    time.sleep(0.01)
+    src.write_text("\f".join(DOCS[40:80]))  # edited in place: the same path, other text
+    prepare_run_data(data)
+    now = TokenDataset(out, "train").tokenizer()
+    assert now.fingerprint != first and now.fingerprint == train_bpe([src], 300).fingerprint
+    assert set(decoded_docs(TokenDataset(out, "train"), now)) <= set(DOCS[40:80])
+
+
+def test_a_damaged_tokenizer_in_a_prepared_directory_is_written_again(tmp_path, tok):
+    src = write_source("txt", tmp_path, DOCS[:10])
+    out = prepare(src, tmp_path / "p", tok)
+    for damage in ('{"truncated', None):  # cut short, then gone
+        if damage is None:
+            (out / "tokenizer.json").unlink()
+        else:
+            (out / "tokenizer.json").write_text(damage)
+        prepare(src, out, tok)
+        assert TokenDataset(out, "train").tokenizer().fingerprint == tok.fingerprint
+
+
+def test_a_split_of_few_long_documents_says_how_large_val_is(tmp_path, tok, capsys):
+    long = max(DOCS, key=len)
+    (tmp_path / "a.txt").write_text("\f".join([long, long[::-1]]))  # two documents of the same length: val is half
+    prepare(tmp_path / "a.txt", tmp_path / "p", tok, val_fraction=0.05)
+    val, train = TokenDataset(tmp_path / "p", "val"), TokenDataset(tmp_path / "p", "train")
+    assert (val.n_documents, train.n_documents) == (1, 1)
+    err = capsys.readouterr().err
+    assert "warning: the validation split holds 50% of the text" in err and "1 of 2 documents" in err
+    prepare(write_source("txt", tmp_path, DOCS[:200]), tmp_path / "q", tok, val_fraction=0.05)  # 10 of 200
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_text_columns_that_hold_no_text_and_odd_settings_are_one_line_errors(tmp_path, tok):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "a.parquet")
+    datasets.Dataset.from_dict({"text": [[1, 2], [3]]}).save_to_disk(str(tmp_path / "hf"))
+    for name, kind in (("a.parquet", "int"), ("hf", "list")):
+        with pytest.raises(DataError, match=f"column 'text' holds {kind} values, not text"):
+            prepare(tmp_path / name, tmp_path / "out", tok)
+    with pytest.raises(DataError, match="max_shard_tokens must be >= 1"):
+        prepare(write_source("txt", tmp_path, DOCS[:3]), tmp_path / "out", tok, max_shard_tokens=0)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "index.json").write_text("[]")  # JSON, but no index
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        TokenDataset(tmp_path / "out", "train")

@@ -157,6 +157,7 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data":
 _LEGACY_EXEC = {("model", "dispatch"), ("model", "fused_pool_wgrad"), ("train", "compile"),
                 ("train", "activation_checkpointing")}
 RESUME_CHECKED_DATA_FIELDS = ("sources", "tokenizer", "text_field", "val_fraction")
+RESUME_CHECKED_TRAIN_FIELDS = ("batch_size", "grad_accum", "seq_len", "seed")
 
 
 @dataclass(frozen=True)
@@ -321,6 +322,9 @@ def resume_incompatibilities(saved: RunConfig, new: RunConfig) -> list[str]:
     diff += [f"data.{k}" for k in RESUME_CHECKED_DATA_FIELDS if getattr(saved.data, k) != getattr(new.data, k)]
     if (saved.train.shared_expert_lr_power > 0) != (new.train.shared_expert_lr_power > 0):
         diff.append("train.shared_expert_lr_power (on or off: the optimizer's groups differ)")
+    # the token count and the data order are step x tokens per step and (seed, step): a change would
+    # miscount every later token and draw another order than the run's
+    diff += [f"train.{k}" for k in RESUME_CHECKED_TRAIN_FIELDS if getattr(saved.train, k) != getattr(new.train, k)]
     return diff
 
 

@@ -271,9 +271,14 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def prune_checkpoints(root: Path, keep_last: int, keep_every: int = 0, protect: tuple[str, ...] = ()) -> None:
     """Keep the newest `keep_last` checkpoints, every step divisible by `keep_every`, LATEST's, and
-    those named in `protect` (the training loop's last checkpoint before a non-finite step)."""
+    those named in `protect` (the training loop's last checkpoint before a non-finite step). Checkpoints
+    after LATEST's step belong to a branch someone rewound LATEST away from: neither counted nor removed
+    (the run writes over each when it reaches that step again)."""
     ckpts = list_checkpoints(root)
     latest = read_latest(root)
+    latest_step = next((step for step, p in ckpts if p.name == latest), None)
+    if latest_step is not None:
+        ckpts = [(step, p) for step, p in ckpts if step <= latest_step]
     keep = {p for _, p in ckpts[-keep_last:]}
     for step, p in ckpts:
         if p in keep or p.name == latest or p.name in protect or (keep_every > 0 and step % keep_every == 0):

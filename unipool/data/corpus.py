@@ -244,7 +244,7 @@ def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for doc in batch.column(0).to_pylist():
             if doc:
-                yield doc
+                yield _text(doc, f"parquet file {path}", text_field)
 
 
 def _hf_docs(path: Path, text_field: str) -> Iterator[str]:
@@ -266,7 +266,14 @@ def _hf_docs(path: Path, text_field: str) -> Iterator[str]:
     for batch in ds.select_columns([text_field]).iter(batch_size=1024):
         for doc in batch[text_field]:
             if doc:
-                yield doc
+                yield _text(doc, f"dataset {path}", text_field)
+
+
+def _text(doc, where: str, text_field: str) -> str:
+    if not isinstance(doc, str):  # e.g. a column of numbers or of token lists: one line, not a TypeError later
+        raise DataError(f"{where}: column {text_field!r} holds {type(doc).__name__} values, not text; "
+                        "name the text column with --text-field")
+    return doc
 
 
 def iter_pieces(paths: list[Path], text_field: str = "text",

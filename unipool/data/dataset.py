@@ -28,9 +28,10 @@ SPLITS = ("train", "val")
 
 def read_index(data_dir: Path) -> dict | None:
     try:
-        return json.loads((data_dir / "index.json").read_text())
+        index = json.loads((data_dir / "index.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    return index if isinstance(index, dict) else None  # valid JSON but no index: as good as none
 
 
 class TokenDataset:

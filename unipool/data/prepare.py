@@ -30,6 +30,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Iterator
@@ -231,6 +232,8 @@ def prepare(
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if seed < 0:
         raise DataError(f"the split seed must be >= 0, got {seed}")
+    if max_shard_tokens < 1:
+        raise DataError(f"max_shard_tokens must be >= 1, got {max_shard_tokens}")
     out_dir = Path(out_dir)
     paths = resolve_sources(sources)
     src_fp = _source_fingerprint(paths, text_field, val_fraction, seed)
@@ -244,11 +247,15 @@ def prepare(
             return out_dir
 
         # pass 1: count documents and characters (also surfaces format errors before any worker starts)
-        n_docs, n_chars = 0, 0
+        n_docs, n_chars, doc_chars, chars = 0, 0, [], 0
         with tqdm(unit="doc", desc="reading documents", disable=None) as bar:
             for _, piece, last in iter_pieces(paths, text_field):
                 n_chars += len(piece)
-                n_docs += last
+                chars += len(piece)
+                if last:
+                    n_docs += 1
+                    doc_chars.append(chars)
+                    chars = 0
                 bar.update(int(last))
         if n_docs == 0:
             raise DataError(f"no text found in: {', '.join(map(str, paths))}")
@@ -259,6 +266,12 @@ def prepare(
         else:
             n_val = 0 if val_fraction == 0 or n_docs < 2 else min(max(1, round(val_fraction * n_docs)), n_docs - 1)
             is_val[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
+            val_share = float(np.asarray(doc_chars, dtype=np.int64)[is_val].sum()) / max(n_chars, 1)
+            if n_val and val_share > max(2 * val_fraction, val_fraction + 0.05):
+                # the split is by whole documents: a few long ones can hold far more than val_fraction
+                print(f"warning: the validation split holds {val_share:.0%} of the text (val_fraction "
+                      f"{val_fraction}): {n_val} of {n_docs} documents; with few documents, split them into "
+                      "more files or pass them as one", file=sys.stderr)
 
         # pass 2: tokenize in parallel into temporary shards, then move them into place
         dtype = token_dtype(tokenizer.vocab_size)
@@ -310,6 +323,11 @@ def remove_stale_tmp(out_dir: Path) -> list[Path]:
 def _is_prepared(out_dir: Path, src_fp: str, tokenizer: Tokenizer) -> bool:
     old = read_index(out_dir)
     if not old or old.get("source_fingerprint") != src_fp or old.get("tokenizer_fingerprint") != tokenizer.fingerprint:
+        return False
+    try:  # runs read the tokenizer from here: a damaged or replaced one is written again
+        if Tokenizer.load(out_dir / "tokenizer.json").fingerprint != tokenizer.fingerprint:
+            return False
+    except TokenizerError:
         return False
     try:
         TokenDataset(out_dir, "train"), TokenDataset(out_dir, "val")
@@ -414,9 +432,13 @@ def prepare_run_data(data, tokenizer: Tokenizer | None = None) -> Path:
                             f"(fingerprint {prepared_fingerprint(data_dir)}, the run's {tokenizer.fingerprint}); "
                             "prepare the run's data elsewhere (--data.data-dir) with the run's tokenizer.json")
     elif cached.is_file():
-        tokenizer = _cached_tokenizer_for(data.tokenizer, cached, files)
+        # a BPE trained here is reused only while the sources are the ones it was trained on
+        src_fp = _source_fingerprint(resolve_sources(files), data.text_field, data.val_fraction, 0)
+        tokenizer = _cached_tokenizer_for(data.tokenizer, cached, files, data.text_field,
+                                          trained_on_these=(read_index(data_dir) or {}).get("source_fingerprint") == src_fp,
+                                          our_cache=not data.data_dir)
     else:
-        tokenizer = get_tokenizer(data.tokenizer, files)
+        tokenizer = get_tokenizer(data.tokenizer, files, data.text_field)
     prepare(files, data_dir, tokenizer, val_fraction=data.val_fraction, text_field=data.text_field)
     return data_dir
 
@@ -438,22 +460,30 @@ def use_prepared(data_dir: Path, spec: str, tokenizer: Tokenizer | None = None) 
     return data_dir
 
 
-def _cached_tokenizer_for(spec: str, cached: Path, files) -> Tokenizer:
-    """The tokenizer a data directory already holds, if `spec` asks for it: `bpe:N` with N its size (it
-    was trained there: training again would only cost time), or the very same tokenizer."""
+def _cached_tokenizer_for(spec: str, cached: Path, files, text_field: str, trained_on_these: bool,
+                          our_cache: bool) -> Tokenizer:
+    """The tokenizer a data directory already holds, if `spec` asks for it: `bpe:N` with N its size,
+    trained there on the same sources (`trained_on_these`: training again would only cost time), or the very
+    same tokenizer. Otherwise a new one, which prepare writes over the old: in the cache directory unipool
+    names itself (`our_cache`), and for `bpe:N` after its sources changed. A disagreeing spec in a
+    directory the user named is refused."""
     try:
         have = Tokenizer.load(cached)
     except TokenizerError:
-        return get_tokenizer(spec, files)  # a damaged cache file: prepare replaces it
+        return get_tokenizer(spec, files, text_field)  # a damaged cache file: prepare replaces it
     if spec.startswith("bpe:") and not spec[4:].isdigit():
-        return get_tokenizer(spec, files)  # says what is wrong with the spec
+        return get_tokenizer(spec, files, text_field)  # says what is wrong with the spec
     if spec.startswith("bpe:"):
         agrees = spec == f"bpe:{have.vocab_size}"
+        if agrees and not trained_on_these:
+            return get_tokenizer(spec, files, text_field)  # the sources changed: so does their BPE
         want = spec
     else:
-        tokenizer = get_tokenizer(spec, files)
+        tokenizer = get_tokenizer(spec, files, text_field)
         agrees = tokenizer.fingerprint == have.fingerprint
         want = f"{spec} ({tokenizer.vocab_size} tokens, fingerprint {tokenizer.fingerprint})"
+        if not agrees and our_cache:
+            return tokenizer  # e.g. a tokenizer.json trained again in place
     if not agrees:
         raise DataError(f"--data.tokenizer {want} disagrees with the tokenizer in the data directory "
                         f"{cached} ({have.vocab_size} tokens, fingerprint {have.fingerprint}); use another "
@@ -480,7 +510,7 @@ def cmd_prepare(args) -> int:
     out = Path(args.out)
     make_out_dir(out)  # a bad --out is said now, not after training a tokenizer
     resolve_sources(sources)
-    tok = get_tokenizer(args.tokenizer, files=sources)  # BPE training is deterministic: shards get reused
+    tok = get_tokenizer(args.tokenizer, sources, args.text_field)  # BPE training is deterministic: shards get reused
     prepare(sources, out, tok, val_fraction=args.val_fraction, text_field=args.text_field, seed=args.seed,
             num_workers=args.workers or None)
     train, val = TokenDataset(out, "train"), TokenDataset(out, "val")

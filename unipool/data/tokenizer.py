@@ -8,7 +8,7 @@ Every tokenizer here is byte-level BPE, so decode(encode(text)) == text for any 
   `tokenizers` directly: transformers' GPT2TokenizerFast(vocab_file=...) silently yields an empty
   tokenizer in transformers 5.x.
 - train_bpe(files, vocab_size): byte-level BPE trained on a corpus (8192 tokens on 5 MB in about a second).
-- get_tokenizer(spec): "gpt2" | "bpe:N" | a path to a tokenizer.json (or a directory holding one).
+- get_tokenizer(spec, files, text_field): "gpt2" | "bpe:N" | a path to a tokenizer.json (or a directory holding one).
 
 The other tokenizers the code meets are adapted here too, so each consumer sees one small interface:
 - as_tokenizers(x): a tokenizer.json path, a `Tokenizer` or a `tokenizers.Tokenizer` -> `tokenizers.Tokenizer`
@@ -203,8 +203,9 @@ def train_bpe(files, vocab_size: int, text_field: str = "text") -> Tokenizer:
     return Tokenizer(tok)
 
 
-def get_tokenizer(spec: str | Path, files=None) -> Tokenizer:
-    """"gpt2" | "bpe:N" (train on `files`, default: the Shakespeare corpus) | a tokenizer.json or its directory."""
+def get_tokenizer(spec: str | Path, files=None, text_field: str = "text") -> Tokenizer:
+    """"gpt2" | "bpe:N" (train on `files`, default: the Shakespeare corpus; `text_field` names the text in
+    jsonl / parquet / datasets files) | a tokenizer.json or its directory."""
     s = str(spec)
     if s == "gpt2":
         return gpt2_tokenizer()
@@ -215,7 +216,7 @@ def get_tokenizer(spec: str | Path, files=None) -> Tokenizer:
             raise TokenizerError(f"bad tokenizer spec {s!r}: expected bpe:N with N an integer") from None
         if files is None:
             files = default_corpus_files()
-        return train_bpe(files, n)
+        return train_bpe(files, n, text_field)
     if not Path(s).exists():
         raise TokenizerError(f"unknown tokenizer {s!r}: expected 'gpt2', 'bpe:N' or a tokenizer.json path")
     return Tokenizer.load(s)

@@ -170,8 +170,13 @@ def restore_checkpoint(ckpt_dir: Path, model: Unipool, optimizer, sampler, mode:
     optim_state, state = load_torch(optim_path), load_torch(state_path)
     if not isinstance(state, dict) or not {"rng", "sampler", "buffers"} <= state.keys():
         raise CheckpointError(f"corrupt {state_path}: expected rng, sampler and buffers")
+    # loading replaces each group's hyperparameters with the saved ones; the run's config is what the run
+    # says it trains with (weight decay, betas, eps, the shared experts' lr scale), so it wins
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     with _damage_is_one_line(optim_path):
         dist.load_optimizer_state(model, optimizer, optim_state, mode)
+        for group, own in zip(optimizer.param_groups, hyper, strict=True):
+            group.update(own)
         for p, st in optimizer.state.items():  # a wrong shape would otherwise fail only in the next step
             for k, v in st.items():
                 if k != "step" and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
@@ -217,7 +222,9 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU visible when saved; a resume that sees fewer GPUs restores those it has
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 class Checkpointer:

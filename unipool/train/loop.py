@@ -188,7 +188,8 @@ def prepare_data(run: RunConfig, resume: Run | None, info: dist.DistInfo, source
     data_dir = dist.broadcast_object(data_dir)
     train_ds, val_ds = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "val")
     if val_ds.n_tokens < 2:  # found now, not at the first evaluation after the training time is spent
-        raise DataError(f"the val split of {data_dir} is empty (data.val_fraction = {run.data.val_fraction})")
+        what = "is empty" if val_ds.n_tokens == 0 else "has a single token: nothing to predict"
+        raise DataError(f"the val split of {data_dir} {what} (data.val_fraction = {run.data.val_fraction})")
     tokenizer = train_ds.tokenizer()
     if resume and run.model.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(f"cannot resume {resume.path}: the tokenizer has {tokenizer.vocab_size} "
