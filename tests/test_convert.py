@@ -14,8 +14,10 @@ from unipool.interop.convert import (
     merge_across_layers,
     merge_within_layers,
 )
+from unipool.interop.hf import import_hf
 from unipool.model.model import build_model
 from unipool.presets import get_preset
+from unipool.run import Run
 from unipool.weights import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -112,6 +114,10 @@ def test_converted_run_is_an_ordinary_run(tmp_path, capsys):
     (["--to", "pool", "--unmask-over", "0"], "not the source's model"),
     (["--to", "pool", "--window", "5"], "--window must be between 1 and the 2 layers"),
     (["--to", "ring"], "--to must be"),
+    # options of the exact conversion that merging does not apply
+    (["--to", "pool", "--experts", "6", "--window", "1"], "--window has no effect on merging to --experts 6"),
+    (["--to", "pool", "--experts", "6", "--unmask-over", "0.2", "--router-init", "zeros"],
+     "--unmask-over and --router-init have no effect on merging"),
 ])
 def test_refusals_are_one_line(tmp_path, capsys, args, message):
     src, _ = make_run(tmp_path / "src", preset="debug-vanilla")  # 2 layers x 4 experts
@@ -211,7 +217,9 @@ def test_dense_refusals(tmp_path, capsys):
     capsys.readouterr()  # save_pretrained's progress bar
     for args, message in ((["--to", "pool"], "needs --experts"),
                           (["--to", "layerwise", "--experts", "2", "--top-k", "3"], "--top-k between 1"),
-                          (["--to", "layerwise", "--experts", "2", "--drop-upcycling", "1"], "[0, 1)")):
+                          (["--to", "layerwise", "--experts", "2", "--drop-upcycling", "1"], "[0, 1)"),
+                          (["--to", "layerwise", "--experts", "2", "--window", "2"], "--window has no effect on"),
+                          (["--to", "layerwise", "--experts", "2", "--router-init", "zeros"], "--router-init has no")):
         assert cli.main(["convert", str(tmp_path / "hf"), *args, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
@@ -289,3 +297,63 @@ def test_switching_losses_keeps_the_logits_and_switching_the_router_keeps_the_pi
     assert live.any()
     assert torch.equal(soft.expert_ids_TK[live].sort(-1).values, norm.expert_ids_TK[live].sort(-1).values)
     assert max_logit_difference(source, normed, source.config.vocab_size) > 1e-3  # the gates changed
+
+
+def _stored_dtype(run):
+    return load_model(run)[1]["dtype"]
+
+
+def test_convert_stores_the_source_dtype_unless_told_otherwise(tmp_path, capsys):
+    hf = tiny_hf("mixtral", num_hidden_layers=LAYERS).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    assert cli.main(["convert", str(tmp_path / "hf"), "--to", "pool", "--out", str(tmp_path / "pool")]) == 0
+    assert _stored_dtype(tmp_path / "pool") == "bfloat16"
+    model, _ = load_model(tmp_path / "pool")  # the bf16 weights, only rearranged
+    ids = torch.randint(0, HF_TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, import_hf(tmp_path / "hf").eval()(ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    assert cli.main(["convert", str(tmp_path / "hf"), "--to", "pool", "--dtype", "float32",
+                     "--out", str(tmp_path / "fp32")]) == 0
+    assert _stored_dtype(tmp_path / "fp32") == "float32"
+
+    # a unipool run: its checkpoint's dtype
+    src, source = make_run(tmp_path / "src", preset="debug-vanilla")
+    Run.open(src).add_weights(source, 20, dtype=torch.bfloat16)
+    assert cli.main(["convert", str(src), "--to", "pool", "--out", str(tmp_path / "run-pool")]) == 0
+    assert _stored_dtype(tmp_path / "run-pool") == "bfloat16"
+
+    # a dense source
+    _dense_hf("llama", tmp_path / "llama")
+    hf_dense = tiny_hf("llama", num_hidden_layers=LAYERS).to(torch.bfloat16)
+    hf_dense.save_pretrained(tmp_path / "llama16")
+    assert cli.main(["convert", str(tmp_path / "llama16"), "--to", "layerwise", "--experts", "2",
+                     "--out", str(tmp_path / "moe16")]) == 0
+    assert _stored_dtype(tmp_path / "moe16") == "bfloat16"
+    assert cli.main(["convert", str(tmp_path / "llama"), "--to", "layerwise", "--experts", "2",
+                     "--out", str(tmp_path / "moe32")]) == 0
+    assert _stored_dtype(tmp_path / "moe32") == "float32"
+
+
+def test_upcycling_prints_the_router_it_writes(tmp_path, capsys):
+    _dense_hf("llama", tmp_path / "hf")
+    capsys.readouterr()
+    assert cli.main(["convert", str(tmp_path / "hf"), "--to", "pool", "--experts", "2",
+                     "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "renormalised softmax router" in out and "logit difference" not in out
+    assert cli.main(["convert", str(tmp_path / "hf"), "--to", "pool", "--experts", "2", "--router", "norm",
+                     "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "softmax" not in out and "norm router" in out, out
+    assert "max |logit difference| to the upcycled model after --router norm" in out
+    model, _ = load_model(tmp_path / "b")
+    assert model.config.router == "norm"
+
+
+def test_config_json_that_is_not_an_object_is_one_line(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("[]")
+    assert cli.main(["convert", str(tmp_path / "hf"), "--to", "pool", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "config.json holds a JSON list, not an object" in err and "\n" not in err

@@ -456,6 +456,7 @@ def test_exported_code_mirrors_the_model():
     rename = {"self.wq": "self.q_proj", "self.wk": "self.k_proj", "self.wv": "self.v_proj", "self.wo": "self.o_proj"}
     pairs = [(core.RMSNorm.forward, remote.UnipoolRMSNorm.forward, "unipool.model.model.RMSNorm.forward"),
              (core.apply_rope, remote.apply_rope, "unipool.model.model.apply_rope"),
+             (core.rope_tables, remote.rope_tables, "unipool.model.model.rope_tables"),
              (core.Attention.forward, remote.UnipoolAttention.forward, "unipool.model.model.Attention.forward")]
     for ours, copy, name in pairs:
         assert f"# unipool:mirror {name}" in source, f"{name}: the copy lost its marker"
@@ -467,3 +468,135 @@ def test_exported_code_mirrors_the_model():
         got = iter(_mirrored_lines(copy))
         missing = [ln for ln in expected if not any(ln == g for g in got)]
         assert not missing, f"{name}: the exported copy no longer has {missing[:3]}"
+
+
+def test_export_runs_under_autocast_like_our_model(tokenizer, tmp_path):
+    # Under CPU bf16 autocast the expert matmuls return bf16 while the residual stream stays fp32: the
+    # per-expert loop (and so every decoding step, which routes too few rows for grouped GEMMs) must
+    # accumulate in the residual dtype, and give our model's logits under the same autocast.
+    ours = _perturbed(_config("pool-norm", tokenizer.vocab_size))
+    hf = _load_hf(export_hf(ours, tokenizer, tmp_path / "hf"))
+    ids = torch.tensor([tokenizer.encode(t)[:16] for t in TEXT])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ours(ids).logits
+        for kernel in ("auto", "loop"):
+            _set_kernel(hf, kernel)
+            got = hf(ids).logits
+            assert got.dtype == expected.dtype, kernel
+            torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.05, msg=kernel)
+        _set_kernel(hf, "auto")
+        out = hf.generate(ids[:1, :10], max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                          pad_token_id=tokenizer.eos_id)
+    assert out.shape == (1, 14)
+
+
+def test_export_refuses_output_flags_it_does_not_compute(tokenizer, tmp_path):
+    hf = _load_hf(export_hf(_perturbed(_config("pool-norm", tokenizer.vocab_size)), tokenizer, tmp_path / "hf"))
+    ids = torch.tensor([tokenizer.encode(TEXT[0])[:8]])
+    for flag in ("output_hidden_states", "output_attentions"):
+        for module in (hf, hf.model):
+            with pytest.raises(ValueError, match=f"{flag}=True is not supported"):
+                module(ids, **{flag: True})
+    with torch.no_grad():  # False, as generate passes them, is fine
+        assert hf(ids, output_hidden_states=False, output_attentions=False).logits.shape[1] == 8
+
+
+def test_rope_tables_are_computed_on_the_cpu_and_the_export_looks_them_up_exactly(tokenizer, tmp_path):
+    # MPS has no float64: the float64 work stays on the CPU whatever the target device (the meta device
+    # stands in for it here), and only the float32 tables move. The export's tables are bit-identical to ours.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from unipool.interop.hf_remote import modeling_unipool as remote
+    from unipool.model.model import rope_tables
+
+    class Float64Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.devices = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                self.devices.add(out.device.type)
+            return out
+
+    for tables in (rope_tables, remote.rope_tables):
+        with Float64Devices() as seen:
+            cos, sin = tables(16, 32, 1e4, device="meta")
+        assert seen.devices == {"cpu"} and cos.device.type == sin.device.type == "meta"
+        assert cos.dtype == sin.dtype == torch.float32
+
+    ours = _perturbed(_config("pool-norm", tokenizer.vocab_size))
+    hf = _load_hf(export_hf(ours, tokenizer, tmp_path / "hf"))
+    positions = torch.tensor([[0, 1, 5, 63], [7, 7, 2, 30]])
+    cos, sin = hf.model.rope_cos_sin(positions)
+    assert torch.equal(cos[:, 0], ours.rope_cos[positions]) and torch.equal(sin[:, 0], ours.rope_sin[positions])
+    far = hf.model.rope_cos_sin(torch.tensor([[500]]))[0]  # past max_position_embeddings: the table grows
+    assert torch.equal(far[0, 0, 0], rope_tables(ours.config.head_dim, 501, ours.config.rope_base)[0][500])
+
+
+def test_import_refuses_to_write_into_its_source(tokenizer, tmp_path, capsys):
+    src = export_hf(_perturbed(_config("pool-norm", tokenizer.vocab_size)), tokenizer, tmp_path / "hf")
+    before = sorted(p.name for p in src.iterdir())
+    for out, where in ((src, "is the source"), (src / "run", "is inside the source"), (tmp_path, "holds the source")):
+        assert cli.main(["import", str(src), "--out", str(out), "--force"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and where in err and "\n" not in err, err
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert json.loads((src / "config.json").read_text())["model_type"] == "unipool"
+
+
+def test_import_maps_the_balance_coefficient_to_the_same_loss_at_balance(tmp_path, capsys):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from unipool.model.router import expert_counts, switch_loss
+
+    n_layers, n_experts, top_k, coef = 4, 4, 2, 0.02
+    tiny_hf("mixtral", num_hidden_layers=n_layers, router_aux_loss_coef=coef).save_pretrained(str(tmp_path / "hf"))
+    capsys.readouterr()
+    assert cli.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    ours, _ = load_model(tmp_path / "run")
+    assert ours.config.switch_loss_coef == pytest.approx(0.01)  # 0.02 * top-2 / 4 layers
+    assert "switch_loss_coef 0.01 = router_aux_loss_coef x top-2 / 4 layers" in out
+
+    # Balanced routing (every expert picked equally often, probabilities near uniform) in every layer:
+    # transformers' loss is k = 2 there, times 0.02; ours is 1 per layer, times 0.01, over 4 layers.
+    tokens = torch.arange(8)
+    logits_TE = torch.zeros(8, n_experts)
+    logits_TE[tokens, tokens % n_experts] = 1e-3
+    logits_TE[tokens, (tokens + 1) % n_experts] = 1e-3
+    hf_term = coef * float(load_balancing_loss_func((logits_TE,) * n_layers, n_experts, top_k))
+    scores_TE = logits_TE.softmax(-1)
+    counts_E = expert_counts(scores_TE.topk(top_k, dim=-1).indices, n_experts)
+    assert counts_E.tolist() == [4.0] * n_experts
+    ours_term = n_layers * ours.config.switch_loss_coef * float(switch_loss(scores_TE, counts_E, top_k))
+    assert hf_term == pytest.approx(0.04, rel=1e-3) and ours_term == pytest.approx(hf_term, rel=1e-3)
+
+
+def test_import_warns_when_there_is_no_tokenizer(tmp_path, capsys):
+    tiny_hf("olmoe").save_pretrained(str(tmp_path / "hf"))
+    capsys.readouterr()
+    assert cli.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    assert "warning: no tokenizer.json found in" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "tokenizer.json").exists()
+
+
+def test_json_that_is_not_an_object_is_one_line_naming_the_file(tmp_path, capsys):
+    from unipool.interop.hf_moe import HFMoEError, checkpoint_model_type
+
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.json").write_text("[]")
+    with pytest.raises(HFError, match=r"list/config.json holds a JSON list, not an object"):
+        import_hf(tmp_path / "list")
+    with pytest.raises(HFMoEError, match=r"list/config.json holds a JSON list, not an object"):
+        checkpoint_model_type(tmp_path / "list")
+    hf = tiny_hf("mixtral")
+    hf.save_pretrained(str(tmp_path / "index"))
+    (tmp_path / "index" / "model.safetensors.index.json").write_text("3")
+    with pytest.raises(HFError, match=r"model.safetensors.index.json holds a JSON int, not an object"):
+        import_hf(tmp_path / "index")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert cli.main(["import", str(tmp_path / "list"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "config.json" in err and "\n" not in err, err

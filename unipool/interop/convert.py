@@ -22,11 +22,13 @@ LLaMA or Qwen3 directory: every expert of layer l starts as a copy of layer l's 
 layer), with a new softmax top-k router whose k gates are renormalised to sum to 1, so the MoE output is the
 FFN's whatever the router picks: exact at step 0 for `--to layerwise` and, through the masked windows above,
 for `--to pool` / `grouped:G`. (Without renormalisation, or with NormRouter, the gates do not sum to 1 and
-the copy is not the FFN: those routers are not offered here.) A renormalised top-1 gate is always 1, so the
-router would learn only from its balance loss: `--top-k` defaults to 2. `--drop-upcycling r` (Drop-Upcycling,
-arXiv 2502.19261) re-initialises a random fraction r of each expert's intermediate units (their gate and up
-rows and their down column) from a normal with the mean and standard deviation of the FFN's own matrix, so
-experts differ from the start; the model is then no longer the source at step 0, by design.
+the copy is not the FFN, so the upcycled router is never one of those; `--router norm` switches to NormRouter
+afterwards, like any router switch below, and the command prints how far the logits moved.) A renormalised
+top-1 gate is always 1, so the router would learn only from its balance loss: `--top-k` defaults to 2.
+`--drop-upcycling r` (Drop-Upcycling, arXiv 2502.19261) re-initialises a random fraction r of each expert's
+intermediate units (their gate and up rows and their down column) from a normal with the mean and standard
+deviation of the FFN's own matrix, so experts differ from the start; the model is then no longer the source
+at step 0, by design.
 
 Lossy: fewer experts by merging (`--experts M`, M < L x E, with `--to pool`). Experts are merged greedily by
 weight cosine similarity (their gate, up and down matrices as one vector; a merged expert is the mean of its
@@ -36,7 +38,14 @@ merged experts that hold its own (`model.stored_router_masks`: each router's can
 weights). `merge_within_layers` is the baseline at the same parameter count: each layer merges its own
 experts down to M / L (its router rows averaged), a smaller per-layer MoE.
 
-Not done here: the pool -> per-layer direction, switching routers or losses at conversion. Refused in one line.
+Router and losses. `--router norm|softmax`, `--pool-loss` and `--switch-loss` change the converted model's
+router kind or balance losses (`switch_routing`): the losses change nothing at step 0, a new router kind
+changes the gates and the command prints the largest logit change.
+
+Options a path does not use (`--window`, `--unmask-over`, `--router-init` with merging or with a dense
+`--to layerwise`) are refused, as is the pool -> per-layer direction: one line each. The weights are
+stored in the source's dtype (a Hugging Face checkpoint's, or the source run's checkpoint's) unless
+`--dtype` says otherwise.
 """
 
 from __future__ import annotations
@@ -48,11 +57,20 @@ from pathlib import Path
 import torch
 
 from unipool.errors import UnipoolError
-from unipool.interop.hf import _TRAINING_BUFFERS, check_target, find_run_tokenizer, import_hf, unipool_dir_kind
+from unipool.interop.hf import (
+    _TRAINING_BUFFERS,
+    _add_dtype_arg,
+    check_target,
+    find_run_tokenizer,
+    import_hf,
+    read_json_object,
+    source_dtype,
+    unipool_dir_kind,
+)
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool, build_model
 from unipool.run import Run
-from unipool.weights import load_model, load_state
+from unipool.weights import DTYPES, load_model, load_state
 
 ROUTER_INITS = ("copy", "zeros")
 
@@ -73,21 +91,22 @@ def parse_target(text: str) -> int | None:
     raise ConvertError(f"--to must be 'pool', 'grouped:G' (G >= 1) or 'layerwise', not {text!r}")
 
 
-def load_source(src: str | Path) -> tuple[Unipool, Path | None, Run | None]:
-    """The source model, its tokenizer.json (or None) and, for a unipool run, the run."""
+def load_source(src: str | Path) -> tuple[Unipool, Path | None, Run | None, torch.dtype]:
+    """The source model (fp32), its tokenizer.json (or None), for a unipool run the run, and the dtype the
+    source stores its weights in."""
     path = Path(src)
     if not path.exists():
         raise ConvertError(f"no such run, checkpoint or Hugging Face directory: {src}")
     if unipool_dir_kind(path) or path.suffix == ".safetensors":
-        model, _ = load_model(path)
+        model, meta = load_model(path)
         try:
             run = Run.open(path)
         except UnipoolError:
             run = None
-        return model, find_run_tokenizer(path), run
+        return model, find_run_tokenizer(path), run, DTYPES[meta.get("dtype", "float32")]
     if (path / "config.json").is_file():
         tokenizer = path / "tokenizer.json"
-        return import_hf(path), tokenizer if tokenizer.is_file() else None, None
+        return import_hf(path), tokenizer if tokenizer.is_file() else None, None, source_dtype(path)
     raise ConvertError(f"{src} is neither a unipool run or checkpoint nor a Hugging Face model directory")
 
 
@@ -339,11 +358,10 @@ DENSE_FAMILIES = {"llama": "none", "qwen3": "head"}  # model_type -> QK-norm
 def is_dense_hf(path: Path) -> bool:
     """A Hugging Face directory whose config.json names a dense family we upcycle."""
     cfg = path / "config.json"
-    if not cfg.is_file() or unipool_dir_kind(path):
+    if not cfg.is_file():
         return False
-    from unipool.errors import read_json
-
-    return read_json(cfg, ConvertError).get("model_type") in DENSE_FAMILIES
+    # read first: a config.json that is not a JSON object is refused by name, not taken for a run's
+    return read_json_object(cfg, ConvertError).get("model_type") in DENSE_FAMILIES and not unipool_dir_kind(path)
 
 
 def upcycle_dense_hf(hf_dir: Path, n_experts: int, top_k: int = 2, drop_fraction: float = 0.0,
@@ -454,6 +472,17 @@ def add_convert_args(parser) -> None:
     parser.add_argument("--drop-upcycling", type=float, default=0.0, metavar="R",
                         help="dense sources: re-initialise this fraction of each expert's units (Drop-Upcycling)")
     parser.add_argument("--seed", type=int, default=0, help="dense sources: seed of the new routers and re-draws")
+    _add_dtype_arg(parser, "the dtype the source stores")
+
+
+def _refuse_unused(args, path: str) -> None:
+    """Options that `path` does not apply, given anyway (set away from their defaults): one line."""
+    given = (("--window", args.window, None), ("--unmask-over", args.unmask_over, 0.5),
+             ("--router-init", args.router_init, "copy"))
+    unused = [flag for flag, value, default in given if value != default]
+    if unused:
+        raise ConvertError(f"{' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect on {path} "
+                           "(they shape the router windows of an exact conversion to a pool)")
 
 
 def cmd_convert(args) -> int:
@@ -461,9 +490,12 @@ def cmd_convert(args) -> int:
     out = Path(args.out)
     check_target(out, force=False)
     src = Path(args.src)
+    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
     if is_dense_hf(src):
         if args.experts is None:
             raise ConvertError("upcycling a dense model needs --experts E (experts per layer)")
+        if n_pools is None:
+            _refuse_unused(args, "a dense model upcycled to --to layerwise")
         source_dense = upcycle_dense_hf(src, args.experts, args.top_k, args.drop_upcycling, args.seed)
         model = source_dense if n_pools is None else convert_to_shared(source_dense, n_pools, args.window,
                                                                        args.unmask_over, args.router_init)
@@ -471,22 +503,31 @@ def cmd_convert(args) -> int:
         tokenizer = src / "tokenizer.json"
         from unipool.interop.hf import write_run
 
-        write_run(model, out, tokenizer if tokenizer.is_file() else None, source=str(src.resolve()))
+        write_run(model, out, tokenizer if tokenizer.is_file() else None, source=str(src.resolve()),
+                  dtype=dtype or source_dtype(src))
         c = model.config
+        router = "renormalised softmax" if c.router == "softmax" and c.renormalize else c.router
+        drop = f", Drop-Upcycling r = {args.drop_upcycling}" if args.drop_upcycling else ""
+        moved = ""
+        if c.router != source_dense.config.router:
+            # measured against the upcycled model, which is the dense one (Drop-Upcycling's re-draws aside)
+            diff = max_logit_difference(source_dense, model, c.vocab_size)
+            moved = f"; max |logit difference| to the upcycled model after --router {c.router}: {diff:.2e}"
         print(f"upcycled {c.n_layers} dense FFNs into {c.n_pools} pool(s) of {c.num_experts} experts (top-{c.top_k}, "
-              f"renormalised softmax{f', Drop-Upcycling r = {args.drop_upcycling}' if args.drop_upcycling else ''}) "
-              f"-> {out}")
+              f"{router} router{drop}) -> {out}{moved}")
         return 0
     if n_pools is None:
         raise ConvertError("--to layerwise is for dense sources; a pool back to per-layer experts is not implemented")
     if args.drop_upcycling:
         raise ConvertError("--drop-upcycling applies to dense sources (experts copied from one FFN)")
-    source, tokenizer, run = load_source(args.src)
+    source, tokenizer, run, stored = load_source(args.src)
+    dtype = dtype or stored
     per_pool_experts = source.config.n_routed_experts * (source.config.n_layers // n_pools)
     if args.experts is not None and args.experts != per_pool_experts:
         if n_pools != 1 or args.experts > per_pool_experts:
             raise ConvertError(f"--experts {args.experts}: merging to fewer experts is implemented for --to pool "
                                f"(M < {per_pool_experts}); grouped:G takes every source expert")
+        _refuse_unused(args, f"merging to --experts {args.experts}")
         model = merge_across_layers(source, args.experts)
     else:
         model = convert_to_shared(source, n_pools, args.window, args.unmask_over, args.router_init)
@@ -494,11 +535,11 @@ def cmd_convert(args) -> int:
     diff = max_logit_difference(source, model, source.config.vocab_size)
     if run is not None and run.config is not None:
         Run.create(out, run.config.replace(model=model.config, preset="custom"), tokenizer).add_weights(
-            model, 0, {"source": str(src.resolve()), "converted": args.to})
+            model, 0, {"source": str(src.resolve()), "converted": args.to}, dtype)
     else:
         from unipool.interop.hf import write_run
 
-        write_run(model, out, tokenizer, source=str(src.resolve()))
+        write_run(model, out, tokenizer, source=str(src.resolve()), dtype=dtype)
     c = model.config
     if c.stored_router_masks:
         print(f"merged {source.config.n_layers} layers x {source.config.n_routed_experts} experts into one pool of "

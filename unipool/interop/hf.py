@@ -16,7 +16,9 @@ and a unipool run or checkpoint directory (the run being exported included) is r
 Import (`import_hf`, `unipool import HF_DIR --out RUN`) maps a Mixtral, OLMoE or Qwen3-MoE checkpoint onto a
 `layerwise` unipool model with identical math, and refuses (naming the feature) anything that does not map:
 tied embeddings, shared experts, dense layers mixed in, sliding windows, biases, clip_qkv, RoPE scaling.
-It also restores a unipool export exactly (model_type "unipool").
+The family's router_aux_loss_coef becomes switch_loss_coef = router_aux_loss_coef * top_k / n_layers, the
+same balance loss at uniform load (switch_coef_from_hf). It also restores a unipool export exactly
+(model_type "unipool", its own config). The run is written outside the source directory, never into it.
 
 Name map (unipool <-> HF), `{i}` a layer and `{p}` a pool:
     tok_embeddings.weight                 model.embed_tokens.weight
@@ -276,10 +278,11 @@ def unipool_dir_kind(path: Path) -> str | None:
         return "a unipool run"
     if Run.holds_run(path):
         try:
-            if "model_type" not in json.loads((path / "config.json").read_text()):
-                return "a unipool run"
+            raw = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             return "a unipool run"  # unreadable: do not guess that it may be replaced
+        if not isinstance(raw, dict) or "model_type" not in raw:
+            return "a unipool run"
     if (path / "meta.json").is_file():
         return "a unipool checkpoint"
     if path.name == "checkpoints" and Run.holds_run(path.parent):
@@ -299,6 +302,15 @@ def check_target(path: Path, force: bool) -> None:
         raise HFError(f"{path} is not empty; pass --force to write into it")
 
 
+def check_apart(source: Path, out: Path) -> None:
+    """Refuse an output directory that is the source directory, lies inside it or holds it: the run's
+    config.json would replace the source's (or mix with its files) while the source is still being read."""
+    src, dst = source.resolve(), out.resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        where = "is" if src == dst else "is inside" if src in dst.parents else "holds"
+        raise HFError(f"{out} {where} the source directory {source}; write the run to a directory outside it")
+
+
 def find_run_tokenizer(run: str | Path) -> Path | None:
     """The tokenizer.json of a run (or of the run holding a checkpoint), or None."""
     try:
@@ -311,8 +323,16 @@ def find_run_tokenizer(run: str | Path) -> Path | None:
 # Import
 # ------------------------------------------------------------------------------------------------
 
+def read_json_object(path: Path, error: type[UnipoolError]) -> dict:
+    """A JSON file that must hold an object (config.json, an index); anything else raises `error` in one line."""
+    raw = read_json(path, error)
+    if not isinstance(raw, dict):
+        raise error(f"{path} holds a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
 def _read_json(path: Path) -> dict:
-    return read_json(path, HFError)
+    return read_json_object(path, HFError)
 
 
 def _weight_files(hf_dir: Path) -> list[Path]:
@@ -439,8 +459,18 @@ def _unipool_config_from_hf(hf_cfg, model_type: str) -> ModelConfig:
         top_k=hf_cfg.num_experts_per_tok, router="softmax",
         # Mixtral always renormalises the top-k probabilities; OLMoE / Qwen3 only with norm_topk_prob.
         renormalize=True if model_type == "mixtral" else bool(hf_cfg.norm_topk_prob),
-        switch_loss_coef=hf_cfg.router_aux_loss_coef, pool_loss_coef=0.0,
+        switch_loss_coef=switch_coef_from_hf(hf_cfg.router_aux_loss_coef, hf_cfg.num_experts_per_tok,
+                                             hf_cfg.num_hidden_layers),
+        pool_loss_coef=0.0,
     )
+
+
+def switch_coef_from_hf(router_aux_loss_coef: float, top_k: int, n_layers: int) -> float:
+    """Our per-layer Switch coefficient that weighs the balance loss as transformers' router_aux_loss_coef
+    does. transformers computes one loss over all layers' tokens with f_i not divided by k, which is k at
+    uniform load; ours is E * sum_i f_i P_i per layer (f_i divided by k), which is 1 at uniform load, summed
+    over the L layers. The two totals are equal at balance when alpha_ours * L = alpha_hf * k."""
+    return router_aux_loss_coef * top_k / n_layers
 
 
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(?:(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
@@ -589,12 +619,20 @@ def add_import_args(parser) -> None:
 
 
 def cmd_import(args) -> int:
+    hf_dir = Path(args.hf_dir)
+    check_apart(hf_dir, Path(args.out))
     check_target(Path(args.out), args.force)  # before the (slow) import
-    model = import_hf(args.hf_dir)
-    dtype = source_dtype(args.hf_dir) if args.dtype == "auto" else DTYPES[args.dtype]
-    out = write_run(model, args.out, Path(args.hf_dir) / "tokenizer.json", source=str(Path(args.hf_dir).resolve()),
-                    dtype=dtype, force=args.force)
+    model = import_hf(hf_dir)
+    dtype = source_dtype(hf_dir) if args.dtype == "auto" else DTYPES[args.dtype]
+    tokenizer = hf_dir / "tokenizer.json"
+    if not tokenizer.is_file():
+        print(f"warning: no tokenizer.json found in {hf_dir}; importing the model only")
+    out = write_run(model, args.out, tokenizer, source=str(hf_dir.resolve()), dtype=dtype, force=args.force)
     c = model.config
+    coef = ""
+    if _read_json(hf_dir / "config.json").get("model_type") != "unipool":  # an export restores its own config
+        coef = (f"; switch_loss_coef {c.switch_loss_coef:g} = router_aux_loss_coef x top-{c.top_k} / {c.n_layers} "
+                "layers (the same balance loss at uniform load)")
     print(f"imported {model.param_counts()['total']:,} parameters ({c.n_layers} layers, {c.num_experts} experts, "
-          f"top-{c.top_k}, {str(dtype).removeprefix('torch.')}) into {out}")
+          f"top-{c.top_k}, {str(dtype).removeprefix('torch.')}) into {out}{coef}")
     return 0

@@ -97,9 +97,12 @@ def checkpoint_model_type(path: Path) -> str | None:
     if config is None or not config.is_file():
         return None
     try:
-        return json.loads(config.read_text()).get("model_type")
+        raw = json.loads(config.read_text())
     except json.JSONDecodeError as e:
         raise HFMoEError(f"{config} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise HFMoEError(f"{config} holds a JSON {type(raw).__name__}, not an object")
+    return raw.get("model_type")
 
 
 def load_checkpoint(path: Path, device: str, dtype: str = "auto"):

@@ -61,10 +61,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float64), inv_freq)
+    # float64 on the CPU whatever `device` is (default: the current default device): MPS has no float64,
+    # and one computation gives the same float32 tables on every device
+    device = torch.get_default_device() if device is None else device
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device="cpu", dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, device="cpu", dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: (S, head_dim)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """An exported unipool model for transformers (self-contained: imports torch and transformers only).
 
 The math is unipool's (unipool/model/model.py, router.py, moe.py): pre-norm LLaMA-style blocks with RoPE
-(rotate-half, tables computed in float64), grouped-query attention, optional QK-norm, and a per-layer
+(rotate-half, tables computed in float64 on the CPU), grouped-query attention, optional QK-norm, and a per-layer
 router into SwiGLU experts. Expert storage keeps unipool's layout:
 
     model.experts.{p}.gate_up_proj  (E, 2F, D)   gate rows first, then up rows
@@ -17,6 +17,12 @@ cannot take the shapes, or (on CPU) has too few rows to pay for itself (config.e
 auto | grouped_mm | loop). Generation supports
 transformers' DynamicCache (use_cache=True) and use_cache=False, under the cache's old name
 (`past_key_values`, transformers < 5.24) and its new one (`cache`).
+
+The export is for inference. Its forward computes the logits, the loss on `labels` and, with
+output_router_logits=True, the router logits, but no balancing loss (`aux_loss` stays None), so fine-tuning
+it does not balance the experts or move a sigmoid router's selection biases. Per-layer hidden states and
+attention weights are not computed either: output_hidden_states=True or output_attentions=True raises a
+ValueError instead of returning None where the caller expects them.
 """
 
 from dataclasses import fields
@@ -44,6 +50,13 @@ _CPU_GROUPED_MM_MIN_ROWS = 8  # fewer routed rows run faster as a loop on CPU (s
 _CPU_GROUPED_MM_NEEDS_ALIGNED_STORAGE = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 11)
 
 
+def _refuse_unsupported_outputs(kwargs):
+    for name in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(name):
+            raise ValueError(f"{name}=True is not supported by the exported unipool model: it returns the logits, "
+                             "the KV cache and, with output_router_logits=True, the router logits")
+
+
 # unipool:mirror unipool.model.model.RMSNorm.forward (tests/test_hf.py checks the copy against the model)
 class UnipoolRMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -56,12 +69,15 @@ class UnipoolRMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_cos_sin(position_ids, head_dim, base):
-    """cos/sin of shape (B, 1, S, head_dim), computed in float64 exactly as unipool's rope tables."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float64) / head_dim))
-    angles = position_ids.to(torch.float64)[..., None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float()[:, None], angles.sin().float()[:, None]
+# unipool:mirror unipool.model.model.rope_tables
+def rope_tables(head_dim, max_len, base, device=None):
+    # float64 on the CPU whatever `device` is: MPS has no float64, and one computation gives the same
+    # float32 tables on every device
+    device = torch.get_default_device() if device is None else device
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device="cpu", dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, device="cpu", dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: (S, head_dim)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
 # unipool:mirror unipool.model.model.apply_rope
@@ -222,13 +238,15 @@ class UnipoolExperts(nn.Module):
         return torch.bmm(gates_TK.unsqueeze(1), y_ND.view(n_tokens, top_k, -1)).squeeze(1)
 
     def _loop(self, x_TD, ids_TK, weights_TK):
+        # Accumulate in the input's (the residual stream's) dtype: under autocast F.linear returns bf16
+        # while x_TD stays fp32, and index_add_ takes only its own dtype.
         out_TD = torch.zeros_like(x_TD)
         live_TK = weights_TK != 0  # zero-gate rows add nothing: not computed
         for e in ids_TK[live_TK].unique().tolist():
             token_idx, slot = torch.where((ids_TK == e) & live_TK)
             gate, up = F.linear(x_TD[token_idx], self.gate_up_proj[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down_proj[e])
-            out_TD.index_add_(0, token_idx, y * weights_TK[token_idx, slot, None].to(y.dtype))
+            out_TD.index_add_(0, token_idx, (y * weights_TK[token_idx, slot, None].to(y.dtype)).to(out_TD.dtype))
         return out_TD
 
 
@@ -314,7 +332,17 @@ class UnipoolModel(UnipoolPreTrainedModel):
         self.layers = nn.ModuleList(UnipoolDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.experts = nn.ModuleList(UnipoolExperts(config) for _ in range(config.n_pools))
         self.norm = UnipoolRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._rope = None  # (cos, sin) tables of positions 0..n-1 on one device; not a buffer: never saved or cast
         self.post_init()
+
+    def rope_cos_sin(self, position_ids):
+        """cos/sin (B, 1, S, head_dim) of these positions, looked up in float32 tables built once per device
+        (and again for positions past the longest table so far)."""
+        needed = max(int(position_ids.max()) + 1, self.config.max_position_embeddings)
+        if self._rope is None or self._rope[0].device != position_ids.device or self._rope[0].shape[0] < needed:
+            self._rope = rope_tables(self.config.head_dim, needed, self.config.rope_base, device=position_ids.device)
+        cos, sin = self._rope
+        return cos[position_ids][:, None], sin[position_ids][:, None]
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -324,6 +352,7 @@ class UnipoolModel(UnipoolPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, output_router_logits=False, past_key_values=None, **kwargs):
+        _refuse_unsupported_outputs(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -337,7 +366,7 @@ class UnipoolModel(UnipoolPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=x.device).unsqueeze(0).expand(b, s)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_base)
+        cos, sin = self.rope_cos_sin(position_ids)
         mask = self._attention_mask(attention_mask, b, s, past, x.device)
 
         router_logits = []
@@ -383,6 +412,7 @@ class UnipoolForCausalLM(UnipoolPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, output_router_logits=None, past_key_values=None, **kwargs):
+        _refuse_unsupported_outputs(kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=past_key_values if cache is None else cache, inputs_embeds=inputs_embeds,
                          use_cache=use_cache, output_router_logits=bool(output_router_logits))
