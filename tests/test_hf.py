@@ -490,7 +490,7 @@ def test_export_runs_under_autocast_like_our_model(tokenizer, tmp_path):
     assert out.shape == (1, 14)
 
 
-def test_export_refuses_output_flags_it_does_not_compute(tokenizer, tmp_path):
+def test_export_refuses_output_flags_it_does_not_compute_and_returns_tuples_when_asked(tokenizer, tmp_path):
     hf = _load_hf(export_hf(_perturbed(_config("pool-norm", tokenizer.vocab_size)), tokenizer, tmp_path / "hf"))
     ids = torch.tensor([tokenizer.encode(TEXT[0])[:8]])
     for flag in ("output_hidden_states", "output_attentions"):
@@ -499,6 +499,11 @@ def test_export_refuses_output_flags_it_does_not_compute(tokenizer, tmp_path):
                 module(ids, **{flag: True})
     with torch.no_grad():  # False, as generate passes them, is fine
         assert hf(ids, output_hidden_states=False, output_attentions=False).logits.shape[1] == 8
+        # return_dict=False: transformers' tuple of the fields that are set (the cache is, with use_cache)
+        full = hf(ids, labels=ids)
+        loss, logits, *_ = hf(ids, labels=ids, return_dict=False)
+        assert torch.equal(loss, full.loss) and torch.equal(logits, full.logits)
+        assert torch.equal(hf.model(ids, return_dict=False)[0], hf.model(ids).last_hidden_state)
 
 
 def test_rope_tables_are_computed_on_the_cpu_and_the_export_looks_them_up_exactly(tokenizer, tmp_path):

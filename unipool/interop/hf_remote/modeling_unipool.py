@@ -22,7 +22,8 @@ The export is for inference. Its forward computes the logits, the loss on `label
 output_router_logits=True, the router logits, but no balancing loss (`aux_loss` stays None), so fine-tuning
 it does not balance the experts or move a sigmoid router's selection biases. Per-layer hidden states and
 attention weights are not computed either: output_hidden_states=True or output_attentions=True raises a
-ValueError instead of returning None where the caller expects them.
+ValueError instead of returning None where the caller expects them. return_dict=False (or
+config.return_dict False) returns transformers' tuple of the fields that are set.
 """
 
 from dataclasses import fields
@@ -55,6 +56,15 @@ def _refuse_unsupported_outputs(kwargs):
         if kwargs.get(name):
             raise ValueError(f"{name}=True is not supported by the exported unipool model: it returns the logits, "
                              "the KV cache and, with output_router_logits=True, the router logits")
+
+
+def _as_asked(output, kwargs, config):
+    """transformers' convention: a tuple of the fields that are set when return_dict is False (the argument,
+    else config.return_dict), the output object otherwise."""
+    return_dict = kwargs.get("return_dict")
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
+    return output if return_dict else output.to_tuple()
 
 
 # unipool:mirror unipool.model.model.RMSNorm.forward (tests/test_hf.py checks the copy against the model)
@@ -373,8 +383,9 @@ class UnipoolModel(UnipoolPreTrainedModel):
         for i, layer in enumerate(self.layers):
             x, logits_TE = layer(x, self.experts[self.config.pool_of_layer(i)], cos, sin, mask, cache)
             router_logits.append(logits_TE)
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(x), **{_CACHE_FIELD: cache},
-                                      router_logits=tuple(router_logits) if output_router_logits else None)
+        return _as_asked(MoeModelOutputWithPast(last_hidden_state=self.norm(x), **{_CACHE_FIELD: cache},
+                                                router_logits=tuple(router_logits) if output_router_logits else None),
+                         kwargs, self.config)
 
     @staticmethod
     def _attention_mask(attention_mask, b, s, past, device):
@@ -422,5 +433,6 @@ class UnipoolForCausalLM(UnipoolPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        return MoeCausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
-                                         router_logits=out.router_logits)
+        return _as_asked(MoeCausalLMOutputWithPast(loss=loss, logits=logits, router_logits=out.router_logits,
+                                                   **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)}),
+                         kwargs, self.config)
