@@ -83,3 +83,65 @@ def test_the_budget_named_last_wins():
         apply_dict(base, {"train": {"steps": 100, "tokens": 1000}})
     assert "train.tokens" in str(e.value) and "both set" in str(e.value) and "\n" not in str(e.value)
     assert apply_dict(base, {"train": {"steps": 0, "tokens": 1000}}).train.tokens == 1000  # both named, one 0
+
+
+def _args(*argv):
+    import argparse
+
+    from unipool.config import add_config_args
+
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(log_interval=0), "train.log_interval: must be a positive integer"),
+    (dict(seed=-1), "train.seed: must be >= 0"),
+    (dict(log_interval=10, routing_interval=15), "train.routing_interval: must be 0 or a multiple of train.log_interval (10)"),
+])
+def test_train_values_the_loop_cannot_use_are_refused_before_anything_runs(changes, message):
+    import dataclasses
+
+    from unipool.config import preset_config
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        dataclasses.replace(preset_config("debug").train, **changes)
+
+
+def test_a_config_files_preset_is_its_base_and_the_command_lines_preset_wins(tmp_path):
+    from unipool.config import preset_config, resolve_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: unipool-182m\ntrain:\n  lr: 3.0e-4\n")
+    run = resolve_config(_args("--config", str(f)))
+    want = preset_config("unipool-182m")
+    assert run.model == want.model and run.train.steps == want.train.steps and run.train.lr == 3e-4
+    assert resolve_config(_args("--config", str(f), "--preset", "debug")).model == get_preset("debug")
+    f.write_text("preset: custom\ntrain:\n  lr: 3.0e-4\n")  # a saved run's label: no base of its own
+    assert resolve_config(_args("--config", str(f))).model == preset_config("demo").model
+    f.write_text("preset: unipool-182M\n")
+    with pytest.raises(ConfigError, match="unknown preset 'unipool-182M'"):
+        resolve_config(_args("--config", str(f)))
+
+
+def test_resume_with_its_own_preset_keeps_the_tokenizers_vocabulary():
+    from unipool.config import preset_config, resolve_config, resume_incompatibilities
+
+    saved = preset_config("debug")
+    saved = saved.replace(model=saved.model.replace(vocab_size=320))  # bpe:320, not the preset's vocabulary
+    again = resolve_config(_args("--preset", "debug"), resumed=saved)
+    assert resume_incompatibilities(saved, again) == []
+    other = resolve_config(_args("--preset", "demo-vanilla"), resumed=saved)
+    assert "model.moe_mode" in resume_incompatibilities(saved, other)
+
+
+def test_explicit_fields_are_what_the_command_line_names(tmp_path):
+    from unipool.config import explicit_fields
+
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  z_loss_coef: 0.001\n  dispatch: loop\ntrain:\n  lr: 0.1\n")  # dispatch: an old exec field
+    args = _args("--config", str(f), "--set", "model.pool-loss-coef=0.5", "--model.router-window-warmup", "0.3",
+                 "--train.lr", "0.2")
+    assert explicit_fields(args, "model") == {"z_loss_coef": 0.001, "pool_loss_coef": "0.5",
+                                              "router_window_warmup": "0.3"}

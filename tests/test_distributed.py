@@ -129,3 +129,34 @@ def test_fsdp_fused_pool_gradient_equals_the_plain_gradient(tmp_path):
     assert {r[0] for r in rows} == {"False", "True"} and any("experts" in r[1] for r in rows)
     for checkpointing, name, err in rows:
         assert float(err) < 1e-5, (checkpointing, name, err)
+
+
+def test_ddp_trains_random_routing_without_a_balance_loss(setup):
+    """Random routing's router weights get no gradient when no balance loss reads their logits: they are
+    frozen, instead of DDP failing in its second step for want of their gradient."""
+    root, args = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "unipool.train", *args, "--train.run-name", "ddp-random", "--train.distributed", "ddp",
+           "--set", "model.router=random"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(losses(root / "ddp-random")[0]) == 3
+
+
+def test_each_rank_sets_its_own_gpu_before_the_first_collective(monkeypatch):
+    """NCCL's object collectives use the current CUDA device: each rank must make its LOCAL_RANK's GPU
+    current, or all would use GPU 0. No GPU here: torch.cuda.set_device and the process group stand in."""
+    from unipool.train import distributed
+
+    calls = []
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 4)
+    info = distributed.init("cuda")
+    assert calls == [1] and (info.rank, info.local_rank, info.world_size) == (3, 1, 4)
+    assert distributed.init("cpu").local_rank == 1 and calls == [1]  # gloo on CPU: no device to set

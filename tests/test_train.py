@@ -246,3 +246,56 @@ def test_resume_refuses_switching_the_shared_expert_lr_scaling():
     on = saved.replace(train=dataclasses.replace(saved.train, shared_expert_lr_power=0.5))
     assert any("shared_expert_lr_power" in d for d in resume_incompatibilities(saved, on))
     assert not resume_incompatibilities(on, on.replace(train=dataclasses.replace(on.train, shared_expert_lr_power=1.0)))
+
+
+def test_init_from_applies_the_model_fields_the_command_line_names(corpus, data_dir, tmp_path, capsys):
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "src", "--train.steps", "2")) == 0
+    source = json.loads((tmp_path / "src" / "config.json").read_text())["model"]
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "healed", "--train.steps", "2", "--train.init-from",
+                               str(tmp_path / "src"), "--model.pool-loss-coef", "0.5",
+                               "--set", "model.z_loss_coef=0.001")) == 0
+    assert "model.pool_loss_coef 0.5, model.z_loss_coef 0.001" in capsys.readouterr().out
+    healed = json.loads((tmp_path / "healed" / "config.json").read_text())["model"]
+    assert (healed["pool_loss_coef"], healed["z_loss_coef"]) == (0.5, 0.001)
+    assert {k: v for k, v in healed.items() if k not in ("pool_loss_coef", "z_loss_coef")} == \
+        {k: v for k, v in source.items() if k not in ("pool_loss_coef", "z_loss_coef")}
+    # a field that changes a weight's shape cannot come from the command line: the weights refuse it
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "wider", "--train.steps", "2", "--train.init-from",
+                               str(tmp_path / "src"), "--model.num-experts", "4")) != 0
+    assert "\n" not in capsys.readouterr().err.strip()
+
+
+def test_a_start_that_stopped_before_its_first_checkpoint_can_start_again(corpus, data_dir, tmp_path, capsys):
+    run = tmp_path / "r"
+    (run).mkdir()
+    (run / "config.json").write_text(json.dumps(preset_config("debug").to_dict()))
+    (run / "metrics.jsonl").write_text('{"step": 1, "tokens": 1, "loss": 9.0}\n')
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "r", "--train.steps", "2", "--train.log-interval", "1")) == 0
+    assert "stopped before its first checkpoint: starting it again" in capsys.readouterr().out
+    assert [r["loss"] != 9.0 for r in read_metrics(run) if "loss" in r] == [True, True]
+    # one that wrote a checkpoint is refused, as before
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "r", "--train.steps", "2")) != 0
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_keeps_the_speed_it_measured(corpus, data_dir, tmp_path):
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "done", "--train.steps", "2")) == 0
+    before = json.loads((tmp_path / "done" / "summary.json").read_text())
+    assert cli.main(["train", "--resume", str(tmp_path / "done"), "--train.progress", "false"]) == 0
+    after = json.loads((tmp_path / "done" / "summary.json").read_text())
+    assert before["tok_per_s"] > 0 and after["tok_per_s"] == before["tok_per_s"]
+    assert after["train_time_s"] == before["train_time_s"] and after["val_loss"] == before["val_loss"]
+
+
+def test_throughput_leaves_out_the_pauses_but_keeps_their_tokens(monkeypatch):
+    from unipool.train import loop
+
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "time", lambda: now[0])
+    speed = loop.Throughput()
+    speed.tokens, now[0] = 1000, 101.0  # 1000 tokens in 1 s of training
+    paused = now[0]
+    now[0] = 105.0  # 4 s of evaluation
+    speed.leave_out(paused)
+    speed.tokens, now[0] = 2000, 106.0  # 1000 more in the next second
+    assert speed.rate() == 1000.0

@@ -91,11 +91,14 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: {msg} (got {getattr(self, name)!r})")
 
         check_types_and_finite(self, "train")
-        for name in ("batch_size", "grad_accum", "seq_len", "max_bad_steps"):
+        for name in ("batch_size", "grad_accum", "seq_len", "max_bad_steps", "log_interval"):
             need(getattr(self, name) > 0, name, "must be a positive integer")
-        for name in ("steps", "tokens", "eval_interval", "eval_tokens", "log_interval", "routing_interval",
-                     "ckpt_interval", "keep_every", "sample_tokens"):
+        for name in ("steps", "tokens", "eval_interval", "eval_tokens", "routing_interval",
+                     "ckpt_interval", "keep_every", "sample_tokens", "seed"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
+        # routing statistics are taken over the steps of a metrics line, so only at its steps
+        need(self.routing_interval % self.log_interval == 0, "routing_interval",
+             f"must be 0 or a multiple of train.log_interval ({self.log_interval})")
         need(self.steps > 0 or self.tokens > 0, "steps", "set train.steps or train.tokens to a positive number")
         need(self.steps == 0 or self.tokens == 0, "tokens",
              f"steps ({self.steps}) and tokens ({self.tokens}) are both set: the budget is one of them, set the "
@@ -285,6 +288,26 @@ def apply_override(run: RunConfig, text: str) -> RunConfig:
     return apply_dict(run, {section: {name.replace("-", "_"): value}}, f"--set {key}")
 
 
+def explicit_fields(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """The fields of `section` the command line names itself (its --config file, --set, --section.field),
+    as given: what `train.init_from` applies on top of the source's model config."""
+    out: dict[str, Any] = {}
+    if args.config:
+        d = load_config_file(args.config)
+        values = _migrate_legacy(d).get(section) if isinstance(d, dict) else None
+        out.update(values if isinstance(values, dict) else {})
+    for text in args.overrides:
+        key, _, value = text.partition("=")
+        sec, _, name = key.strip().partition(".")
+        if sec == section:
+            out[name.replace("-", "_")] = value
+    for key, value in vars(args).items():
+        sec, dot, name = key.partition(".")
+        if dot and sec == section:
+            out[name] = value
+    return out
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -368,14 +391,19 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace, resumed: RunConfig | None = None) -> RunConfig:
     """The run config described by parsed command-line arguments (see the module docstring);
     `resumed` is the config of the run given with --resume (read once, by the caller)."""
+    from_file = load_config_file(args.config) if args.config else {}
     if resumed is not None:
         run = resumed
         if args.preset:  # a different model is refused later, naming the fields that differ
-            run = run.replace(model=preset(args.preset).model, preset=args.preset)
+            # (the vocabulary is the tokenizer's, not the preset's)
+            model = preset(args.preset).model.replace(vocab_size=resumed.model.vocab_size)
+            run = run.replace(model=model, preset=args.preset)
     else:
-        run = preset_config(args.preset) if args.preset else default_config()
+        # a config file's `preset` is a base like --preset (which wins); a saved run's "custom" is only a label
+        base = args.preset or (from_file.get("preset") if isinstance(from_file, dict) else None)
+        run = preset_config(str(base)) if base and base != "custom" else default_config()
     if args.config:
-        run = apply_dict(run, load_config_file(args.config), str(args.config))
+        run = apply_dict(run, from_file, str(args.config))
     for text in args.overrides:
         run = apply_override(run, text)
     flags: dict[str, dict[str, Any]] = {}

@@ -47,10 +47,15 @@ def init(device_type: str) -> DistInfo:
     """Join the process group torchrun describes (a no-op for a single process)."""
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        # NCCL's object collectives (broadcast_object) and our scalar reductions use the current device:
+        # without this every rank would use GPU 0
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-    return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size())
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size())
 
 
 def teardown() -> None:
@@ -79,7 +84,7 @@ def all_reduce_max(n: int) -> int:
         return n
     t = torch.tensor([n], dtype=torch.int64)
     if dist.get_backend() == "nccl":
-        t = t.cuda()
+        t = t.cuda(torch.cuda.current_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 

@@ -43,7 +43,14 @@ from torch import nn
 from tqdm import tqdm
 
 from unipool.analysis.eval import evaluate
-from unipool.config import RunConfig, add_config_args, resolve_config, resume_incompatibilities
+from unipool.config import (
+    RunConfig,
+    add_config_args,
+    apply_dict,
+    explicit_fields,
+    resolve_config,
+    resume_incompatibilities,
+)
 from unipool.data.corpus import DataError
 from unipool.data.dataset import TokenDataset, WindowSampler, data_identity, eval_batches
 from unipool.data.prepare import prepare_run_data
@@ -62,7 +69,11 @@ from unipool.weights import CheckpointError, check_weight_shapes, load_state, lo
 # ---- pieces the loop calls ---------------------------------------------------------------------------
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_frac: float) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine towards min_lr.
+
+    Kept as every study so far trained with it: the warmup is floor(warmup_frac x total_steps) steps (none
+    when that is 0, e.g. under 100 steps at 0.01), its last step is at lr as is the first cosine step, and the
+    last step ends a little above min_lr (the cosine's progress there is (T - 1 - W) / (T - W))."""
     warmup = int(warmup_frac * total_steps)
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -147,13 +158,17 @@ def check_out_dir(out_dir: Path) -> None:
 
 def run_directory(run: RunConfig, resume: Run | None) -> tuple[Path, Path | None]:
     """(RUN, the checkpoint to resume from). On resume, a model or data the checkpoint cannot continue is
-    refused, naming the differing fields; a new run refuses a directory that already holds one."""
+    refused, naming the differing fields; a new run refuses a directory that already holds one, unless that
+    one stopped before its first checkpoint (nothing to resume: it starts again there)."""
     if resume is None:
         check_out_dir(Path(run.train.out_dir))
         name = run.train.run_name or f"{run.preset}-{datetime.now():%Y%m%d-%H%M%S}"
         run_dir = Path(run.train.out_dir) / dist.broadcast_object(name)
         if Run.holds_run(run_dir):
-            raise ConfigError(f"train.run_name: {run_dir} already holds a run; use --resume {run_dir} or another name")
+            if (run_dir / "checkpoints" / "LATEST").is_file():
+                raise ConfigError(f"train.run_name: {run_dir} already holds a run; use --resume {run_dir} or "
+                                  "another name")
+            dist.print0(f"{run_dir} holds a start that stopped before its first checkpoint: starting it again")
         return run_dir, None
     saved_config = resume.config.replace(model=resume.model_config)  # the weights' own config decides
     bad = resume_incompatibilities(saved_config, run)
@@ -162,9 +177,12 @@ def run_directory(run: RunConfig, resume: Run | None) -> tuple[Path, Path | None
     return resume.path, resume.latest_checkpoint()
 
 
-def init_source(run: RunConfig, resume: Run | None) -> tuple[RunConfig, Run | None]:
-    """`train.init_from`: the run config with the source's model config (its weights decide), and the
-    source (None without one, or when resuming: a resumed run has its own weights)."""
+def init_source(run: RunConfig, resume: Run | None,
+                model_fields: dict | None = None) -> tuple[RunConfig, Run | None]:
+    """`train.init_from`: the run config with the source's model config (its weights decide) and on top of
+    it the model fields the command line named (`model_fields`: a loss coefficient, say; a field that
+    changes a weight's shape is refused when the weights load), and the source (None without one, or when
+    resuming: a resumed run has its own weights)."""
     if not run.train.init_from or resume is not None:
         return run, None
     try:
@@ -174,7 +192,10 @@ def init_source(run: RunConfig, resume: Run | None) -> tuple[RunConfig, Run | No
         source.tokenizer_path()
     except UnipoolError as e:
         raise ConfigError(f"train.init_from: {e}") from None
-    return run.replace(model=source.model_config), source
+    model = source.model_config
+    if model_fields:
+        model = apply_dict(run.replace(model=model), {"model": model_fields}, "model flags with train.init_from").model
+    return run.replace(model=model), source
 
 
 def prepare_data(run: RunConfig, resume: Run | None, info: dist.DistInfo, source: Run | None = None):
@@ -230,7 +251,7 @@ class Session:
         return tc.batch_size * tc.seq_len * tc.grad_accum
 
 
-def setup(run: RunConfig, resume: Run | None) -> Session:
+def setup(run: RunConfig, resume: Run | None, model_fields: dict | None = None) -> Session:
     """Everything before the first step: devices, the run directory, data, the model (built on meta, then
     initialised, or loaded from `resume`), its wrapper, AdamW, the sampler and the run's checkpointer."""
     tc = run.train
@@ -239,11 +260,14 @@ def setup(run: RunConfig, resume: Run | None) -> Session:
     device = resolve_device(tc.device, info.local_rank)
     check_feasible(run, info, mode)
     run_dir, resume_from = run_directory(run, resume)
-    run, source = init_source(run, resume)
+    run, source = init_source(run, resume, model_fields)
     run, tokenizer, train_ds, val_ds = prepare_data(run, resume, info, source)
     out = Run(run_dir, run, resume_from)  # rank 0 writes it: config.json, tokenizer.json
     if info.is_main:
-        out = Run.create(run_dir, run, tokenizer, exist_ok=resume is not None)
+        # an existing directory of a new run is one that stopped before its first checkpoint (run_directory)
+        out = Run.create(run_dir, run, tokenizer, exist_ok=True)
+        if resume is None:
+            out.metrics_path.unlink(missing_ok=True)  # the stopped start's lines
     dist.barrier()
 
     torch.manual_seed(tc.seed)
@@ -254,7 +278,8 @@ def setup(run: RunConfig, resume: Run | None) -> Session:
     if weights_from is not None:
         load_state(model, load_weights(weights_from, device), weights_from)
     if source is not None:
-        dist.print0(f"initialised from {weights_from} (its model and tokenizer; a fresh optimizer at step 0)")
+        named = "".join(f", model.{k} {v}" for k, v in sorted((model_fields or {}).items()))
+        dist.print0(f"initialised from {weights_from} (its model and tokenizer{named}; a fresh optimizer at step 0)")
     model.set_execution(dispatch=run.exec.dispatch, fused_pool_wgrad=run.exec.fused_pool_wgrad,
                         activation_checkpointing=run.exec.activation_checkpointing)
     wrapped = dist.wrap(model, mode, device)
@@ -332,8 +357,20 @@ class Throughput:
     def restart(self) -> None:
         self.t0, self.tokens = time.time(), 0
 
+    def leave_out(self, since: float) -> None:
+        """Leave the time since `since` (an evaluation, a checkpoint) out of the rate; the tokens stay."""
+        self.t0 += time.time() - since
+
     def rate(self) -> float:
         return self.tokens / max(time.time() - self.t0, 1e-9)
+
+
+def previous_summary(out: Run) -> dict:
+    """The summary a finished run wrote before ({} if none or unreadable: it is written again anyway)."""
+    try:
+        return out.summary() or {}
+    except UnipoolError:
+        return {}
 
 
 def validate(s: Session) -> float:
@@ -384,10 +421,11 @@ def roll_back(s: Session, metrics: MetricsWriter, bar: tqdm, tally: RoutingTally
 
 # ---- the loop ----------------------------------------------------------------------------------------
 
-def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
-    """Train as `run` says (resuming from a run's latest checkpoint if given); returns the summary."""
+def train(run: RunConfig, resume: Run | str | Path | None = None, model_fields: dict | None = None) -> dict:
+    """Train as `run` says (resuming from a run's latest checkpoint if given); returns the summary.
+    `model_fields`: the model fields the command line named, applied over a `train.init_from` source's."""
     t_start = time.time()
-    s = setup(run, Run.open(resume) if isinstance(resume, (str, Path)) else resume)
+    s = setup(run, Run.open(resume) if isinstance(resume, (str, Path)) else resume, model_fields)
     run, tc, info = s.run, s.run.train, s.info
     total_steps = tc.total_steps(s.tokens_per_step)
     metrics = s.out.metrics_writer(info.is_main, tc.tensorboard)
@@ -411,6 +449,7 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
                     raise guard.stop_error()
                 if result.decision == "rollback":
                     step = roll_back(s, metrics, bar, tally, total_steps)
+                    speed.restart()
                     continue
                 step, last = step + 1, step + 1 == total_steps
                 speed.tokens += s.tokens_per_step
@@ -422,20 +461,23 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{speed.rate():,.0f}", refresh=False)
                     speed.restart()
                 if (tc.eval_interval and step % tc.eval_interval == 0) or last:
+                    paused = time.time()
                     val_loss = validate(s)
                     metrics.log({"step": step, "tokens": step * s.tokens_per_step, "val_loss": val_loss,
                                  "val_ppl": math.exp(min(val_loss, 50))})
-                    speed.t0 = time.time()
+                    speed.leave_out(paused)
                 if info.enabled:
                     stop.set = bool(dist.all_reduce_sum(torch.tensor(float(stop.set), device=s.device)) > 0)
                 if (tc.ckpt_interval and step % tc.ckpt_interval == 0) or last or stop.set:
+                    paused = time.time()
                     decision = save(s, step, guard)
                     if decision == "stop":
                         raise guard.stop_error()
                     if decision == "rollback":
                         step = roll_back(s, metrics, bar, tally, total_steps)
+                        speed.restart()
                         continue
-                    speed.t0 = time.time()
+                    speed.leave_out(paused)
                 if stop.set and not last:
                     stopped = True
                     break
@@ -450,10 +492,13 @@ def train(run: RunConfig, resume: Run | str | Path | None = None) -> dict:
     if stopped:
         dist.print0(f"stopped at step {step}; continue with: unipool train --resume {s.out.path}")
         return summary
-    if val_loss is None:  # resumed a run that had already finished
+    tok_per_s = s.tokens_per_step * (step - s.step) / max(train_time, 1e-9)
+    if val_loss is None:  # resumed a run that had already finished: no step was timed now
         val_loss = validate(s)
-    summary.update(finish(run, s.model, s.tokenizer, s.train_ds, s.val_ds, val_loss, s.amp, s.device,
-                          s.tokens_per_step * (step - s.step) / max(train_time, 1e-9)))
+        before = previous_summary(s.out)
+        tok_per_s = before.get("tok_per_s", tok_per_s)
+        summary["train_time_s"] = before.get("train_time_s", summary["train_time_s"])
+    summary.update(finish(run, s.model, s.tokenizer, s.train_ds, s.val_ds, val_loss, s.amp, s.device, tok_per_s))
     report = write_end_report(Path(s.out.path), s.model, s.val_ds, s.micro_batch, tc.seq_len, info.is_main, summary)
     summary["report"] = str(report) if report else None
     if info.is_main:
@@ -476,7 +521,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = Run.open(args.resume)  # config.json is read here, once
     run = resolve_config(args, resume.config if resume else None)
     try:
-        summary = train(run, resume=resume)
+        summary = train(run, resume=resume,
+                        model_fields=explicit_fields(args, "model") if run.train.init_from else None)
     finally:
         dist.teardown()
     return 130 if summary["interrupted"] else 0
