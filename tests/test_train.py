@@ -299,3 +299,9 @@ def test_throughput_leaves_out_the_pauses_but_keeps_their_tokens(monkeypatch):
     speed.leave_out(paused)
     speed.tokens, now[0] = 2000, 106.0  # 1000 more in the next second
     assert speed.rate() == 1000.0
+
+
+def test_a_data_parallel_mode_without_torchrun_says_it_runs_one_process(corpus, data_dir, tmp_path, capsys):
+    assert cli.main(debug_args(corpus, data_dir, tmp_path, "solo", "--train.steps", "1",
+                               "--train.distributed", "ddp")) == 0
+    assert "note: train.distributed ddp without torchrun: one process, no data parallelism" in capsys.readouterr().out

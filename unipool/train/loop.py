@@ -141,7 +141,9 @@ def check_feasible(run: RunConfig, info: dist.DistInfo, mode: str) -> None:
         raise ConfigError(f"train.batch_size: {tc.batch_size} is not divisible by {info.world_size} ranks")
     if tc.seq_len > run.model.max_seq_len:
         raise ConfigError(f"train.seq_len: {tc.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
-    if mode == "fsdp" and tc.on_nonfinite == "rollback":
+    if mode != "none" and not info.enabled:
+        dist.print0(f"note: train.distributed {mode} without torchrun: one process, no data parallelism")
+    if mode == "fsdp" and tc.on_nonfinite == "rollback":  # refused in one process too: the same config under torchrun
         # Rolling back copies full weights into the model in place, which FSDP2's sharded parameters
         # do not take.
         raise ConfigError("train.on_nonfinite: rollback is not supported with train.distributed=fsdp; use skip or stop")
