@@ -77,6 +77,14 @@ def test_samples_stay_in_the_filtered_support_and_seeds_reproduce(run):
         generate_ids(model, prompt, 6, temperature=0.0)
 
 
+def test_tiny_temperatures_are_greedy(run):
+    # logits / 1e-40 overflow float32 and 1e-300 is 0 in float32: both must give the limit, greedy
+    _, model = run
+    greedy = generate_ids(model, [5, 17, 42], 6, temperature=0.0)
+    for temperature in (1e-40, 1e-300):
+        assert generate_ids(model, [5, 17, 42], 6, temperature=temperature, seed=0) == greedy
+
+
 def test_stops_at_eos(run):
     _, model = run
     greedy = generate_ids(model, [1, 2, 3], max_new_tokens=6, temperature=0.0)

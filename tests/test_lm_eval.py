@@ -219,3 +219,7 @@ def test_tokenizer_forms_and_errors(setup, tmp_path):
         make_lm(model, tmp_path / "missing.json")
     with pytest.raises(LMEvalError, match="no end-of-text token"):
         make_lm(model, HFTokenizer(models.WordLevel({"a": 0}, unk_token="a")))
+    # ids past the model's embedding table: refused up front, not an IndexError deep inside torch
+    small = build_model(get_preset("debug").replace(vocab_size=256))
+    with pytest.raises(LMEvalError, match=f"tokenizer has {tok.vocab_size} tokens, .* vocabulary of 256: wrong"):
+        make_lm(small, tok)

@@ -13,14 +13,19 @@ from scipy.stats import chi2
 
 from unipool.analysis.probe import (
     GATES,
+    ProbeConfig,
     ProbeError,
     RandomRouting,
     RoutingRecorder,
     expert_usage,
+    lm_eval_results,
+    markdown_table,
     parse_layers,
+    run_probe,
     task_metrics,
     top_used,
     wrap_model,
+    write_report,
 )
 from unipool.cli import main
 from unipool.data.tokenizer import train_bpe
@@ -248,6 +253,26 @@ def test_unipool_random_dagger_draws_from_most_used(tokens):
     assert set(picked.tolist()) == set(cand[1].tolist())  # 2048 draws cover all 8 candidates, nothing else
 
 
+def test_expert_usage_counts_only_picks_with_a_nonzero_gate(tokens):
+    # Layer 1's router rows share one direction, so many tokens get every NormRouter score zero: their pick
+    # is a tie among zeros that adds nothing, and must not make its expert a Random-dagger candidate.
+    model = tiny_unipool()
+    gate = model.layers[1].router.gate.weight
+    with torch.no_grad():
+        gate.copy_(torch.randn(gate.shape[1])[None] + 0.3 * torch.randn_like(gate))
+        r = model(tokens).routing[1]
+    live = r.weights_TK != 0
+    assert 0.1 < 1 - live.float().mean() < 0.9  # both kinds of rows
+    usage = expert_usage(wrap_model(model), [(tokens, tokens)], "cpu")
+    torch.testing.assert_close(usage[1], torch.bincount(r.expert_ids_TK[live], minlength=8).float())
+
+
+def test_top_used_breaks_ties_by_index():
+    assert top_used({0: torch.tensor([0.0, 0, 0, 0, 0, 5, 0, 0])}, 3)[0].tolist() == [0, 1, 5]
+    chosen = top_used({0: torch.ones(8), 1: torch.tensor([0.0, 2, 1, 2])}, 2)
+    assert {i: c.tolist() for i, c in chosen.items()} == {0: [0, 1], 1: [1, 3]}
+
+
 def hooks_left(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
@@ -434,12 +459,8 @@ metric_list:
 """
 
 
-@pytest.mark.parametrize("kind", ["hf", "unipool"])
-def test_cli_zero_shot_tasks(kind, tmp_path, bpe, text_file):
-    """--tasks: accuracy rows from a local lm-eval task; the baseline equals a direct lm-eval run."""
-    pytest.importorskip("lm_eval")
-    from unipool.analysis.probe import lm_eval_results, load_target
-
+def write_tiny_task(tmp_path):
+    """A local 6-question multiple-choice lm-eval task, tiny_mc, in tmp_path/tasks."""
     topics_list = sorted(topics)
     with open(tmp_path / "mc.jsonl", "w") as f:
         for i in range(6):
@@ -448,6 +469,16 @@ def test_cli_zero_shot_tasks(kind, tmp_path, bpe, text_file):
                                 "answer": 2}) + "\n")
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data=tmp_path / "mc.jsonl"))
+    return tmp_path / "tasks"
+
+
+@pytest.mark.parametrize("kind", ["hf", "unipool"])
+def test_cli_zero_shot_tasks(kind, tmp_path, bpe, text_file):
+    """--tasks: accuracy rows from a local lm-eval task; the baseline equals a direct lm-eval run."""
+    pytest.importorskip("lm_eval")
+    from unipool.analysis.probe import load_target
+
+    write_tiny_task(tmp_path)
     if kind == "hf":
         model_dir = save_hf(tmp_path, "qwen3_moe", bpe)
     else:
@@ -461,10 +492,47 @@ def test_cli_zero_shot_tasks(kind, tmp_path, bpe, text_file):
     assert rc == 0
     report = json.loads((out / "probe.json").read_text())
     rows = {r["metric"]: r for r in report["rows"]}
-    assert set(rows) == {"loss", "ppl", "tiny_mc/acc"}
+    assert set(rows) == {"loss", "ppl", "tiny_mc/acc", "avg/acc"}  # avg/acc for one task too
+    assert rows["avg/acc"]["per_seed"] == rows["tiny_mc/acc"]["per_seed"]
     direct = lm_eval_results(load_target(model_dir), ["tiny_mc"], str(tmp_path / "tasks"), 6)  # no hooks
     assert rows["tiny_mc/acc"]["baseline"] == pytest.approx(100 * direct["results"]["tiny_mc"]["acc,none"])
     assert 0 <= rows["tiny_mc/acc"]["randomized_mean"] <= 100
+    assert rows["tiny_mc/acc"]["randomized_std"] is None and "— (n=1)" in (out / "probe.md").read_text()
+
+
+def test_cli_tasks_fail_before_the_baseline_pass(tmp_path, bpe, text_file, monkeypatch, capsys):
+    """A misspelled task or a checkpoint without its tokenizer is refused before any loss is computed."""
+    pytest.importorskip("lm_eval")
+    import lm_eval.tasks
+
+    import unipool.analysis.probe as probe
+    from unipool.data.prepare import prepare
+
+    def no_baseline(*args, **kwargs):
+        raise AssertionError("the baseline pass ran")
+
+    class LocalTasks(lm_eval.tasks.TaskManager):  # skips indexing lm-eval's built-in tasks (seconds)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(probe, "loss_metrics", no_baseline)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", LocalTasks)
+    tasks = write_tiny_task(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    save_model(tiny_unipool(), ckpt, {"step": 0})
+    data = prepare([text_file], tmp_path / "data", bpe, val_fraction=0.25)  # needs no tokenizer to read
+    common = ["--data", str(data), "--max-tokens", "128", "--seeds", "0", "--layers", "1",
+              "--include-path", str(tasks), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(["probe", str(ckpt), "--tasks", "tiny_mc,tiny_mcq", *common]) == 2
+    err = capsys.readouterr().err
+    assert "unknown lm_eval task(s): tiny_mcq" in err and err.count("\n") == 1
+    assert main(["probe", str(ckpt), "--tasks", "tiny_mc", *common]) == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer.json" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    # the Python API: an in-memory unipool model with neither a run nor a tokenizer
+    with pytest.raises(ProbeError, match="needs a tokenizer"):
+        lm_eval_results(wrap_model(tiny_unipool()), ["tiny_mc"], str(tasks))
 
 
 def test_cli_errors_are_one_line(tmp_path, bpe, text_file, capsys):
@@ -504,3 +572,30 @@ def test_parse_layers_and_task_metrics():
                            "piqa": {"acc,none": 0.7, "acc_stderr,none": 0.01}}}
     assert task_metrics(results) == pytest.approx(
         {"arc_easy/acc": 50.0, "arc_easy/acc_norm": 55.0, "piqa/acc": 70.0, "avg/acc": 60.0})
+    assert task_metrics({"results": {"piqa": {"acc,none": 0.7}}}) == pytest.approx({"piqa/acc": 70.0, "avg/acc": 70.0})
+
+
+def test_task_metrics_average_leaf_tasks_not_group_aggregates():
+    # lm-eval 0.4 with --tasks mmlu,arc_easy: "results" holds the groups' aggregates next to their subtasks,
+    # and "groups" / "group_subtasks" name the groups (older versions list leaf tasks with no subtasks too).
+    leaves = {"mmlu_abstract_algebra": 0.2, "mmlu_anatomy": 0.4, "mmlu_philosophy": 0.9, "arc_easy": 0.5}
+    groups = {"mmlu": 0.55, "mmlu_stem": 0.3, "mmlu_humanities": 0.9}
+    results = {
+        "results": {t: {"acc,none": v, "alias": t} for t, v in {**leaves, **groups}.items()},
+        "groups": {g: {"acc,none": v, "alias": g} for g, v in groups.items()},
+        "group_subtasks": {"mmlu": ["mmlu_stem", "mmlu_humanities"],
+                           "mmlu_stem": ["mmlu_abstract_algebra", "mmlu_anatomy"],
+                           "mmlu_humanities": ["mmlu_philosophy"], "arc_easy": []},
+    }
+    expected = {f"{t}/acc": 100 * v for t, v in leaves.items()}
+    assert task_metrics(results) == pytest.approx({**expected, "avg/acc": 50.0})  # (20 + 40 + 90 + 50) / 4
+
+
+def test_one_seed_reports_no_std(tokens, tmp_path):
+    report = run_probe(wrap_model(tiny_unipool()), [(tokens[:2], tokens[:2])], ProbeConfig([1], seeds=[0]),
+                       device="cpu", log=lambda s: None)
+    assert all(r["randomized_std"] is None for r in report["rows"])
+    assert "0.0000 |" not in markdown_table(report).split("|---|")[-1] and "— (n=1)" in markdown_table(report)
+    paths = write_report(report, tmp_path)  # JSON null, and a plot without error bars
+    assert json.loads(paths["json"].read_text())["rows"][0]["randomized_std"] is None
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -103,3 +103,17 @@ def test_markdown_table_formats_missing_values(tmp_path):
     run = summarize_run(write_run(tmp_path / "r", "debug"))
     lines = markdown_table([run]).splitlines()
     assert lines[0].startswith("| run | mode |") and lines[1] == "|" + "---|" * 11
+
+
+def test_diverged_runs_still_give_valid_json(tmp_path):
+    huge = write_run(tmp_path / "huge", "debug", curve(5, 6.0), {"val_loss": 800.0})  # exp(800) overflows
+    nan = write_run(tmp_path / "nan", "debug", curve(5, 6.0), {"val_loss": math.nan, "unigram_loss": math.inf})
+    runs, _ = compare([huge, nan], tmp_path / "report")
+    assert runs[0]["val_loss"] == 800.0 and runs[0]["val_ppl"] == pytest.approx(math.exp(50))  # capped as eval does
+    assert runs[1]["val_loss"] == pytest.approx(6.0 - 0.45) and runs[1]["unigram_loss"] is None  # from the metrics
+    assert "summary.json's val_loss is nan" in runs[1]["notes"]
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in compare.json")
+
+    json.loads((tmp_path / "report" / "compare.json").read_text(), parse_constant=refuse)

@@ -67,6 +67,15 @@ def test_zero_gate_picks_are_not_uses():
     assert s["unique_experts_per_token"]["histogram"] == [0, 1, 1, 0, 0]  # {3, 2} -> 2, {0} -> 1
 
 
+def test_load_entropy_is_over_live_picks():
+    # E=4, top-1: 4 live picks, one per expert (a perfectly even load), and 4 zero-gate picks. The load
+    # entropy is that of the live picks' distribution, log 4; usage_LE keeps its share of all slots.
+    s = routing_stats(trace([[0, 1, 2, 3, -1, -1, -1, -1], [-1] * 8], 4, [0, 0]))
+    assert s["usage_LE"] == [[0.125] * 4, [0.0] * 4]
+    assert s["per_layer"]["load_entropy"] == pytest.approx([math.log(4), 0.0])
+    assert s["per_layer"]["load_entropy_norm"] == pytest.approx([1.0, 0.0])  # a layer with no live pick: 0
+
+
 def test_grouped_top2_unique_counts():
     # 4 layers, 2 group pools of 3 experts (layers 0-1 -> pool 0, layers 2-3 -> pool 1), top-2, 2 tokens.
     ids = np.array([

@@ -29,6 +29,10 @@ def curve(records: list[dict], key: str) -> list[tuple[float, float]]:
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
+def _finite(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def summarize_run(run_dir: str | Path) -> dict:
     """Everything `compare` shows about one run, as JSON-ready values."""
     run_dir = Path(run_dir)
@@ -55,8 +59,11 @@ def summarize_run(run_dir: str | Path) -> dict:
     if tokens is None:  # no metrics: the summary, else the newest checkpoint, knows how far it got
         meta = run.meta() if run.checkpoint is not None else {}
         tokens, steps = summary.get("tokens", meta.get("tokens")), summary.get("step", meta.get("step"))
-    val_loss = summary.get("val_loss")
-    if not isinstance(val_loss, (int, float)):
+    # A NaN / inf in the summary (a diverged run) is noted, not copied: NaN is not valid JSON.
+    val_loss = _finite(summary.get("val_loss"))
+    if isinstance(summary.get("val_loss"), (int, float)) and val_loss is None:
+        notes.append(f"summary.json's val_loss is {summary['val_loss']}")
+    if val_loss is None:
         val_loss = val[-1][1] if val else None
     if val_loss is None and records:
         notes.append("no validation loss")
@@ -78,8 +85,8 @@ def summarize_run(run_dir: str | Path) -> dict:
         "steps": steps,
         "final_train_loss": train[-1][1] if train else None,
         "val_loss": val_loss,
-        "val_ppl": math.exp(val_loss) if val_loss is not None else None,
-        "unigram_loss": summary.get("unigram_loss"),
+        "val_ppl": math.exp(min(val_loss, 50)) if val_loss is not None else None,  # as eval caps it
+        "unigram_loss": _finite(summary.get("unigram_loss")),
         "train_curve": train,
         "val_curve": val,
         "notes": notes,

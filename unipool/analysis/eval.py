@@ -8,7 +8,8 @@ Evaluation sets:
   tokenizer; every document is followed by EOS, exactly as `data.prepare` lays out training data.
 
 `evaluate` is exact: the loss is the sum of per-token cross-entropies over every target token,
-divided by the number of target tokens (no averaging of batch means), accumulated in float64. It is
+divided by the number of target tokens (no averaging of batch means). Each batch's sum is a float32
+reduction; the sums are accumulated over batches in float64. It is
 the one evaluation of the package: training's validation calls it too, once per rank.
 `eval_batches_for` is shared by `routing` and `probe`.
 """

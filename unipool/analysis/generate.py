@@ -1,9 +1,9 @@
 """`unipool generate`: sample text from a run or checkpoint.
 
 Sampling: logits / temperature, then top-k, then top-p (nucleus) filtering, then one multinomial
-draw from a seeded generator; temperature 0 is greedy argmax. There is no KV cache: every step
-recomputes the forward pass over the last max_seq_len tokens, which is simple and fast enough for
-the model sizes this library trains on one machine. Generation stops at EOS (not returned).
+draw from a seeded generator; temperature 0 (or below ~1e-38) is greedy argmax. There is no KV
+cache: every step recomputes the forward pass over the last max_seq_len tokens, which is simple and
+fast enough for the model sizes this library trains on one machine. Generation stops at EOS (not returned).
 An empty prompt starts from EOS, which is the document separator the model saw in training.
 """
 
@@ -76,10 +76,13 @@ def generate_ids(model: Unipool, prompt_ids: list[int], max_new_tokens: int = 10
             logits_V = model(window).logits[0, -1].float()
             if not bool(torch.isfinite(logits_V).all()):
                 raise GenerateError("the model's logits are not finite (NaN/inf weights: a diverged checkpoint?)")
-            if temperature == 0:
+            # A temperature below float32's smallest normal number is its limit 0, greedy (below ~1e-45
+            # it rounds to 0 and the division gives NaN). Above it, shifting the top logit to 0 first keeps
+            # the division finite there; -inf elsewhere is a valid zero probability.
+            if temperature < torch.finfo(torch.float32).tiny:
                 next_id = int(logits_V.argmax())
             else:
-                logits_V = filter_logits(logits_V / temperature, top_k, top_p)
+                logits_V = filter_logits((logits_V - logits_V.max()) / temperature, top_k, top_p)
                 next_id = int(torch.multinomial(torch.softmax(logits_V, -1), 1, generator=generator))
             if next_id == eos_id:
                 break

@@ -49,7 +49,7 @@ from unipool.interop.hf_moe import (
     load_checkpoint,
     moe_blocks,
 )
-from unipool.interop.lm_eval import require_lm_eval, run_lm_eval
+from unipool.interop.lm_eval import LMEvalError, resolve_tasks, run_lm_eval
 from unipool.model.model import Unipool
 from unipool.model.router import Router, RouterOutput, dead_row_count, expert_counts, random_topk
 from unipool.run import Run, default_device
@@ -74,7 +74,7 @@ class ProbeTarget:
     n_experts: int  # routed experts each router picks from
     top_k: int
     name: str = ""
-    tokenizer: object = None  # HF tokenizer for HF models
+    tokenizer: object = None  # HF tokenizer for HF models; for unipool models optional (else the run's)
     run: object = None  # unipool.run.Run for unipool models
 
     @property
@@ -198,7 +198,9 @@ class RandomRouting:
 
 class RoutingRecorder:
     """Context manager recording, per MoE layer, the (expert_ids_TK, weights_TK) the experts ran with:
-    the router's output, after any `RandomRouting` hook (those run first, whichever was entered first)."""
+    the router's output, after any `RandomRouting` hook (those run first, whichever was entered first).
+    `counts` leaves out picks whose gate is exactly zero, as `unipool routing` does: NormRouter's dead
+    rows pick a tied expert that adds nothing, and counting it would make that expert look used."""
 
     def __init__(self, target: ProbeTarget, keep: bool = True):
         self.target, self.keep = target, keep  # keep=False: only count (no per-token tensors kept)
@@ -223,7 +225,7 @@ class RoutingRecorder:
                 (output.expert_ids_TK, output.weights_TK)
             if self.keep:
                 self.calls[layer].append((ids_TK.detach(), weights_TK.detach()))
-            counts_E = torch.bincount(ids_TK.flatten(), minlength=self.target.n_experts).float()
+            counts_E = torch.bincount(ids_TK[weights_TK != 0], minlength=self.target.n_experts).float()
             self._counts[layer] = self._counts[layer] + counts_E if layer in self._counts else counts_E
 
         return hook
@@ -235,7 +237,7 @@ class RoutingRecorder:
         return torch.cat([w for _, w in self.calls[layer]])
 
     def counts(self, layer: int) -> torch.Tensor:
-        """Picks per expert over everything recorded (float, on the CPU)."""
+        """Picks with a nonzero gate per expert over everything recorded (float, on the CPU)."""
         if layer not in self._counts:
             return torch.zeros(self.target.n_experts)
         return self._counts[layer].cpu()
@@ -243,7 +245,8 @@ class RoutingRecorder:
 
 @torch.no_grad()
 def expert_usage(target: ProbeTarget, batches: Sequence[Batch], device: str | torch.device) -> dict[int, torch.Tensor]:
-    """Tokens routed to each expert per MoE layer under learned routing (for Random-dagger)."""
+    """Tokens routed to each expert with a nonzero gate, per MoE layer, under learned routing (for
+    Random-dagger)."""
     with RoutingRecorder(target, keep=False) as rec:
         for inputs, _ in batches:
             target.model(inputs.to(device))
@@ -251,8 +254,9 @@ def expert_usage(target: ProbeTarget, batches: Sequence[Batch], device: str | to
 
 
 def top_used(usage: dict[int, torch.Tensor], n: int) -> dict[int, torch.Tensor]:
-    """Per layer, the `n` most-used experts (ties broken by index)."""
-    return {i: torch.sort(c.topk(min(n, c.numel())).indices).values for i, c in usage.items()}
+    """Per layer, the `n` most-used experts in index order (ties broken by the lower index)."""
+    # A stable sort, since torch.topk breaks ties in an implementation-defined order.
+    return {i: torch.sort(torch.sort(-c, stable=True).indices[:n]).values for i, c in usage.items()}
 
 
 # ---- measuring ----------------------------------------------------------------------------------
@@ -272,25 +276,43 @@ def loss_metrics(target: ProbeTarget, batches: Sequence[Batch], device, autocast
 
 def task_metrics(results: dict) -> dict[str, float]:
     """Flatten lm-eval results ({"results": {task: {"acc,none": x}}} or {task: {"acc": x}}) into
-    {"task/acc": x, ...} plus "avg/acc" (mean over tasks of acc), accuracies in percent."""
+    {"task/acc": x, ...} plus "avg/acc" (mean acc over the tasks), accuracies in percent.
+
+    Only leaf tasks count: lm-eval 0.4 also puts every group's aggregate (e.g. mmlu and its categories)
+    in "results", next to the subtasks it aggregates; those are named in "groups" / "group_subtasks"
+    and left out, so a group's subtasks are listed and averaged once each."""
     per_task = results.get("results", results)
+    groups = set(results.get("groups", {})) | {g for g, subtasks in results.get("group_subtasks", {}).items()
+                                                if subtasks}
     out: dict[str, float] = {}
     for task, metrics in sorted(per_task.items()):
-        if not isinstance(metrics, dict):
+        if not isinstance(metrics, dict) or task in groups:
             continue
         for key, value in metrics.items():
             name = key.split(",")[0]
             if name in ("acc", "acc_norm") and isinstance(value, (int, float)):
                 out[f"{task}/{name}"] = 100.0 * float(value)
     accs = [v for k, v in out.items() if k.endswith("/acc")]
-    if len(accs) > 1:
+    if accs:
         out["avg/acc"] = sum(accs) / len(accs)
     return out
 
 
+def unipool_tokenizer(target: ProbeTarget):
+    """The tokenizer lm-eval needs for a unipool target: the one given to `wrap_model`, else its run's."""
+    if target.tokenizer is not None:
+        return target.tokenizer
+    if target.run is None:
+        raise ProbeError("lm-eval on an in-memory unipool model needs a tokenizer: pass tokenizer= to wrap_model")
+    try:
+        return target.run.tokenizer()
+    except UnipoolError as e:
+        raise ProbeError(f"lm-eval needs the model's tokenizer: {e}") from None
+
+
 def lm_eval_results(target: ProbeTarget, tasks: list[str], include_path: str | None = None,
                     limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                    device: str | torch.device = "cpu") -> dict:
+                    device: str | torch.device = "cpu", task_manager=None) -> dict:
     """lm-eval on the in-memory (possibly hooked) model: HF models through lm_eval's HFLM, unipool
     models through `unipool.interop.lm_eval`. Returns lm_eval's result dict."""
     if target.is_hf:
@@ -298,9 +320,9 @@ def lm_eval_results(target: ProbeTarget, tasks: list[str], include_path: str | N
 
         model_or_lm, tokenizer = HFLM(pretrained=target.model, tokenizer=target.tokenizer, batch_size=batch_size), None
     else:
-        model_or_lm, tokenizer = target.model, target.run.tokenizer()
+        model_or_lm, tokenizer = target.model, unipool_tokenizer(target)
     return run_lm_eval(model_or_lm, tokenizer, tasks, include_path=include_path, limit=limit, batch_size=batch_size,
-                       num_fewshot=num_fewshot, device=str(device))
+                       num_fewshot=num_fewshot, device=str(device), task_manager=task_manager)
 
 
 @dataclass
@@ -355,7 +377,7 @@ def run_probe(target: ProbeTarget, batches: Sequence[Batch], cfg: ProbeConfig, *
         for metric, base in baseline.items():
             values = [m[metric] for m in per_seed]
             mean = sum(values) / len(values)
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            std = statistics.stdev(values) if len(values) > 1 else None  # undefined for one seed
             rows.append({"layer": label, "layers": layers,
                          "depth": (sum(layers) / len(layers)) / max(target.n_layers - 1, 1),
                          "metric": metric, "baseline": base, "randomized_mean": mean,
@@ -384,13 +406,15 @@ def markdown_table(report: dict) -> str:
         lines.append("")
     lines += ["| layer | metric | baseline | randomized (mean) | std | delta |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
+        std = "— (n=1)" if r["randomized_std"] is None else f"{r['randomized_std']:.4f}"
         lines.append(f"| {r['layer']} | {r['metric']} | {r['baseline']:.4f} | {r['randomized_mean']:.4f} | "
-                     f"{r['randomized_std']:.4f} | {r['delta']:+.4f} |")
+                     f"{std} | {r['delta']:+.4f} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_report(report: dict, path: Path) -> None:
-    """Delta (mean +- std over seeds) vs layer depth, one panel per headline metric."""
+    """Delta (mean +- std over seeds; no error bars for one seed) vs layer depth, one panel per headline
+    metric."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,8 +426,9 @@ def plot_report(report: dict, path: Path) -> None:
     for ax, metric in zip(axes[0], metrics):
         rows = [r for r in report["rows"] if r["metric"] == metric]
         single = [r for r in rows if len(r["layers"]) == 1]
+        stds = [r["randomized_std"] for r in single]
         ax.errorbar([r["layers"][0] for r in single], [r["delta"] for r in single],
-                    yerr=[r["randomized_std"] for r in single], fmt="o-", capsize=3, label="one layer random")
+                    yerr=None if None in stds else stds, fmt="o-", capsize=3, label="one layer random")
         for r in rows:
             if len(r["layers"]) > 1:
                 ax.axhline(r["delta"], color="C3", ls="--", label=f"{r['layer']} together")
@@ -502,6 +527,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
     layers, label = parse_layers(args.layers, target)
     if 0 < args.restrict_top < target.top_k:
         raise ProbeError(f"--restrict-top must be at least top_k={target.top_k}")
+    # Fail before the (long) baseline pass: unknown task names, a unipool model without its tokenizer.
+    manager = None
+    if tasks:
+        try:
+            tasks, manager = resolve_tasks(tasks, args.include_path)
+        except LMEvalError as e:
+            raise ProbeError(f"--tasks: {e}") from None
+        if not target.is_hf:
+            target.tokenizer = unipool_tokenizer(target)
 
     autocast_dtype = None
     if target.is_hf:
@@ -523,11 +557,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if args.dtype in ("bfloat16", "float16"):
             autocast_dtype = getattr(torch, args.dtype)
 
-    if tasks:
-        require_lm_eval()  # fail before the (long) baseline pass
-
     def run_tasks(t: ProbeTarget) -> dict:
-        return lm_eval_results(t, tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size, device)
+        return lm_eval_results(t, tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size, device,
+                               manager)
 
     cfg = ProbeConfig(layers, not args.no_combined, label, args.gates, seeds, args.restrict_top, tasks)
     report = run_probe(target, batches, cfg, device=device, autocast_dtype=autocast_dtype,

@@ -15,15 +15,18 @@ the cheap subset that training logs every `routing_interval` steps from expert c
 - Dead experts get no token at all; nearly dead ones get less than `dead_threshold` x the
   uniform share of their pool's slots.
 - Per-layer entropy of the load distribution (nats, and divided by log E) and the mean entropy
-  of each token's router scores normalised to a distribution.
+  of each token's router scores normalised to a distribution. The load distribution is that of the
+  layer's live picks (counts over their total, not over all slots), so zero-gate picks do not
+  lower it; a layer without a live pick has load entropy 0.
 - U(x) (UniPool Table 9): distinct experts a token touches over all L layers. Vanilla MoE always
   gives L * K (every layer has its own experts); the paper reports its mean over L for top-1.
 
 A pick whose gate is exactly zero is not a use of its expert: NormRouter zeroes every score of a
-token whose logits are all negative, top-k then picks tied zeros (expert 0 first) and the FFN adds
-nothing. Such picks are recorded as -1 and left out of every count above (so a layer's usage_LE row
-sums to 1 minus its zero-gate share, and U(x) can be below L); per_layer.zero_gate_fraction reports
-how many tokens had no nonzero gate at all. Softmax gates are never exactly zero.
+token whose logits are all negative, top-k then picks among tied zeros (whichever expert torch.topk
+returns; the order is implementation-defined) and the FFN adds nothing. Such picks are recorded as -1
+and left out of every count above (so a layer's usage_LE row sums to 1 minus its zero-gate share,
+and U(x) can be below L); per_layer.zero_gate_fraction reports how many tokens had no nonzero gate
+at all. Softmax gates are never exactly zero.
 """
 
 from __future__ import annotations
@@ -156,7 +159,11 @@ def routing_stats(trace: RoutingTrace, use_threshold: float = 0.1, dead_threshol
     used_LG = (counts_LG > 0) & (counts_LG / slots * n_experts >= use_threshold)
     layers_per_expert_G = used_LG.sum(0)
 
-    entropy_L = -(share_LE * np.log(np.where(share_LE > 0, share_LE, 1.0))).sum(1)
+    # Entropy of the live picks' distribution: normalising by all slots would make a row sum to
+    # 1 - zero-gate share and lower the entropy of a perfectly even load.
+    live_L1 = counts_LE.sum(1, keepdims=True)
+    load_LE = counts_LE / np.maximum(live_L1, 1)
+    entropy_L = -(load_LE * np.log(np.where(load_LE > 0, load_LE, 1.0))).sum(1)
     mean_L = counts_LE.mean(1)
 
     # U(x): distinct global experts over the L * K picks of each token (zero-gate picks excluded).

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from unipool.data.tokenizer import TokenizerError, as_tokenizers, eos_token
 from unipool.errors import UnipoolError, require
 from unipool.model.model import Unipool
-from unipool.run import Run
+from unipool.run import Run, default_device
 
 
 class LMEvalError(UnipoolError):
@@ -54,6 +54,11 @@ def _make_lm_class():
             if eos is None:
                 raise LMEvalError("the tokenizer has no end-of-text token (<|endoftext|>, </s>, ...)")
             self.eos_id: int = self.tok.token_to_id(eos)
+            # Ids past the embedding table would fail deep inside torch, after the tasks are loaded.
+            n_tok, n_model = self.tok.get_vocab_size(), model.config.vocab_size
+            if n_tok > n_model:
+                raise LMEvalError(f"the tokenizer has {n_tok} tokens, more than the model's vocabulary of "
+                                  f"{n_model}: wrong tokenizer for this model?")
             self.model = model
             self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
             self.max_length = model.config.max_seq_len
@@ -165,25 +170,11 @@ def _resolve_model(model_or_run, tokenizer, device):
     return model, tokenizer
 
 
-def run_lm_eval(model_or_run, tokenizer=None, tasks=("arc_easy",), include_path=None, limit=None,
-                batch_size: int = 8, num_fewshot: int | None = None, device: str = "cpu",
-                log_samples: bool = False, max_gen_toks: int = 128, bootstrap_iters: int = 1000,
-                seed: int = 1234) -> dict:
-    """Evaluate on lm_eval tasks and return lm_eval's result dict, e.g. res["results"]["arc_easy"]["acc,none"]
-    (and res["samples"] with log_samples=True).
-
-    `model_or_run` is an in-memory `Unipool` (evaluated as it is, in eval mode; its training flag is restored
-    afterwards), a run / checkpoint path, or any ready lm_eval `LM` (e.g. lm_eval's HFLM on an export).
-    `tasks` is a list or a comma-separated string; `include_path` adds local task YAML directories.
-    This is lm_eval's `simple_evaluate` minus its environment report (collect_env costs seconds per call,
-    which adds up over the many evaluations of a routing probe). Seeds python, numpy and torch like it.
-    """
+def resolve_tasks(tasks, include_path=None):
+    """(task names, lm_eval TaskManager that knows them) for a list or comma-separated string of names;
+    LMEvalError naming any unknown task. Call it before a long computation that ends in lm-eval, so
+    that a misspelled task fails first."""
     require_lm_eval()
-    import random
-
-    import numpy as np
-    from lm_eval.api.model import LM
-    from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager
 
     tasks = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
@@ -197,6 +188,37 @@ def run_lm_eval(model_or_run, tokenizer=None, tasks=("arc_easy",), include_path=
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise LMEvalError(f"unknown lm_eval task(s): {', '.join(unknown)} (add --include-path for local YAML tasks)")
+    return tasks, manager
+
+
+def run_lm_eval(model_or_run, tokenizer=None, tasks=("arc_easy",), include_path=None, limit=None,
+                batch_size: int = 8, num_fewshot: int | None = None, device: str = "cpu",
+                log_samples: bool = False, max_gen_toks: int = 128, bootstrap_iters: int = 1000,
+                seed: int = 1234, task_manager=None) -> dict:
+    """Evaluate on lm_eval tasks and return lm_eval's result dict, e.g. res["results"]["arc_easy"]["acc,none"]
+    (and res["samples"] with log_samples=True).
+
+    `model_or_run` is an in-memory `Unipool` (evaluated as it is, in eval mode; its training flag is restored
+    afterwards), a run / checkpoint path, or any ready lm_eval `LM` (e.g. lm_eval's HFLM on an export).
+    `tasks` is a list or a comma-separated string; `include_path` adds local task YAML directories.
+    `task_manager`: the manager `resolve_tasks` returned for these tasks, to skip resolving them again.
+    This is lm_eval's `simple_evaluate` minus its environment report (collect_env costs seconds per call,
+    which adds up over the many evaluations of a routing probe). It seeds python, numpy and torch and the
+    few-shot sampler all with `seed` (1234 by default; `simple_evaluate`'s own defaults are 0 for python
+    and 1234 for the others).
+    """
+    require_lm_eval()
+    import random
+
+    import numpy as np
+    from lm_eval.api.model import LM
+    from lm_eval.evaluator import evaluate
+
+    if task_manager is None:
+        tasks, manager = resolve_tasks(tasks, include_path)
+    else:
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+        manager = task_manager
 
     if isinstance(model_or_run, LM):
         lm, model = model_or_run, None
@@ -236,7 +258,7 @@ def add_lm_eval_args(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
-    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--output", default=None, metavar="FILE.json", help="write the results as JSON")
 
 
@@ -248,7 +270,8 @@ def cmd_lm_eval(args) -> int:
     if limit is not None and limit >= 1:
         limit = int(limit)
     res = run_lm_eval(args.run, args.tokenizer, args.tasks, include_path=args.include_path, limit=limit,
-                      batch_size=args.batch_size, num_fewshot=args.num_fewshot, device=args.device)
+                      batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                      device=args.device or default_device())
     print(make_table(res))
     if args.output:
         keep = {k: res[k] for k in ("results", "versions", "n-shot", "n-samples", "higher_is_better") if k in res}
