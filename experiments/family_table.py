@@ -91,12 +91,17 @@ def render(study_file: Path) -> str:
 
 
 def contrast_pairs(study: dict) -> list[tuple[str, str]]:
-    """Every row − vanilla, every row − UniPool, then the study's `read_contrasts`; each pair once."""
+    """Every row − vanilla, every row − UniPool, then the study's `read_contrasts`; each pair once, and
+    once in either order (a read contrast replaces an automatic row that is its mirror)."""
     names = list(study["variants"])
     pairs = [(v, "vanilla") for v in names if v != "vanilla"]
     pairs += [(v, "unipool") for v in names if v not in ("unipool", "vanilla")]  # vanilla − unipool: the mirror
-    pairs += [tuple(pair) for pair in (study.get("read_contrasts") or {}).values()]
-    return list(dict.fromkeys(pairs))
+    read = [tuple(pair) for pair in (study.get("read_contrasts") or {}).values()]
+    kept: list[tuple[str, str]] = []
+    for a, b in [(a, b) for a, b in pairs if (b, a) not in read] + read:
+        if (a, b) not in kept and (b, a) not in kept:
+            kept.append((a, b))
+    return kept
 
 
 def render_contrasts(study_file: Path) -> str:

@@ -396,6 +396,8 @@ def report(study: dict, out: Path, steps: int | None = None) -> str:
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     if contrasts:
         (out / "contrasts.json").write_text(json.dumps(contrasts, indent=2))
+    else:  # a study file that dropped its contrasts: no stale file to copy below
+        (out / "contrasts.json").unlink(missing_ok=True)
     (out / "results.md").write_text(table + "\n")
     if study.get("results_dir"):  # the small outputs that docs cite, kept with the code (committed)
         keep = Path(study["results_dir"])
@@ -436,7 +438,7 @@ def contrast_table(contrasts: list[dict], target: float | None, min_seeds: int =
 
 def paired_deltas(losses_a: dict, losses_b: dict) -> dict:
     """{seed: a − b} over the seeds both finished: paired by seed, the same seed is the same data order."""
-    return {seed: losses_a[seed] - losses_b[seed] for seed in sorted(set(losses_a) & set(losses_b))}
+    return {seed: losses_a[seed] - losses_b[seed] for seed in sorted(set(losses_a) & set(losses_b), key=int)}
 
 
 def paired_contrasts(study: dict, rows: list[dict]) -> list[dict]:
@@ -523,7 +525,10 @@ class SeedGate:
             if seed not in self.reasons:
                 state = stopping_state(self.study, self.out)
                 # the seed's place in the study, not its value: seeds need not be 0, 1, 2, ...
-                met = state is not None and state["met"] and self.study["seeds"].index(seed) >= self.min_seeds
+                before = self.study["seeds"].index(seed)
+                # met on every seed before this one: with --jobs > 1 the last run of the previous seed may
+                # still be training, and a rule met without it could stop the study a seed early
+                met = state is not None and state["met"] and before >= self.min_seeds and state["seeds"] >= before
                 self.reasons[seed] = stopping_line(state) if met else ""
             return self.reasons[seed]
 

@@ -405,7 +405,7 @@ def test_every_interval_quoted_about_study_3_is_a_row_of_its_contrast_table():
 
 
 def test_the_contrast_table_computes_paired_statistics_by_hand(tmp_path):
-    """Every row − vanilla, every row − UniPool and the read_contrasts, each once: the per-seed differences
+    """Every row − vanilla, every row − UniPool and the read_contrasts, each pair once in either order: the per-seed differences
     over the seeds both rows finished, their mean, the 95% t interval and the count below 0, checked against
     values computed here by hand."""
     sys.path.insert(0, str(REPO / "experiments"))
@@ -420,14 +420,15 @@ def test_the_contrast_table_computes_paired_statistics_by_hand(tmp_path):
                {"variant": "x", "val_losses": {"0": 3.8, "1": 4.05}}]  # seed 2 not finished
     (tmp_path / "results.json").write_text(json.dumps(results))
     table = family_table.render_contrasts(tmp_path / "s.yaml").splitlines()[2:]
-    assert [line.split(" | ")[0] for line in table] == ["| unipool − vanilla", "| x − vanilla", "| x − unipool",
-                                                       "| unipool − x"]
+    # the two read contrasts are one pair in either order: listed once, in the read orientation that
+    # comes first (the file's keys sorted: "unipool vs x"), in place of the automatic x − unipool
+    assert [line.split(" | ")[0] for line in table] == ["| unipool − vanilla", "| x − vanilla", "| unipool − x"]
     # unipool − vanilla: -0.1, -0.1, +0.1; mean -0.0333, SE = stdev/sqrt(3) = 0.11547/1.732 = 0.06667, t(2) 4.303:
     # -0.0333 ± 0.2869 = [-0.3202, +0.2535]
     assert table[0] == ("| unipool − vanilla | 3 | -0.033 | [-0.320, +0.254] | -0.100, -0.100, +0.100 | 2 of 3 "
                         "| spans 0 |")
-    # x − unipool on seeds 0-1: -0.1, +0.05; mean -0.025, SE 0.075, t(1) 12.706
-    assert table[2] == "| x − unipool | 2 | -0.025 | [-0.978, +0.928] | -0.100, +0.050 | 1 of 2 | spans 0 |"
+    # unipool − x on seeds 0-1: +0.1, -0.05; mean +0.025, SE 0.075, t(1) 12.706
+    assert table[2] == "| unipool − x | 2 | +0.025 | [-0.928, +0.978] | +0.100, -0.050 | 1 of 2 | spans 0 |"
     results[2]["val_losses"] = {"0": 3.5, "1": 3.6, "2": 3.7}
     (tmp_path / "results.json").write_text(json.dumps(results))
     # x − vanilla: -0.5 each seed: SE 0, so the interval is the point and lies below 0
@@ -442,3 +443,14 @@ def test_family_table_names_a_missing_json_and_its_command(tmp_path):
     with pytest.raises(SystemExit) as e:
         render_cost(REPO / "experiments" / "family.yaml", tmp_path / "absent.json")
     assert f"missing {tmp_path / 'absent.json'}" in str(e.value) and "bench/family_cost.py" in str(e.value)
+
+
+def test_a_contrast_is_listed_once_in_either_order_and_seeds_in_number_order():
+    sys.path.insert(0, str(REPO / "experiments"))
+    import family_table as ft
+    from study import paired_deltas
+
+    study = {"variants": {"vanilla": {}, "unipool": {}, "noaux": {}},
+             "read_contrasts": {"sharing at the gate": ["unipool", "noaux"]}}
+    assert ft.contrast_pairs(study) == [("unipool", "vanilla"), ("noaux", "vanilla"), ("unipool", "noaux")]
+    assert list(paired_deltas({"10": 1.0, "2": 2.0, "9": 3.0}, {"2": 0.0, "9": 0.0, "10": 0.0})) == ["2", "9", "10"]

@@ -204,6 +204,10 @@ def test_stopping_rule_decides_once_per_seed(tmp_path):
     study["stop_when_se"]["se"] = 0.02
     finish("vanilla", 13, 4.0)
     assert gate.skip_reason(13) == ""  # decided at the seed's first run
+    # seed 14's first run starts while unipool-s13 still trains (--jobs 2): the rule is met on seeds 10-12,
+    # but not on every seed before 14, so seed 14 runs rather than the study stopping a seed early
+    assert SeedGate(study, tmp_path).skip_reason(14) == ""
+    finish("unipool", 13, 3.87)
     assert SeedGate(study, tmp_path).skip_reason(14).startswith("Stopping rule met")
 
 
