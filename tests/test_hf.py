@@ -507,8 +507,9 @@ def test_export_refuses_output_flags_it_does_not_compute_and_returns_tuples_when
 
 
 def test_rope_tables_are_computed_on_the_cpu_and_the_export_looks_them_up_exactly(tokenizer, tmp_path):
-    # MPS has no float64: the float64 work stays on the CPU whatever the target device (the meta device
-    # stands in for it here), and only the float32 tables move. The export's tables are bit-identical to ours.
+    # MPS has no float64: the float64 work runs on the CPU with an explicit device whatever the target
+    # (no MPS here: the CPU case shows where it runs), and only the float32 tables move; a meta build
+    # computes nothing. The export's tables are bit-identical to ours.
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from unipool.interop.hf_remote import modeling_unipool as remote
@@ -527,9 +528,12 @@ def test_rope_tables_are_computed_on_the_cpu_and_the_export_looks_them_up_exactl
 
     for tables in (rope_tables, remote.rope_tables):
         with Float64Devices() as seen:
+            cos, sin = tables(16, 32, 1e4, device="cpu")
+        assert seen.devices == {"cpu"} and cos.dtype == sin.dtype == torch.float32
+        with Float64Devices() as seen:  # a meta build (shapes only) computes nothing at all
             cos, sin = tables(16, 32, 1e4, device="meta")
-        assert seen.devices == {"cpu"} and cos.device.type == sin.device.type == "meta"
-        assert cos.dtype == sin.dtype == torch.float32
+        assert seen.devices == set() and cos.device.type == sin.device.type == "meta"
+        assert cos.dtype == sin.dtype == torch.float32 and tuple(cos.shape) == (32, 16)
 
     ours = _perturbed(_config("pool-norm", tokenizer.vocab_size))
     hf = _load_hf(export_hf(ours, tokenizer, tmp_path / "hf"))

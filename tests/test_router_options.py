@@ -299,3 +299,46 @@ def test_sigmoid_bias_same_on_two_gloo_ranks_as_one_process(tmp_path):
         assert torch.equal(a.router.expert_bias, b.router.expert_bias)
         assert a.router.expert_bias.abs().max() <= 0.03 + 1e-7  # three steps, one move each
     assert any(a.router.expert_bias.abs().max() > 0.015 for a in single.layers)
+
+
+def test_masked_routers_balance_and_penalise_only_their_candidates():
+    """Aux-loss-free balancing moves the biases of the experts a router may pick, around their own mean
+    load (a masked expert, never picked, would otherwise gain bias every step and take every token once
+    the window opens); the z-loss sums over the candidates only (a masked NormRouter logit is 0, not -inf)."""
+    r = Router(4, 8, 1, kind="sigmoid", masked=True, bias_rate=0.1)
+    r.candidate_mask_E.copy_(torch.tensor([True] * 4 + [False] * 4))
+    r.update_bias(torch.tensor([5.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]))  # candidates' mean 2
+    assert r.expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0])
+
+    norm = Router(4, 8, 1, kind="norm", norm_c=1.0, masked=True, z_coef=1.0)
+    norm.candidate_mask_E.copy_(torch.tensor([True] * 4 + [False] * 4))
+    x = torch.randn(5, 4)
+    logits = norm.gate(x)[:, :4]
+    want = torch.logsumexp(logits, dim=-1).square().mean()
+    assert float(norm(x).aux_loss.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+
+
+def test_a_fresh_model_with_stored_masks_opens_every_expert_and_meta_builds_compute_nothing():
+    cfg = get_preset("debug").replace(stored_router_masks=True)
+    for _ in range(3):  # to_empty leaves whatever memory held: every build must say "all open"
+        model = build_model(cfg)
+        assert all(bool(block.router.candidate_mask_E.all()) for block in model.layers)
+    from unipool.model.model import rope_tables
+
+    cos, sin = rope_tables(64, 2**24, 10000.0, device="meta")  # instant: 2^24 positions, no table computed
+    assert cos.device.type == "meta" and tuple(sin.shape) == (2**24, 64)
+
+
+@pytest.mark.parametrize("changes, field", [(dict(max_seq_len=2**24 + 1), "max_seq_len"),
+                                            (dict(num_experts=2**16, granularity=2), "num_experts")])
+def test_sizes_beyond_any_model_are_refused_in_one_line(changes, field):
+    with pytest.raises(ConfigError, match=f"model.{field}: must"):
+        get_preset("debug").replace(**changes)
+
+
+def test_params_refuses_a_config_that_is_no_object(tmp_path, capsys):
+    for name, raw in (("a.json", b"[]"), ("b.json", b"\xff\xfe{")):
+        (tmp_path / name).write_bytes(raw)
+        assert cli.main(["params", "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err

@@ -27,9 +27,11 @@ def cmd_params(args: argparse.Namespace) -> int:
         if not args.config.is_file():
             raise ConfigError(f"config file not found: {args.config}")
         try:
-            data = json.loads(args.config.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(args.config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{args.config}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("model", data), dict):
+            raise ConfigError(f"{args.config}: expected a JSON object of model fields (or a run's config.json)")
         cfg = ModelConfig.from_dict(data.get("model", data))
         name = str(args.config)
     else:

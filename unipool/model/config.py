@@ -241,6 +241,10 @@ class ModelConfig:
         need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"must divide n_heads={self.n_heads}")
         need(self.ffn_hidden % self.granularity == 0, "granularity", f"must divide ffn_hidden={self.ffn_hidden}")
         need(self.top_k <= self.num_experts, "top_k", f"must be <= num_experts={self.num_experts}")
+        # sanity bounds, far above any model here: a meta.json declaring more is refused in one line before
+        # the RoPE tables or NormRouter's Monte Carlo constant are computed for it
+        need(self.max_seq_len <= 2**24, "max_seq_len", "must be <= 2^24")
+        need(self.num_experts * self.granularity <= 2**16, "num_experts", "must give <= 2^16 routed experts per pool")
         if self.moe_mode == "grouped":
             need(self.n_layers % self.n_groups == 0, "n_groups", f"must divide n_layers={self.n_layers}")
         need(isinstance(self.private_hidden, int) and self.private_hidden >= 0, "private_hidden",

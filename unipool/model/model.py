@@ -63,7 +63,9 @@ class RMSNorm(nn.Module):
 def rope_tables(head_dim: int, max_len: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     # float64 on the CPU whatever `device` is (default: the current default device): MPS has no float64,
     # and one computation gives the same float32 tables on every device
-    device = torch.get_default_device() if device is None else device
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type == "meta":  # shapes only (a model built to be materialised later): nothing to compute
+        return torch.empty(max_len, head_dim, device=device), torch.empty(max_len, head_dim, device=device)
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device="cpu", dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_len, device="cpu", dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: (S, head_dim)
@@ -272,6 +274,9 @@ class Unipool(nn.Module):
         if cfg.router_window:
             self.window_rank_LE.copy_(window_ranks(cfg))
             self.set_router_progress(0.0)
+        elif cfg.stored_router_masks:  # a fresh model with stored masks: every expert open (to_empty left garbage)
+            for block in self.layers:
+                block.router.candidate_mask_E.fill_(True)
 
     @torch.no_grad()
     def set_router_progress(self, progress: float) -> None:

@@ -328,7 +328,8 @@ class Router(nn.Module):
             aux = aux + self.switch_coef * switch_loss(scores_TE, counts_E, self.top_k, self.normalized_balance,
                                                        live_only=not self.count_dead_picks)
         if self.z_coef > 0:
-            aux = aux + self.z_coef * torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+            z_TE = logits_TE if mask_E is None else logits_TE.masked_fill(~mask_E, -math.inf)  # candidates only
+            aux = aux + self.z_coef * torch.logsumexp(z_TE.float(), dim=-1).square().mean()
         return RouterOutput(ids_TK, weights_TK, scores_TE, counts_E, aux, dead_row_count(weights_TK))
 
     @torch.no_grad()
@@ -337,4 +338,9 @@ class Router(nn.Module):
         Called once per optimizer step with the counts of all its micro-batches and ranks (the
         official cadence; `Unipool.update_router_biases`)."""
         if self.kind == "sigmoid" and self.bias_rate > 0:
-            self.expert_bias += self.bias_rate * torch.sign(counts_E.mean() - counts_E)
+            mask_E = getattr(self, "candidate_mask_E", None)
+            if mask_E is None:
+                self.expert_bias += self.bias_rate * torch.sign(counts_E.mean() - counts_E)
+            else:  # balance among the experts this router may pick; a masked one's bias waits, unchanged
+                step_E = torch.sign(counts_E[mask_E].float().mean() - counts_E)
+                self.expert_bias += self.bias_rate * step_E * mask_E

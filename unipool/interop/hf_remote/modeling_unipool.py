@@ -83,7 +83,9 @@ class UnipoolRMSNorm(nn.Module):
 def rope_tables(head_dim, max_len, base, device=None):
     # float64 on the CPU whatever `device` is: MPS has no float64, and one computation gives the same
     # float32 tables on every device
-    device = torch.get_default_device() if device is None else device
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type == "meta":  # shapes only (a model built to be materialised later): nothing to compute
+        return torch.empty(max_len, head_dim, device=device), torch.empty(max_len, head_dim, device=device)
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device="cpu", dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_len, device="cpu", dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: (S, head_dim)
