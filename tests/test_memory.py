@@ -39,7 +39,7 @@ def check_flat(row: dict, first: int = 10, last: int = 40) -> None:
     # shapes), so it is measured from step 20 on, against one bf16 copy of the experts per 20 steps: the
     # smallest 5-step increment, times 4. A leak adds to every increment; allocator events add to some
     # (seen under FSDP with gloo's threads: +24 to +48 MB once, then flat for 80 steps; and, on torch 2.11,
-    # two of four increments at ~+12 MB in one run of twelve), so the smallest is the leak's lower bound.
+    # two of four increments at ~+12 MB in one CI run), so the smallest is the leak's lower bound.
     assert row[f"tensors_{last}"] == row[f"tensors_{first}"], row
     if last >= 40:
         steps = list(range(20, last + 1, 5))
