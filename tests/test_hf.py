@@ -61,6 +61,8 @@ CONFIGS = {
     # sigmoid router with selection bias, top-2 (gates renormalised, as the official code does), per-head
     # QK-norm and an explicit head_dim != d_model / n_heads
     "pool-sigmoid-head": dict(preset="debug", router="sigmoid", top_k=2, qk_norm="head", attn_head_dim=32),
+    # top-1 sigmoid with renormalize set: its gate is the score, not 1
+    "pool-sigmoid-k1": dict(preset="debug", router="sigmoid", top_k=1, renormalize=True),
     # the sharing family: a private expert per layer beside the pool (CS-MoE), a depth embedding (MoRE),
     # experts tied over 2 layers with z-loss (Expert Tying), routers in a window being widened (ReXMoE)
     "pool-private": dict(preset="debug", router="softmax", top_k=2, private_hidden=32, switch_loss_coef=0.01,

@@ -342,3 +342,11 @@ def test_params_refuses_a_config_that_is_no_object(tmp_path, capsys):
         assert cli.main(["params", "--config", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err
+
+
+def test_a_single_sigmoid_gate_is_its_score_even_with_renormalize():
+    r = Router(4, 8, 1, kind="sigmoid", renormalize=True)
+    x = torch.randn(6, 4)
+    out = r(x)
+    scores = torch.sigmoid(r.gate(x).float())
+    assert torch.allclose(out.weights_TK, scores.gather(1, out.expert_ids_TK)) and bool((out.weights_TK < 1).all())

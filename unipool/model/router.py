@@ -291,11 +291,12 @@ class Router(nn.Module):
         the same way.
 
         Sigmoid with k > 1 always renormalises, as the official code (Megatron's
-        topk_routing_with_score_function) does: gates / (sum + 1e-20)."""
+        topk_routing_with_score_function) does: gates / (sum + 1e-20); with k = 1 its gate is the score,
+        `renormalize` or not (renormalising one gate would make it 1)."""
         weights_TK = scores_TE.gather(1, ids_TK)
         if self.kind == "sigmoid" and self.top_k > 1:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-        elif self.renormalize and self.kind in ("softmax", "sigmoid"):
+        elif self.renormalize and self.kind == "softmax":
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         if self.scaling != 1.0:  # skipped at 1.0: the default path stays bit-identical
             weights_TK = weights_TK * self.scaling

@@ -181,7 +181,8 @@ class UnipoolRouter(nn.Module):
             select_TE = select_TE.masked_fill(~mask_E, float("-inf"))
         ids_TK = select_TE.topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, ids_TK)
-        if self.renormalize and self.kind in ("softmax", "sigmoid"):
+        # sigmoid: k > 1 only (a single sigmoid gate is its score)
+        if self.renormalize and (self.kind == "softmax" or (self.kind == "sigmoid" and self.top_k > 1)):
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         if self.scaling != 1.0:
             weights_TK = weights_TK * self.scaling
