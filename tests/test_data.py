@@ -489,7 +489,7 @@ def test_a_damaged_tokenizer_in_a_prepared_directory_is_written_again(tmp_path, 
 
 def test_a_split_of_few_long_documents_says_how_large_val_is(tmp_path, tok, capsys):
     long = max(DOCS, key=len)
-    (tmp_path / "a.txt").write_text("\f".join([long, long[::-1]]))  # two documents of the same length: val is half
+    (tmp_path / "a.txt").write_text("\f".join([long, long]))  # two documents of the same tokens: val is half
     prepare(tmp_path / "a.txt", tmp_path / "p", tok, val_fraction=0.05)
     val, train = TokenDataset(tmp_path / "p", "val"), TokenDataset(tmp_path / "p", "train")
     assert (val.n_documents, train.n_documents) == (1, 1)

@@ -277,34 +277,44 @@ def run_config_from_dict(d: dict[str, Any], source: str = "config") -> RunConfig
     return apply_dict(default_config(), d, source)
 
 
-def apply_override(run: RunConfig, text: str) -> RunConfig:
-    """One `section.field=value` override."""
+def _override_layer(text: str) -> tuple[dict[str, Any], str]:
+    """One `section.field=value` override as a config layer and the name its errors give."""
     key, sep, value = text.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
         raise ConfigError(f"--set {text!r}: expected section.field=value, e.g. train.lr=3e-4")
     if section not in SECTIONS:
         raise ConfigError(f"--set {text!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
-    return apply_dict(run, {section: {name.replace("-", "_"): value}}, f"--set {key}")
+    return {section: {name.replace("-", "_"): value}}, f"--set {key}"
+
+
+def apply_override(run: RunConfig, text: str) -> RunConfig:
+    """One `section.field=value` override."""
+    return apply_dict(run, *_override_layer(text))
+
+
+def command_line_layers(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
+    """The config layers the command line gives, in the order they apply (each with the name its errors
+    give): the --config file, each --set, then the --section.field flags."""
+    layers = [(load_config_file(args.config), str(args.config))] if args.config else []
+    layers += [_override_layer(text) for text in args.overrides]
+    flags: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        section, dot, name = key.partition(".")
+        if dot and section in SECTIONS:
+            flags.setdefault(section, {})[name] = value
+    if flags:
+        layers.append((flags, "command line"))
+    return layers
 
 
 def explicit_fields(args: argparse.Namespace, section: str) -> dict[str, Any]:
     """The fields of `section` the command line names itself (its --config file, --set, --section.field),
     as given: what `train.init_from` applies on top of the source's model config."""
     out: dict[str, Any] = {}
-    if args.config:
-        d = load_config_file(args.config)
+    for d, _ in command_line_layers(args):
         values = _migrate_legacy(d).get(section) if isinstance(d, dict) else None
         out.update(values if isinstance(values, dict) else {})
-    for text in args.overrides:
-        key, _, value = text.partition("=")
-        sec, _, name = key.strip().partition(".")
-        if sec == section:
-            out[name.replace("-", "_")] = value
-    for key, value in vars(args).items():
-        sec, dot, name = key.partition(".")
-        if dot and sec == section:
-            out[name] = value
     return out
 
 
@@ -391,7 +401,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace, resumed: RunConfig | None = None) -> RunConfig:
     """The run config described by parsed command-line arguments (see the module docstring);
     `resumed` is the config of the run given with --resume (read once, by the caller)."""
-    from_file = load_config_file(args.config) if args.config else {}
+    layers = command_line_layers(args)
+    from_file = layers[0][0] if args.config else {}
     if resumed is not None:
         run = resumed
         if args.preset:  # a different model is refused later, naming the fields that differ
@@ -402,15 +413,6 @@ def resolve_config(args: argparse.Namespace, resumed: RunConfig | None = None) -
         # a config file's `preset` is a base like --preset (which wins); a saved run's "custom" is only a label
         base = args.preset or (from_file.get("preset") if isinstance(from_file, dict) else None)
         run = preset_config(str(base)) if base and base != "custom" else default_config()
-    if args.config:
-        run = apply_dict(run, from_file, str(args.config))
-    for text in args.overrides:
-        run = apply_override(run, text)
-    flags: dict[str, dict[str, Any]] = {}
-    for key, value in vars(args).items():
-        section, dot, name = key.partition(".")
-        if dot and section in SECTIONS:
-            flags.setdefault(section, {})[name] = value
-    if flags:
-        run = apply_dict(run, flags, "command line")
+    for d, source in layers:
+        run = apply_dict(run, d, source)
     return run

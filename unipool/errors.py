@@ -57,3 +57,15 @@ def read_json(path: Path, error: type[UnipoolError] = UnipoolError) -> dict:
         raise error(f"corrupt {path}: {e}") from None
     except OSError as e:  # a directory, no permission, an I/O error
         raise error(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def json_object(raw, path: Path, error: type[UnipoolError] = UnipoolError) -> dict:
+    """`raw`, parsed from `path`, if it is a JSON object (config.json, an index); else `error` in one line."""
+    if not isinstance(raw, dict):
+        raise error(f"{path} holds a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
+def read_json_object(path: Path, error: type[UnipoolError] = UnipoolError) -> dict:
+    """A JSON file that must hold an object: read_json, then json_object."""
+    return json_object(read_json(path, error), path, error)

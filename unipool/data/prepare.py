@@ -247,15 +247,11 @@ def prepare(
             return out_dir
 
         # pass 1: count documents and characters (also surfaces format errors before any worker starts)
-        n_docs, n_chars, doc_chars, chars = 0, 0, [], 0
+        n_docs, n_chars = 0, 0
         with tqdm(unit="doc", desc="reading documents", disable=None) as bar:
             for _, piece, last in iter_pieces(paths, text_field):
                 n_chars += len(piece)
-                chars += len(piece)
-                if last:
-                    n_docs += 1
-                    doc_chars.append(chars)
-                    chars = 0
+                n_docs += last
                 bar.update(int(last))
         if n_docs == 0:
             raise DataError(f"no text found in: {', '.join(map(str, paths))}")
@@ -266,12 +262,6 @@ def prepare(
         else:
             n_val = 0 if val_fraction == 0 or n_docs < 2 else min(max(1, round(val_fraction * n_docs)), n_docs - 1)
             is_val[np.random.default_rng(seed).choice(n_docs, size=n_val, replace=False)] = True
-            val_share = float(np.asarray(doc_chars, dtype=np.int64)[is_val].sum()) / max(n_chars, 1)
-            if n_val and val_share > max(2 * val_fraction, val_fraction + 0.05):
-                # the split is by whole documents: a few long ones can hold far more than val_fraction
-                print(f"warning: the validation split holds {val_share:.0%} of the text (val_fraction "
-                      f"{val_fraction}): {n_val} of {n_docs} documents; with few documents, split them into "
-                      "more files or pass them as one", file=sys.stderr)
 
         # pass 2: tokenize in parallel into temporary shards, then move them into place
         dtype = token_dtype(tokenizer.vocab_size)
@@ -282,11 +272,25 @@ def prepare(
                                   num_workers or min(8, _n_cpus()), desc=f"tokenizing -> {out_dir}")
             counts = ({"train": 1, "val": 1} if val_from is not None
                       else {"train": n_docs - int(is_val.sum()), "val": int(is_val.sum())})
+            if val_from is None and counts["val"]:
+                _warn_if_val_is_large(shards, val_fraction, counts)
             settings = {"val_fraction": val_fraction, "text_field": text_field, "seed": seed,
                         "val_split": "tail of the only document" if val_from is not None else "documents"}
             return _commit(out_dir, tmp_dir, shards, tokenizer, dtype, paths, src_fp, counts, settings)
         finally:
             _rmtree(tmp_dir)
+
+
+def _warn_if_val_is_large(shards: dict, val_fraction: float, n_documents: dict) -> None:
+    """The split is by whole documents: a few long ones can hold far more than val_fraction. Said, by the
+    token counts the shards already have."""
+    n_tokens = {s: sum(sh["n_tokens"] for sh in shards[s]) for s in SPLITS}
+    share = n_tokens["val"] / max(n_tokens["train"] + n_tokens["val"], 1)
+    if share > max(2 * val_fraction, val_fraction + 0.05):
+        n_docs = n_documents["train"] + n_documents["val"]
+        print(f"warning: the validation split holds {share:.0%} of the text ({n_tokens['val']:,} tokens, "
+              f"val_fraction {val_fraction}): {n_documents['val']} of {n_docs} documents; with few documents, "
+              "split them into more files or pass them as one", file=sys.stderr)
 
 
 def make_out_dir(out_dir: Path) -> None:

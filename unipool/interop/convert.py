@@ -56,14 +56,13 @@ from pathlib import Path
 
 import torch
 
-from unipool.errors import UnipoolError
+from unipool.errors import UnipoolError, read_json_object
 from unipool.interop.hf import (
     _TRAINING_BUFFERS,
     _add_dtype_arg,
     check_target,
     find_run_tokenizer,
     import_hf,
-    read_json_object,
     source_dtype,
     unipool_dir_kind,
 )

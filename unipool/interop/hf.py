@@ -46,7 +46,7 @@ import torch
 
 from unipool.config import default_config
 from unipool.data.tokenizer import TokenizerError, as_tokenizers, eos_token
-from unipool.errors import UnipoolError, read_json, require
+from unipool.errors import UnipoolError, read_json_object, require
 from unipool.model.config import ModelConfig
 from unipool.model.model import Unipool, build_model
 from unipool.run import Run
@@ -322,14 +322,6 @@ def find_run_tokenizer(run: str | Path) -> Path | None:
 # ------------------------------------------------------------------------------------------------
 # Import
 # ------------------------------------------------------------------------------------------------
-
-def read_json_object(path: Path, error: type[UnipoolError]) -> dict:
-    """A JSON file that must hold an object (config.json, an index); anything else raises `error` in one line."""
-    raw = read_json(path, error)
-    if not isinstance(raw, dict):
-        raise error(f"{path} holds a JSON {type(raw).__name__}, not an object")
-    return raw
-
 
 def _read_json(path: Path) -> dict:
     return read_json_object(path, HFError)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unipool.errors import UnipoolError, require
+from unipool.errors import UnipoolError, json_object, require
 
 
 class HFMoEError(UnipoolError):
@@ -100,9 +100,7 @@ def checkpoint_model_type(path: Path) -> str | None:
         raw = json.loads(config.read_text())
     except json.JSONDecodeError as e:
         raise HFMoEError(f"{config} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise HFMoEError(f"{config} holds a JSON {type(raw).__name__}, not an object")
-    return raw.get("model_type")
+    return json_object(raw, config, HFMoEError).get("model_type")
 
 
 def load_checkpoint(path: Path, device: str, dtype: str = "auto"):
