@@ -12,6 +12,13 @@ run in OUT/<variant>-s<seed>, launched as its own process. A run with a summary.
 and skipped; a run with checkpoints but no summary is resumed from its latest checkpoint, so the
 study can be interrupted (Ctrl-C) and started again with the same command.
 
+A finished run leaves a record, RESULTS_DIR/runs/<variant>-s<seed>.json (the study's `results_dir`;
+committed): its config, summary, routing statistics and curves, a few tens of KB. The report, the stopping
+rule and the plots read the records, so a study goes on, on another machine, without the run directories
+of the seeds it has: a recorded run is finished and not trained again. RESULTS_DIR/carried.json, where it
+exists, holds seeds whose runs were lost before records were kept: their per-seed validation losses and
+the mean and SD of each routing statistic over them, pooled exactly with the recorded seeds' values.
+
 The report (OUT/results.md, results.json, contrasts.json, copied to the study's `results_dir` if it names
 one, for the docs to cite; OUT/report/curves.png, dead_rows.png,
 zero_gate.png and depth_usage.png, and each run's routing analysis in RUN/routing/) gives, per variant: mean +- std over
@@ -48,14 +55,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from unipool.analysis.compare import smooth, summarize_run
+from unipool.analysis.compare import curve, smooth
 from unipool.analysis.eval import eval_batches_for
 from unipool.analysis.routing import analyse, to_global_LG
 from unipool.config import default_config, run_config_from_dict
 from unipool.data.prepare import prepare_run_data
+from unipool.data.tokenizer import atomic_write_text
 from unipool.model.config import ModelConfig
 from unipool.model.params import param_report
-from unipool.run import Run, read_metrics
+from unipool.run import Run
 
 
 def load_study(path: Path) -> dict:
@@ -170,8 +178,9 @@ def routing_summary(run_dir: Path, max_tokens: int = 16384) -> dict:
             "zero_gate": statistics.fmean(zero_L), "gate_sum": statistics.fmean(stats["per_layer"]["mean_gate_sum"])}
 
 
-def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None:
-    """curves.png (seed-mean training and validation loss per variant), dead_rows.png and zero_gate.png."""
+def plot_study(rows: list[dict], runs: dict[str, list[dict]], out: Path) -> None:
+    """curves.png (seed-mean training and validation loss per variant), dead_rows.png and zero_gate.png, from
+    the runs' records (carried seeds have no curves: the curves are over the recorded seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,10 +189,10 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
     out.mkdir(parents=True, exist_ok=True)
     fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
     window = 5
-    for i, (variant, dirs) in enumerate(runs.items()):
-        if not dirs:
+    for i, (variant, records) in enumerate(runs.items()):
+        if not records:
             continue
-        curves = [(r["train_curve"], r["val_curve"]) for r in map(summarize_run, dirs)]
+        curves = [(r["curves"]["loss"], r["curves"]["val_loss"]) for r in records]
         n = min(len(c[0]) for c in curves)
         xs = [x for x, _ in curves[0][0][:n]]
         # one logged batch per point is noisy (and the same batches for every variant of a seed): smooth
@@ -210,12 +219,10 @@ def plot_study(rows: list[dict], runs: dict[str, list[Path]], out: Path) -> None
     # When rows die: the training-time dead-row share (metrics.jsonl `dead_rows`, per layer at every log
     # step), averaged over layers and seeds, and NormRouter's mean sigma (`router_scale`).
     fig, (ax_d, ax_s) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (variant, dirs) in enumerate(runs.items()):
-        records_per_run = [read_metrics(d / "metrics.jsonl")[0] for d in dirs]
+    for i, (variant, records) in enumerate(runs.items()):
         per_key = {}
         for key in ("dead_rows", "router_scale"):
-            series = [[(r["tokens"], statistics.fmean(r[key])) for r in records if r.get(key)]
-                      for records in records_per_run]
+            series = [r["curves"][key] for r in records]
             n = min((len(x) for x in series), default=0)
             if n:
                 per_key[key] = ([t for t, _ in series[0][:n]], [statistics.fmean(x[j][1] for x in series) for j in range(n)])
@@ -263,13 +270,12 @@ def depth_usage(stats: dict) -> np.ndarray:
     return usage_LG[:, np.argsort(depth_G, kind="stable")]
 
 
-def plot_depth_usage(runs: dict[str, list[Path]], path: Path) -> None:
-    """depth_usage.png: `depth_usage` of each variant's first finished seed, one panel per variant, the
+def plot_depth_usage(runs: dict[str, list[dict]], path: Path) -> None:
+    """depth_usage.png: `depth_usage` of each variant's first recorded seed, one panel per variant, the
     colour scale relative to a uniform spread over the layer's own pool (1 = uniform)."""
     import matplotlib.pyplot as plt
 
-    panels = [(v, json.loads((dirs[0] / "routing" / "routing.json").read_text())) for v, dirs in runs.items()
-              if dirs and (dirs[0] / "routing" / "routing.json").is_file()]
+    panels = [(v, records[0]["depth"]) for v, records in runs.items() if records]
     if not panels:
         return
     cols = min(3, len(panels))
@@ -287,7 +293,7 @@ def plot_depth_usage(runs: dict[str, list[Path]], path: Path) -> None:
         ax.axis("off")
     fig.colorbar(im, ax=axes, shrink=0.6, extend="max", label="share of the layer's picks x its pool's width\n"
                  "(1 = spread evenly over its whole pool; zero-gate picks\ncount nowhere, so dead rows darken a layer)")
-    fig.suptitle("expert use across depth (first seed; experts ordered by the mean depth that picks them)",
+    fig.suptitle("expert use across depth (first recorded seed; experts ordered by the mean depth that picks them)",
                  fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -300,13 +306,13 @@ RUN_ONLY_FIELDS = {("train", "out_dir"), ("train", "run_name"), ("train", "progr
                    ("model", "vocab_size")}
 
 
-def config_drift(study: dict, variant: str, seed: int, run_dir: Path, steps: int | None = None) -> list[str]:
-    """Where a finished run's config.json differs from what the study file now asks of (variant, seed), at
-    `steps` for a smoke study: ["model.num_experts: run 8, study 16", ...]. A field the run predates compares
-    as its default."""
+def config_drift(study: dict, variant: str, seed: int, run: Path | dict, steps: int | None = None) -> list[str]:
+    """Where a finished run's config (its directory's config.json, or a record's config) differs from what the
+    study file now asks of (variant, seed), at `steps` for a smoke study: ["model.num_experts: run 8, study
+    16", ...]. A field the run predates compares as its default."""
     want = dataclasses.asdict(run_config_from_dict(run_config(study, variant, seed, steps)))
     default = dataclasses.asdict(default_config())
-    have = json.loads((run_dir / "config.json").read_text())
+    have = json.loads((run / "config.json").read_text()) if isinstance(run, Path) else run
     drift = []
     for section in SECTIONS:
         for key, value in want[section].items():
@@ -316,44 +322,130 @@ def config_drift(study: dict, variant: str, seed: int, run_dir: Path, steps: int
     return drift
 
 
+def records_dir(study: dict, steps: int | None = None) -> Path | None:
+    """Where the study keeps its run records (RESULTS_DIR/runs), None without a `results_dir` or for a smoke
+    study (`--steps`): its runs are not the study's."""
+    return Path(study["results_dir"]) / "runs" if study.get("results_dir") and steps is None else None
+
+
+def make_record(run_dir: Path) -> dict:
+    """What the report, the stopping rule and the plots read of a finished run, small enough to commit."""
+    run = Run.open(run_dir)
+    records, _ = run.metrics()
+    routing = routing_summary(run_dir)  # writes RUN/routing/routing.json where it is missing
+    stats = json.loads((run_dir / "routing" / "routing.json").read_text())
+
+    def mean_curve(key: str) -> list[list[float]]:  # a per-layer telemetry value, as its mean over layers
+        return [[r["tokens"], statistics.fmean(r[key])] for r in records if r.get(key)]
+
+    return {"name": run_dir.name, "config": json.loads((run_dir / "config.json").read_text()),
+            "summary": run.summary(), "routing": routing,
+            "depth": {"n_pools": stats["n_pools"], "experts_per_pool": stats["experts_per_pool"],
+                      "pool_of_layer": stats["pool_of_layer"],
+                      "usage_LE": np.round(np.asarray(stats["usage_LE"]), 6).tolist()},
+            "curves": {"loss": curve(records, "loss"), "val_loss": curve(records, "val_loss"),
+                       "dead_rows": mean_curve("dead_rows"), "router_scale": mean_curve("router_scale")}}
+
+
+def finished_record(study: dict, out: Path, variant: str, seed: int, steps: int | None = None) -> dict | None:
+    """The record of the finished run (variant, seed): made from OUT/<variant>-s<seed> where that run finished
+    (and kept in the study's records), else read from the records; None if neither exists. A run trained
+    with another config than the study's row is refused by name."""
+    name, kept = f"{variant}-s{seed}", records_dir(study, steps)
+    run_dir, path = out / name, kept / f"{name}.json" if kept else None
+    if (run_dir / "summary.json").is_file():
+        source, record = run_dir, None
+    elif path is not None and path.is_file():
+        source = path
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {path}: unreadable run record ({e})") from None
+    else:
+        return None
+    drift = config_drift(study, variant, seed, run_dir if record is None else record["config"], steps)
+    if drift:  # its loss would be reported under a row it was not trained as
+        raise SystemExit(f"error: {source} was trained with another config than the study file's row {variant!r} "
+                         f"now gives ({'; '.join(drift)}): restore the row, or delete the run to train it again")
+    if record is None:
+        if (Run.open(run_dir).summary() or {}).get("val_loss") is None:
+            return None
+        record = make_record(run_dir)
+        if path is not None:
+            text = json.dumps(record, indent=1) + "\n"
+            if not path.is_file() or path.read_text() != text:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, text)
+    return record
+
+
+def carried_rows(study: dict, steps: int | None = None) -> dict[str, dict]:
+    """RESULTS_DIR/carried.json: {variant: row} for seeds whose runs were lost before run records were kept,
+    each row as the report's results.json has it (per-seed `val_losses`, [mean, sd] of each routing statistic
+    over those seeds). {} without one, or for a smoke study."""
+    if not study.get("results_dir") or steps is not None:
+        return {}
+    path = Path(study["results_dir"]) / "carried.json"
+    if not path.is_file():
+        return {}
+    try:
+        return {row["variant"]: row for row in json.loads(path.read_text())["rows"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path}: unreadable carried results ({e})") from None
+
+
+def pooled(xs: list[float], prior: list | None = None, n_prior: int = 0) -> tuple[float, float | None] | None:
+    """mean_std of xs together with n_prior earlier values known only by their [mean, sd]. Exact: the sum of
+    the values and the sum of their squared deviations combine."""
+    if not n_prior:
+        return mean_std(xs) if xs else None
+    m0, s0 = prior
+    n = n_prior + len(xs)
+    mean = (n_prior * m0 + sum(xs)) / n
+    if n < 2:
+        return mean, None
+    ss = (n_prior - 1) * (s0 or 0.0) ** 2 + n_prior * (m0 - mean) ** 2 + sum((x - mean) ** 2 for x in xs)
+    return mean, math.sqrt(ss / (n - 1))
+
+
+ROUTING_STATS = ("zero_gate", "gate_sum", "u_fraction", "dead_experts", "layers_per_expert", "shared_experts")
+
+
 def report(study: dict, out: Path, steps: int | None = None) -> str:
     rows, runs = [], {}
+    carried = carried_rows(study, steps)
     for variant, overrides in study["variants"].items():
-        summaries, routing, runs[variant] = {}, [], []
-        for seed in study["seeds"]:
-            run_dir = out / f"{variant}-s{seed}"
-            if (run_dir / "summary.json").is_file():
-                drift = config_drift(study, variant, seed, run_dir, steps)
-                if drift:  # its loss would be reported under a row it was not trained as
-                    raise SystemExit(f"error: {run_dir} was trained with another config than the study file's row "
-                                     f"{variant!r} now gives ({'; '.join(drift)}): restore the row, or delete the "
-                                     f"run to train it again")
-                summary = Run.open(run_dir).summary() or {}
-                if summary.get("val_loss") is not None:
-                    summaries[seed] = summary
-                    runs[variant].append(run_dir)
-                    routing.append(routing_summary(run_dir))
+        records = {seed: r for seed in study["seeds"] if (r := finished_record(study, out, variant, seed, steps))}
+        prior = carried.get(variant, {})
+        prior_losses = {int(seed): loss for seed, loss in prior.get("val_losses", {}).items()}
+        both = sorted(set(records) & set(prior_losses))
+        if both:  # its routing statistics would count twice
+            raise SystemExit(f"error: {variant} seed(s) {both} are both recorded and carried "
+                             f"({Path(study['results_dir']) / 'carried.json'}): drop them from one")
+        runs[variant] = list(records.values())
+        summaries = {seed: r["summary"] for seed, r in records.items()}
+        routing = [r["routing"] for r in records.values()]
         cfg = ModelConfig.from_dict({**study["base"].get("model", {}), **variant_sections(overrides)["model"]})
         params = param_report(cfg)
-        losses = {seed: s["val_loss"] for seed, s in summaries.items()}
+        losses = dict(sorted({**prior_losses, **{seed: s["val_loss"] for seed, s in summaries.items()}}.items()))
         first = next(iter(summaries.values()), {})
+        n_prior = len(prior_losses)
         row = {"variant": variant, "seeds": sorted(losses), "moe_mode": cfg.moe_mode, "router": cfg.router,
                "experts_per_pool": cfg.n_routed_experts, "n_pools": cfg.n_pools,
                "expert_budget": params["expert_budget_vs_matched_vanilla"],
                # from the runs themselves: the vocabulary (hence the embeddings) is set by the tokenizer
-               "total_params": first.get("params"), "active_params": first.get("active_params"),
-               "tokens": first.get("tokens"),
-               "wall_time_s": sum(s.get("wall_time_s", 0) for s in summaries.values()), "val_losses": losses}
+               "total_params": first.get("params", prior.get("total_params")),
+               "active_params": first.get("active_params", prior.get("active_params")),
+               "tokens": first.get("tokens", prior.get("tokens")),
+               "wall_time_s": sum(s.get("wall_time_s", 0) for s in summaries.values()) + prior.get("wall_time_s", 0),
+               "val_losses": losses}
         if losses:
             row["val_loss"] = mean_std(list(losses.values()))
             row["val_ppl"] = mean_std([math.exp(x) for x in losses.values()])
-            row["zero_gate"] = mean_std([r["zero_gate"] for r in routing])
-            row["zero_gate_L"] = [statistics.fmean(z) for z in zip(*(r["zero_gate_L"] for r in routing))]
-            row["gate_sum"] = mean_std([r["gate_sum"] for r in routing])
-            row["u_fraction"] = mean_std([r["u_fraction"] for r in routing])
-            row["dead_experts"] = mean_std([r["dead_experts"] for r in routing])
-            row["layers_per_expert"] = mean_std([r["layers_per_expert"] for r in routing])
-            row["shared_experts"] = mean_std([r["shared_experts"] for r in routing])
+            for key in ROUTING_STATS:
+                row[key] = pooled([r[key] for r in routing], prior.get(key), n_prior)
+            layers = [r["zero_gate_L"] for r in routing] + ([prior["zero_gate_L"]] * n_prior if n_prior else [])
+            row["zero_gate_L"] = [statistics.fmean(z) for z in zip(*layers)]  # the carried mean weighs n_prior
         rows.append(row)
     base = next((r for r in rows if r["variant"] == "vanilla" and "val_loss" in r), None)
     for r in rows:
@@ -389,17 +481,19 @@ def report(study: dict, out: Path, steps: int | None = None) -> str:
     if contrasts:
         lines += ["", "Paired contrasts (the study's `contrasts`: a − b on the same seeds):", "",
                   *contrast_table(contrasts, target, min_seeds)]
-    rule = stopping_line(stopping_state(study, out))
+    rule = stopping_line(stopping_state(study, out, steps))
     if rule:
         lines += ["", rule]
     table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)  # a study reported from its records alone has no run directories here
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     if contrasts:
         (out / "contrasts.json").write_text(json.dumps(contrasts, indent=2))
     else:  # a study file that dropped its contrasts: no stale file to copy below
         (out / "contrasts.json").unlink(missing_ok=True)
     (out / "results.md").write_text(table + "\n")
-    if study.get("results_dir"):  # the small outputs that docs cite, kept with the code (committed)
+    if study.get("results_dir") and steps is None:  # what docs cite, kept with the code (committed); a
+        # smoke study (--steps) is not the study: it never overwrites them
         keep = Path(study["results_dir"])
         keep.mkdir(parents=True, exist_ok=True)
         for name in ("results.json", "contrasts.json", "results.md"):
@@ -459,27 +553,36 @@ def paired_contrasts(study: dict, rows: list[dict]) -> list[dict]:
     return found
 
 
-def finished_losses(study: dict, out: Path) -> dict[str, dict[int, float]]:
-    """{variant: {seed: final validation loss}} of the finished runs."""
+def finished_losses(study: dict, out: Path, steps: int | None = None) -> dict[str, dict[int, float]]:
+    """{variant: {seed: final validation loss}} of the finished runs: run directories in OUT, the study's
+    records and its carried seeds."""
     losses: dict[str, dict[int, float]] = {}
+    carried = carried_rows(study, steps)
+    kept = records_dir(study, steps)
     for variant in study["variants"]:
         for seed in study["seeds"]:
-            path = out / f"{variant}-s{seed}" / "summary.json"
+            name = f"{variant}-s{seed}"
+            path = out / name / "summary.json"
+            loss = None
             if path.is_file():
                 loss = json.loads(path.read_text()).get("val_loss")
-                if loss is not None:
-                    losses.setdefault(variant, {})[seed] = loss
+            elif kept is not None and (kept / f"{name}.json").is_file():
+                loss = (json.loads((kept / f"{name}.json").read_text()).get("summary") or {}).get("val_loss")
+            else:
+                loss = carried.get(variant, {}).get("val_losses", {}).get(str(seed))
+            if loss is not None:
+                losses.setdefault(variant, {})[seed] = loss
     return losses
 
 
-def stopping_state(study: dict, out: Path) -> dict | None:
+def stopping_state(study: dict, out: Path, steps: int | None = None) -> dict | None:
     """The study's stopping rule (`stop_when_se: {se: 0.02, min_seeds: 3}`): seeds are added until every
     variant's difference to vanilla and every contrast in `contrasts` has a paired standard error <= se over at least min_seeds seeds, or the
     seeds run out. Returns None without a rule, else {"met": bool, "seeds": n, "worst": (name, se)}."""
     rule = study.get("stop_when_se")
     if not rule:
         return None
-    losses = finished_losses(study, out)
+    losses = finished_losses(study, out, steps)
     worst, met, seeds = None, True, None
     pairs = {f"{v} vs vanilla": [v, "vanilla"] for v in study["variants"] if v != "vanilla" and "vanilla" in study["variants"]}
     pairs.update(study.get("contrasts") or {})
@@ -514,8 +617,8 @@ class SeedGate:
     """The stopping rule, decided once per seed at that seed's first run (runs go seed by seed): a seed is
     run by every variant or by none, so every contrast rests on the same seeds. Thread-safe (--jobs)."""
 
-    def __init__(self, study: dict, out: Path):
-        self.study, self.out = study, out
+    def __init__(self, study: dict, out: Path, steps: int | None = None):
+        self.study, self.out, self.steps = study, out, steps
         self.min_seeds = (study.get("stop_when_se") or {}).get("min_seeds", 3)
         self.reasons: dict[int, str] = {}  # seed -> why it is not needed; "" where it runs
         self.lock = threading.Lock()
@@ -523,7 +626,7 @@ class SeedGate:
     def skip_reason(self, seed: int) -> str:
         with self.lock:
             if seed not in self.reasons:
-                state = stopping_state(self.study, self.out)
+                state = stopping_state(self.study, self.out, self.steps)
                 # the seed's place in the study, not its value: seeds need not be 0, 1, 2, ...
                 before = self.study["seeds"].index(seed)
                 # met on every seed before this one: with --jobs > 1 the last run of the previous seed may
@@ -536,6 +639,7 @@ class SeedGate:
 def plan(study: dict, out: Path, names: list[tuple[str, str, int]], steps: int | None) -> None:
     """Check every run's config (as `unipool train` would read it) and list each run's state."""
     states: dict[str, int] = {}
+    finished = finished_losses(study, out, steps)
     for name, variant, seed in names:
         cfg = run_config_from_dict(run_config(study, variant, seed, steps))  # raises on a bad field
         tc = cfg.train
@@ -544,6 +648,8 @@ def plan(study: dict, out: Path, names: list[tuple[str, str, int]], steps: int |
         run_dir = out / name
         if (run_dir / "summary.json").is_file():
             state = "done"
+        elif seed in finished.get(variant, {}):
+            state = "done (recorded)"
         elif (run_dir / "checkpoints" / "LATEST").is_file():
             state = f"resume from {(run_dir / 'checkpoints' / 'LATEST').read_text().strip()}"
         else:
@@ -589,15 +695,19 @@ def main() -> None:
         if names:  # tokenize once here, so parallel runs never prepare the same data directory together
             prepare_run_data(run_config_from_dict(run_config(study, names[0][1], names[0][2], args.steps)).data)
 
-        gate = SeedGate(study, out)
+        gate = SeedGate(study, out, args.steps)
+        recorded = finished_losses(study, out, args.steps)  # finished here, or elsewhere (the study's records)
 
         def launch(item: tuple[str, str, int]) -> str:
             name, variant, seed = item
             reason = gate.skip_reason(seed)
-            if reason and not (out / name / "checkpoints" / "LATEST").is_file():  # a started run is finished
+            if seed in recorded.get(variant, {}) and not (out / name).exists():
+                result = "done (recorded)"
+            elif reason and not (out / name / "checkpoints" / "LATEST").is_file():  # a started run is finished
                 result = f"not needed ({reason})"
             else:
                 result = run_one(out, name, run_config(study, variant, seed, args.steps), threads)
+                finished_record(study, out, variant, seed, args.steps)  # keep its record as soon as it exists
             return f"[{time.time() - t0:7.0f} s] {name}: {result}"
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

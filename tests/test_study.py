@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def test_study_runs_skips_and_reports(tmp_path):
     train = dict(steps=4, batch_size=2, seq_len=32, lr=3e-3, eval_interval=2, eval_tokens=256, ckpt_interval=2,
                  routing_interval=2, sample_tokens=0, log_interval=1, precision="fp32")
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({
-        "out_dir": str(tmp_path / "out"), "seeds": [0, 1], "target_se": 0.01,
+        "out_dir": str(tmp_path / "out"), "results_dir": str(tmp_path / "kept"), "seeds": [0, 1], "target_se": 0.01,
         "base": {"model": small, "train": train,
                  "data": {"sources": [str(corpus)], "tokenizer": "bpe:320", "data_dir": str(tmp_path / "data")}},
         "variants": {"vanilla": {"moe_mode": "layerwise", "num_experts": 4, "router": "softmax",
@@ -74,13 +75,54 @@ def test_study_runs_skips_and_reports(tmp_path):
     assert [r["variant"] for r in rerun] == ["vanilla", "unipool"]  # the study file's order
     assert rerun == list(rows.values())
 
+    # every finished run left a record: on a machine without the run directories, nothing is trained again
+    # and the report is the same
+    records = sorted(p.name for p in (tmp_path / "kept" / "runs").iterdir())
+    assert records == ["unipool-s0.json", "unipool-s1.json", "vanilla-s0.json", "vanilla-s1.json"]
+    shutil.rmtree(tmp_path / "out")
+    elsewhere = study(tmp_path, "--jobs", "2")
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert elsewhere.stdout.count("done (recorded)") == 4 and "trained in" not in elsewhere.stdout
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == list(rows.values())
+    assert (tmp_path / "out" / "report" / "depth_usage.png").is_file()
+    plan = study(tmp_path, "--plan")
+    assert plan.stdout.strip().splitlines()[-1] == "4 runs: 4 done"
+
+    # seed 0 carried (lost runs, known by their losses and the routing statistics' mean and SD), seed 1
+    # recorded: the pooled report is the report of both seeds
+    spec = yaml.safe_load((tmp_path / "study.yaml").read_text())
+    spec["seeds"] = [0]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert study(tmp_path, "--report").returncode == 0
+    seed0 = json.loads((tmp_path / "out" / "results.json").read_text())
+    (tmp_path / "kept" / "carried.json").write_text(json.dumps({"rows": seed0}))
+    spec["seeds"] = [0, 1]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    twice = study(tmp_path, "--report")
+    assert twice.returncode != 0 and "seed(s) [0] are both recorded and carried" in twice.stderr
+    for name in ("vanilla", "unipool"):
+        (tmp_path / "kept" / "runs" / f"{name}-s0.json").unlink()
+    assert study(tmp_path, "--report").returncode == 0
+    pooled_rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    for got, want in zip(pooled_rows, rows.values()):
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, abs=1e-9) if key not in ("val_losses", "variant", "router",
+                                                                             "moe_mode") else value), key
+    # a smoke study (--steps) neither reads nor writes the study's records and results
+    kept = {p: p.read_bytes() for p in (tmp_path / "kept").rglob("*") if p.is_file()}
+    smoke = study(tmp_path, "--steps", "2", "--out", str(tmp_path / "smoke"), "--only", "vanilla")
+    assert smoke.returncode == 0, smoke.stderr
+    assert smoke.stdout.count("trained in") == 2
+    assert {p: p.read_bytes() for p in (tmp_path / "kept").rglob("*") if p.is_file()} == kept
+
     # a row changed after its runs finished: the report refuses to file their losses under the new row
     spec = yaml.safe_load((tmp_path / "study.yaml").read_text())
     spec["variants"]["unipool"]["num_experts"] = 6
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     changed = study(tmp_path, "--report")
     assert changed.returncode != 0 and "Traceback" not in changed.stderr
-    assert "unipool-s0 was trained with another config" in changed.stderr
+    # (a record is checked as its run directory was: here the only copy of unipool-s1 is its record)
+    assert "unipool-s1.json was trained with another config" in changed.stderr
     assert "model.num_experts: run 8, study 6" in changed.stderr
 
 
@@ -219,3 +261,17 @@ def test_one_seed_shows_no_spread():
     assert fmt(mean_std([4.0, 4.2])) == f"4.1000 ± {0.2 / 2 ** 0.5:.4f}"
     assert seeds_for_se([0.1, 0.1001], 0.02, min_seeds=3) == 3  # tiny spread: never below the rule's minimum
     assert seeds_for_se([0.0, 0.2], 0.02) == 50  # sd 0.1414: (0.1414 / 0.02)^2 = 50
+
+
+def test_pooled_moments_equal_the_moments_of_every_value():
+    """carried.json keeps only the [mean, sd] of earlier seeds' routing statistics: pooled with new values they
+    give the mean and SD of all the values."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from study import mean_std, pooled
+
+    xs = [0.31, 0.12, 0.55, 0.47, 0.08, 0.29, 0.9]
+    for split in range(1, len(xs)):
+        assert pooled(xs[split:], list(mean_std(xs[:split])), split) == pytest.approx(mean_std(xs))
+    assert pooled([], [0.4, None], 1) == (0.4, None)  # one carried seed, none recorded
+    assert pooled([0.6], [0.4, None], 1) == pytest.approx((0.5, 0.2 / 2 ** 0.5))
+    assert pooled([0.2, 0.4]) == mean_std([0.2, 0.4]) and pooled([]) is None
