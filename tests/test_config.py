@@ -20,6 +20,12 @@ from unipool.presets import PRESETS, get_preset
         (dict(router="topk"), "router"),
         (dict(norm_router_c="big"), "norm_router_c"),
         (dict(pool_loss_coef=-1.0), "pool_loss_coef"),
+        # a field another setting would ignore: refused, so a run trains what it says
+        (dict(moe_mode="pool", n_groups=4), "n_groups"),
+        (dict(moe_mode="layerwise", n_groups=2), "n_groups"),
+        (dict(router="norm", renormalize=True), "renormalize"),
+        (dict(router="random", renormalize=True), "renormalize"),
+        (dict(router_window=0, router_window_warmup=0.5), "router_window_warmup"),
     ],
 )
 def test_bad_config_fails_at_construction_naming_the_field(changes, field):
@@ -145,3 +151,11 @@ def test_explicit_fields_are_what_the_command_line_names(tmp_path):
                  "--train.lr", "0.2")
     assert explicit_fields(args, "model") == {"z_loss_coef": 0.001, "pool_loss_coef": "0.5",
                                               "router_window_warmup": "0.3"}
+
+
+def test_the_fields_another_setting_uses_are_accepted_where_they_apply():
+    base = get_preset("debug")  # pool, NormRouter, 2 layers
+    assert base.replace(moe_mode="grouped", n_groups=2).n_pools == 2
+    assert base.replace(router="softmax", renormalize=True).renormalize
+    assert base.replace(router="sigmoid", renormalize=True).renormalize
+    assert base.replace(router_window=1, router_window_warmup=0.5).router_window_warmup == 0.5

@@ -149,7 +149,8 @@ def test_study_bad_input(tmp_path):
                                                 ("family-gpu.yaml", 39, "2,000,158,720")])
 def test_plan_checks_every_run_of_the_study_files(name, runs, tokens, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "study.py"), str(ROOT / "experiments" / name),
-                        "--plan", "--out", str(tmp_path)], capture_output=True, text=True)
+                        "--plan", "--out", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    # (run from an empty directory: a study's results_dir, and the runs it records, are relative to where it runs)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[-1] == f"{runs} runs: {runs} new"

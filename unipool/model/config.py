@@ -247,12 +247,21 @@ class ModelConfig:
         need(self.num_experts * self.granularity <= 2**16, "num_experts", "must give <= 2^16 routed experts per pool")
         if self.moe_mode == "grouped":
             need(self.n_layers % self.n_groups == 0, "n_groups", f"must divide n_layers={self.n_layers}")
+        # Fields another setting makes meaningless are refused rather than ignored: a run that asked for
+        # them would otherwise train something else than it says.
+        need(self.n_groups == 1 or self.moe_mode == "grouped", "n_groups",
+             f"applies to moe_mode grouped (moe_mode {self.moe_mode} has "
+             f"{'one pool' if self.moe_mode == 'pool' else 'a pool per layer'})")
+        need(not self.renormalize or self.router in ("softmax", "sigmoid"), "renormalize",
+             f"applies to softmax and sigmoid routers, not {self.router!r}")
         need(isinstance(self.private_hidden, int) and self.private_hidden >= 0, "private_hidden",
              "must be a non-negative integer (0: no private expert)")
         need(self.depth_embedding in DEPTH_EMBEDDINGS, "depth_embedding", f"must be one of {DEPTH_EMBEDDINGS}")
         need(isinstance(self.router_window, int) and self.router_window >= 0, "router_window",
              "must be a non-negative integer (0: the whole pool)")
         need(0.0 <= self.router_window_warmup <= 1.0, "router_window_warmup", "must be in [0, 1]")
+        need(self.router_window_warmup == 0 or self.router_window, "router_window_warmup",
+             "needs a router_window (it grows the window)")
         need(isinstance(self.stored_router_masks, bool), "stored_router_masks", "must be true or false")
         if self.stored_router_masks:
             need(not self.router_window, "stored_router_masks", "and a router window exclude each other")

@@ -12,7 +12,7 @@ def param_report(cfg: ModelConfig) -> dict:
     # The matched vanilla model: 8 experts per layer, top-1, each as wide as one routed expert plus the
     # private expert if the model has one (so a pool with a private expert is compared with the vanilla
     # model of the same active FFN width). The budget counts private experts as expert parameters.
-    matched = cfg.replace(moe_mode="layerwise", num_experts=8, router="softmax", granularity=1,
+    matched = cfg.replace(moe_mode="layerwise", n_groups=1, num_experts=8, router="softmax", granularity=1,
                           top_k=1, switch_loss_coef=1e-2, pool_loss_coef=0.0,
                           ffn_hidden=cfg.ffn_hidden + cfg.private_hidden, private_hidden=0,
                           depth_embedding="none", router_window=0, router_window_warmup=0.0)
