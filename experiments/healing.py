@@ -12,7 +12,8 @@ the same source trained on for the same steps (paired by seed: same data order, 
 
 Writes OUT/healing.json (validation losses, paired differences with a t interval, and per layer the share
 of routed tokens that go to another layer's experts after healing) and OUT/healing.png (the curves).
-Finished runs are skipped, so the command resumes.
+Finished runs are skipped, so the command resumes; one that finished with another --steps, --lr or
+seed is refused by name.
 """
 
 from __future__ import annotations
@@ -39,10 +40,30 @@ def unipool(*args: str) -> None:
                     *args], check=True)
 
 
-def train(out: Path, name: str, *args: str) -> Path:
-    if not (out / name / "summary.json").is_file():
+def reuse_drift(run_dir: Path, want: dict[str, object]) -> list[str]:
+    """Where a finished run's config.json differs from the settings this command would train it with
+    (`want`: {"train.steps": 300, ...}): ["train.steps: run 200, now 300", ...]."""
+    have = json.loads((run_dir / "config.json").read_text())
+    drift = []
+    for key, value in want.items():
+        section, field = key.split(".")
+        ran = have.get(section, {}).get(field)
+        if ran != value and not (isinstance(value, float) and isinstance(ran, (int, float))
+                                 and math.isclose(ran, value, rel_tol=1e-12)):
+            drift.append(f"{key}: run {ran!r}, now {value!r}")
+    return drift
+
+
+def train(out: Path, name: str, *args: str, want: dict[str, object] | None = None) -> Path:
+    """Train OUT/NAME, or reuse it where it finished with the same settings (`want`); a finished run trained
+    with other settings is refused rather than reported as if it had this command's."""
+    run_dir = out / name
+    if not (run_dir / "summary.json").is_file():
         unipool("train", "--train.out-dir", str(out), "--train.run-name", name, "--train.progress", "false", *args)
-    return out / name
+    elif want and (drift := reuse_drift(run_dir, want)):
+        sys.exit(f"error: {run_dir} finished with other settings ({'; '.join(drift)}): pass another --out, "
+                 f"or delete the run to train it again")
+    return run_dir
 
 
 def foreign_share(run_dir: Path, max_tokens: int = 16384) -> list[float]:
@@ -84,10 +105,12 @@ def main() -> int:
               "--train.sample-tokens", "0", "--train.ckpt-interval", "0"]
     runs = {"continued": [], "healed": []}
     for seed in seeds:
+        want = {"train.steps": args.steps, "train.lr": args.lr, "train.min_lr": args.lr / 10, "train.seed": seed}
         runs["continued"].append(train(out, f"continued-s{seed}", "--train.init-from", str(source),
-                                       "--train.seed", str(seed), *common))
+                                       "--train.seed", str(seed), *common,
+                                       want={**want, "train.init_from": str(source)}))
         runs["healed"].append(train(out, f"healed-s{seed}", "--train.init-from", str(pool),
-                                    "--train.seed", str(seed), *common))
+                                    "--train.seed", str(seed), *common, want={**want, "train.init_from": str(pool)}))
 
     final = {arm: {seed: Run.open(d).summary()["val_loss"] for seed, d in zip(seeds, dirs)}
              for arm, dirs in runs.items()}

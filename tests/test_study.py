@@ -277,3 +277,21 @@ def test_pooled_moments_equal_the_moments_of_every_value():
     assert pooled([], [0.4, None], 1) == (0.4, None)  # one carried seed, none recorded
     assert pooled([0.6], [0.4, None], 1) == pytest.approx((0.5, 0.2 / 2 ** 0.5))
     assert pooled([0.2, 0.4]) == mean_std([0.2, 0.4]) and pooled([]) is None
+
+
+def test_healing_refuses_a_finished_run_of_other_settings(tmp_path):
+    """experiments/healing.py reuses finished runs so it resumes; one trained with another --steps, --lr or
+    seed would otherwise be reported under this command's settings."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from healing import reuse_drift, train
+
+    run_dir = tmp_path / "healed-s0"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"train": {"steps": 200, "lr": 5e-4, "min_lr": 5e-5, "seed": 0}}))
+    (run_dir / "summary.json").write_text(json.dumps({"val_loss": 4.0}))
+    same = {"train.steps": 200, "train.lr": 5e-4, "train.min_lr": 5e-4 / 10, "train.seed": 0}
+    assert reuse_drift(run_dir, same) == []
+    assert reuse_drift(run_dir, {**same, "train.steps": 300}) == ["train.steps: run 200, now 300"]
+    assert train(tmp_path, "healed-s0", want=same) == run_dir  # reused: nothing is trained
+    with pytest.raises(SystemExit, match=r"healed-s0 finished with other settings \(train.seed: run 0, now 1\)"):
+        train(tmp_path, "healed-s0", want={**same, "train.seed": 1})
