@@ -26,6 +26,8 @@ from unipool.presets import PRESETS, get_preset
         (dict(router="norm", renormalize=True), "renormalize"),
         (dict(router="random", renormalize=True), "renormalize"),
         (dict(router_window=0, router_window_warmup=0.5), "router_window_warmup"),
+        (dict(router="random"), "pool_loss_coef"),  # debug's pool loss 0.01: nothing would read the scores
+        (dict(router="random", pool_loss_coef=0.0, z_loss_coef=1e-3), "z_loss_coef"),
     ],
 )
 def test_bad_config_fails_at_construction_naming_the_field(changes, field):
@@ -159,3 +161,5 @@ def test_the_fields_another_setting_uses_are_accepted_where_they_apply():
     assert base.replace(router="softmax", renormalize=True).renormalize
     assert base.replace(router="sigmoid", renormalize=True).renormalize
     assert base.replace(router_window=1, router_window_warmup=0.5).router_window_warmup == 0.5
+    assert base.replace(router="random", random_gates="model").pool_loss_coef == 0.01  # gates read the scores
+    assert base.replace(router="random", pool_loss_coef=0.0).router == "random"

@@ -15,7 +15,8 @@ MODES = {
     "grouped": dict(moe_mode="grouped", n_groups=2, num_experts=4),
     "fine-grained": dict(granularity=2),
     "sigmoid": dict(router="sigmoid", top_k=2, pool_loss_coef=0.0),
-    "random": dict(router="random"),
+    "random": dict(router="random", pool_loss_coef=0.0),
+    "random-model-gates": dict(router="random", random_gates="model"),
     "z-loss": dict(router="softmax", z_loss_coef=1e-3, pool_loss_stats="current"),
 }
 
@@ -36,8 +37,9 @@ def test_debug_forward_backward_every_mode(mode):
     out.total_loss.backward()
     model.update_routing_state(out)
     for name, p in model.named_parameters():
-        if cfg.router == "random" and name.endswith("router.gate.weight"):
-            continue  # random routing: the gate only receives the pool loss gradient
+        if cfg.router == "random" and cfg.random_gates == "uniform" and name.endswith("router.gate.weight"):
+            assert not p.requires_grad  # nothing reads its scores: frozen
+            continue
         assert p.grad is not None, name
     assert model.pool_load_valid
 

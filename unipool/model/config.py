@@ -284,6 +284,12 @@ class ModelConfig:
         need(self.norm_router_eps > 0, "norm_router_eps", "must be positive")
         for name in ("switch_loss_coef", "pool_loss_coef", "z_loss_coef", "aux_free_bias_rate"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
+        if self.router == "random" and self.random_gates == "uniform":
+            # Nothing reads such a router's scores, but a balance loss on them would still send gradients
+            # into the hidden states (the router reads them): a regulariser toward an unused router's balance.
+            for name in ("switch_loss_coef", "pool_loss_coef", "z_loss_coef"):
+                need(getattr(self, name) == 0, name, "must be 0 for random routing with uniform gates (no routing "
+                     "decision reads the router's scores; its loss would only pull the hidden states)")
         c = self.norm_router_c
         need(c in ("monte_carlo", "one") or _positive_number(c) or
              (isinstance(c, str) and c.startswith("match_gate:") and _positive_number(c[len("match_gate:"):])),

@@ -155,10 +155,9 @@ class Block(nn.Module):
                              balance_scores=cfg.balance_scores, count_dead_picks=cfg.count_dead_picks,
                              scale_param=cfg.norm_router_scale, window=cfg.router_width if cfg.router_window else None,
                              masked=cfg.stored_router_masks)
-        if cfg.router == "random" and cfg.random_gates == "uniform" and not (
-                cfg.switch_loss_coef or cfg.z_loss_coef or cfg.pool_loss_coef):
-            # nothing reads this router's logits, so no gradient reaches it: frozen, so that data-parallel
-            # training does not wait for one
+        if cfg.router == "random" and cfg.random_gates == "uniform":
+            # nothing reads this router's logits (the config refuses balance losses on them), so no gradient
+            # reaches it: frozen, so that data-parallel training does not wait for one
             self.router.requires_grad_(False)
         self.private_expert = SwiGLU(cfg.d_model, cfg.private_hidden) if cfg.private_hidden else None
         self.depth_embedding = nn.Parameter(torch.empty(cfg.d_model)) if cfg.depth_embedding != "none" else None
