@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import ci95, load_study, paired_contrasts, paired_deltas, run_config  # noqa: E402
+from study import ci95, load_study, paired_contrasts, paired_deltas, results_path, run_config  # noqa: E402
 
 from unipool.errors import UnipoolError, read_json  # noqa: E402
 
@@ -65,7 +65,7 @@ def read_results(path: Path, made_by: str) -> dict | list:
 def study_results(study_file: Path) -> tuple[dict, dict[str, dict]]:
     """The study file and its committed report's rows by variant name."""
     study = load_study(study_file)
-    results = read_results(ROOT / study["results_dir"] / "results.json",
+    results = read_results(results_path(study) / "results.json",
                            f"python experiments/study.py {study_file} --report")
     return study, {r["variant"]: r for r in results}
 

@@ -12,12 +12,14 @@ run in OUT/<variant>-s<seed>, launched as its own process. A run with a summary.
 and skipped; a run with checkpoints but no summary is resumed from its latest checkpoint, so the
 study can be interrupted (Ctrl-C) and started again with the same command.
 
-A finished run leaves a record, RESULTS_DIR/runs/<variant>-s<seed>.json (the study's `results_dir`;
-committed): its config, summary, routing statistics and curves, a few tens of KB. The report, the stopping
-rule and the plots read the records, so a study goes on, on another machine, without the run directories
-of the seeds it has: a recorded run is finished and not trained again. RESULTS_DIR/carried.json, where it
-exists, holds seeds whose runs were lost before records were kept: their per-seed validation losses and
-the mean and SD of each routing statistic over them, pooled exactly with the recorded seeds' values.
+A finished run leaves a record, RESULTS_DIR/runs/<variant>-s<seed>.json (the study's `results_dir`, relative
+to the study file; committed): its config, summary, routing statistics and curves, a few tens of KB. The
+report, the stopping rule and the plots read the records, so a study goes on, on another machine, without
+the run directories of the seeds it has: a recorded run is final and never trained again. RESULTS_DIR/
+carried.json, where it exists, holds seeds whose runs were lost before records were kept: their per-seed
+validation losses, the mean and SD of each routing statistic over them (pooled exactly with the recorded
+seeds' values) and the config they trained with. Every finished run, record and carried row is checked
+against its row of the study file before anything trains; a mismatch or a damaged file is one line naming it.
 
 The report (OUT/results.md, results.json, contrasts.json, copied to the study's `results_dir` if it names
 one, for the docs to cite; OUT/report/curves.png, dead_rows.png,
@@ -53,6 +55,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from unipool.analysis.compare import curve, smooth
@@ -68,6 +71,9 @@ from unipool.run import Run
 
 def load_study(path: Path) -> dict:
     study = yaml.safe_load(path.read_text())
+    if not isinstance(study, dict):
+        sys.exit(f"error: {path}: a study file is a mapping (base, variants, seeds)")
+    study["_dir"] = str(path.resolve().parent)  # what a relative results_dir is relative to
     for key in ("base", "variants", "seeds"):
         if key not in study:
             sys.exit(f"error: {path} has no '{key}' section")
@@ -322,17 +328,53 @@ def config_drift(study: dict, variant: str, seed: int, run: Path | dict, steps: 
     return drift
 
 
+def results_path(study: dict) -> Path | None:
+    """The study's `results_dir`: a relative one is relative to the study file's directory (family.yaml's
+    `results/family` is experiments/results/family wherever the command runs)."""
+    if not study.get("results_dir"):
+        return None
+    path = Path(study["results_dir"])
+    return path if path.is_absolute() else Path(study.get("_dir", ".")) / path
+
+
 def records_dir(study: dict, steps: int | None = None) -> Path | None:
     """Where the study keeps its run records (RESULTS_DIR/runs), None without a `results_dir` or for a smoke
     study (`--steps`): its runs are not the study's."""
-    return Path(study["results_dir"]) / "runs" if study.get("results_dir") and steps is None else None
+    return results_path(study) / "runs" if study.get("results_dir") and steps is None else None
+
+
+def read_record(path: Path) -> dict:
+    """A run record, checked enough that the report cannot fail on it later: one line naming the file if not."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path}: unreadable run record ({e})") from None
+    ok = (isinstance(record, dict) and isinstance(record.get("config"), dict)
+          and isinstance(record.get("summary"), dict) and isinstance(record["summary"].get("val_loss"), (int, float))
+          and math.isfinite(record["summary"]["val_loss"]) and isinstance(record.get("routing"), dict)
+          and all(k in record["routing"] for k in (*ROUTING_STATS, "zero_gate_L")))
+    if not ok:
+        raise SystemExit(f"error: {path}: not a complete run record (config, summary with a finite val_loss, "
+                         f"routing statistics); restore it from version control or delete it to train the run again")
+    return record
+
+
+def drift_error(source: Path, variant: str, drift: list[str]) -> SystemExit:
+    # its loss would be reported under a row it was not trained as
+    return SystemExit(f"error: {source} was trained with another config than the study file's row {variant!r} now "
+                      f"gives ({'; '.join(drift)}): restore the row, or delete the run to train it again")
+
+
+# One routing analysis at a time (records are made in --jobs worker threads; pyplot is not thread-safe).
+_RECORD_LOCK = threading.Lock()
 
 
 def make_record(run_dir: Path) -> dict:
     """What the report, the stopping rule and the plots read of a finished run, small enough to commit."""
     run = Run.open(run_dir)
     records, _ = run.metrics()
-    routing = routing_summary(run_dir)  # writes RUN/routing/routing.json where it is missing
+    with _RECORD_LOCK:
+        routing = routing_summary(run_dir)  # writes RUN/routing/routing.json where it is missing
     stats = json.loads((run_dir / "routing" / "routing.json").read_text())
 
     def mean_curve(key: str) -> list[list[float]]:  # a per-layer telemetry value, as its mean over layers
@@ -347,51 +389,81 @@ def make_record(run_dir: Path) -> dict:
                        "dead_rows": mean_curve("dead_rows"), "router_scale": mean_curve("router_scale")}}
 
 
-def finished_record(study: dict, out: Path, variant: str, seed: int, steps: int | None = None) -> dict | None:
-    """The record of the finished run (variant, seed): made from OUT/<variant>-s<seed> where that run finished
-    (and kept in the study's records), else read from the records; None if neither exists. A run trained
-    with another config than the study's row is refused by name."""
+def finished_record(study: dict, out: Path, variant: str, seed: int, steps: int | None = None,
+                    make: bool = True) -> dict | None:
+    """The record of the finished run (variant, seed), None if it has not finished. From the study's records,
+    or made from OUT/<variant>-s<seed> where that run finished there (and then kept in the records; with
+    make=False only {"summary": ...}, no routing analysis). Refused by name: a run trained with another config
+    than the study's row, a run directory and a record of the same name that disagree, a seed that is also
+    carried."""
     name, kept = f"{variant}-s{seed}", records_dir(study, steps)
     run_dir, path = out / name, kept / f"{name}.json" if kept else None
+    record = read_record(path) if path is not None and path.is_file() else None
+    summary = None
     if (run_dir / "summary.json").is_file():
-        source, record = run_dir, None
-    elif path is not None and path.is_file():
-        source = path
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {path}: unreadable run record ({e})") from None
-    else:
+        drift = config_drift(study, variant, seed, run_dir, steps)
+        if drift:
+            raise drift_error(run_dir, variant, drift)
+        summary = Run.open(run_dir).summary() or {}
+        if summary.get("val_loss") is None:
+            summary = None
+        elif record is not None and record["summary"]["val_loss"] != summary["val_loss"]:
+            raise SystemExit(f"error: {run_dir} and its record {path} hold different runs (validation loss "
+                             f"{summary['val_loss']} vs {record['summary']['val_loss']}): delete one of them")
+    if record is not None:
+        drift = config_drift(study, variant, seed, record["config"], steps)
+        if drift:
+            raise drift_error(path, variant, drift)
+    if record is None and summary is None:
         return None
-    drift = config_drift(study, variant, seed, run_dir if record is None else record["config"], steps)
-    if drift:  # its loss would be reported under a row it was not trained as
-        raise SystemExit(f"error: {source} was trained with another config than the study file's row {variant!r} "
-                         f"now gives ({'; '.join(drift)}): restore the row, or delete the run to train it again")
+    if str(seed) in carried_rows(study, steps).get(variant, {}).get("val_losses", {}):
+        raise SystemExit(f"error: {variant} seed {seed} is both finished ({path if record else run_dir}) and carried "
+                         f"({results_path(study) / 'carried.json'}): its statistics would count twice; drop one")
+    if record is None and not make:
+        return {"summary": summary}
     if record is None:
-        if (Run.open(run_dir).summary() or {}).get("val_loss") is None:
-            return None
         record = make_record(run_dir)
         if path is not None:
-            text = json.dumps(record, indent=1) + "\n"
-            if not path.is_file() or path.read_text() != text:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(path, text)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     return record
 
 
 def carried_rows(study: dict, steps: int | None = None) -> dict[str, dict]:
     """RESULTS_DIR/carried.json: {variant: row} for seeds whose runs were lost before run records were kept,
     each row as the report's results.json has it (per-seed `val_losses`, [mean, sd] of each routing statistic
-    over those seeds). {} without one, or for a smoke study."""
-    if not study.get("results_dir") or steps is not None:
+    over those seeds) plus the `config` its runs trained with (seed aside), checked against the study's row.
+    {} without one, or for a smoke study."""
+    path = results_path(study)
+    if path is None or steps is not None or not (path / "carried.json").is_file():
         return {}
-    path = Path(study["results_dir"]) / "carried.json"
-    if not path.is_file():
-        return {}
-    try:
-        return {row["variant"]: row for row in json.loads(path.read_text())["rows"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {path}: unreadable carried results ({e})") from None
+    path = path / "carried.json"
+    # checked once per version of the file and of the study's rows
+    key = (str(path), path.stat().st_mtime_ns,
+           json.dumps({k: study.get(k) for k in ("base", "variants", "seeds")}, sort_keys=True, default=str))
+    if _CARRIED.get("key") != key:
+        try:
+            rows = {row["variant"]: row for row in json.loads(path.read_text())["rows"]}
+            for variant, row in rows.items():
+                if variant not in study["variants"]:
+                    raise SystemExit(f"error: {path}: row {variant!r} is not a variant of the study file (renamed? "
+                                     f"its seeds would be lost)")
+                seeds = [int(s) for s in row["val_losses"]]
+                if not set(seeds) <= set(study["seeds"]):
+                    raise SystemExit(f"error: {path}: {variant}'s seeds {seeds} are not all among the study's "
+                                     f"seeds {study['seeds']}")
+                for seed in seeds:
+                    drift = config_drift(study, variant, seed, {**row["config"], "train": {
+                        **row["config"]["train"], "seed": seed}})
+                    if drift:
+                        raise drift_error(path, variant, drift)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"error: {path}: unreadable carried results ({type(e).__name__}: {e})") from None
+        _CARRIED.update(key=key, rows=rows)
+    return _CARRIED["rows"]
+
+
+_CARRIED: dict = {}  # the last carried.json read and checked, by carried_rows
 
 
 def pooled(xs: list[float], prior: list | None = None, n_prior: int = 0) -> tuple[float, float | None] | None:
@@ -421,7 +493,7 @@ def report(study: dict, out: Path, steps: int | None = None) -> str:
         both = sorted(set(records) & set(prior_losses))
         if both:  # its routing statistics would count twice
             raise SystemExit(f"error: {variant} seed(s) {both} are both recorded and carried "
-                             f"({Path(study['results_dir']) / 'carried.json'}): drop them from one")
+                             f"({results_path(study) / 'carried.json'}): drop them from one")
         runs[variant] = list(records.values())
         summaries = {seed: r["summary"] for seed, r in records.items()}
         routing = [r["routing"] for r in records.values()]
@@ -494,7 +566,7 @@ def report(study: dict, out: Path, steps: int | None = None) -> str:
     (out / "results.md").write_text(table + "\n")
     if study.get("results_dir") and steps is None:  # what docs cite, kept with the code (committed); a
         # smoke study (--steps) is not the study: it never overwrites them
-        keep = Path(study["results_dir"])
+        keep = results_path(study)
         keep.mkdir(parents=True, exist_ok=True)
         for name in ("results.json", "contrasts.json", "results.md"):
             if (out / name).is_file():
@@ -554,22 +626,15 @@ def paired_contrasts(study: dict, rows: list[dict]) -> list[dict]:
 
 
 def finished_losses(study: dict, out: Path, steps: int | None = None) -> dict[str, dict[int, float]]:
-    """{variant: {seed: final validation loss}} of the finished runs: run directories in OUT, the study's
-    records and its carried seeds."""
+    """{variant: {seed: final validation loss}} of the finished runs over the study's seeds, as the report sees
+    them (run directories in OUT, the study's records, its carried seeds), with the same checks."""
     losses: dict[str, dict[int, float]] = {}
     carried = carried_rows(study, steps)
-    kept = records_dir(study, steps)
     for variant in study["variants"]:
+        prior = carried.get(variant, {}).get("val_losses", {})
         for seed in study["seeds"]:
-            name = f"{variant}-s{seed}"
-            path = out / name / "summary.json"
-            loss = None
-            if path.is_file():
-                loss = json.loads(path.read_text()).get("val_loss")
-            elif kept is not None and (kept / f"{name}.json").is_file():
-                loss = (json.loads((kept / f"{name}.json").read_text()).get("summary") or {}).get("val_loss")
-            else:
-                loss = carried.get(variant, {}).get("val_losses", {}).get(str(seed))
+            record = finished_record(study, out, variant, seed, steps, make=False)
+            loss = record["summary"]["val_loss"] if record else prior.get(str(seed))
             if loss is not None:
                 losses.setdefault(variant, {})[seed] = loss
     return losses
@@ -696,18 +761,30 @@ def main() -> None:
             prepare_run_data(run_config_from_dict(run_config(study, names[0][1], names[0][2], args.steps)).data)
 
         gate = SeedGate(study, out, args.steps)
-        recorded = finished_losses(study, out, args.steps)  # finished here, or elsewhere (the study's records)
+        # finished here or elsewhere (the study's records, its carried seeds), every one checked against its
+        # row before anything trains: a refusal now, not after hours of training
+        finished = finished_losses(study, out, args.steps)
+        if threads:
+            torch.set_num_threads(threads)  # the records' routing analyses share the cores with the runs
 
         def launch(item: tuple[str, str, int]) -> str:
             name, variant, seed = item
-            reason = gate.skip_reason(seed)
-            if seed in recorded.get(variant, {}) and not (out / name).exists():
-                result = "done (recorded)"
-            elif reason and not (out / name / "checkpoints" / "LATEST").is_file():  # a started run is finished
-                result = f"not needed ({reason})"
-            else:
-                result = run_one(out, name, run_config(study, variant, seed, args.steps), threads)
-                finished_record(study, out, variant, seed, args.steps)  # keep its record as soon as it exists
+            try:
+                reason = gate.skip_reason(seed)
+                if seed in finished.get(variant, {}):
+                    result = "done" if (out / name / "summary.json").is_file() else "done (recorded)"
+                elif reason and not (out / name / "checkpoints" / "LATEST").is_file():  # a started run is finished
+                    result = f"not needed ({reason})"
+                else:
+                    result = run_one(out, name, run_config(study, variant, seed, args.steps), threads)
+                if (out / name / "summary.json").is_file():
+                    finished_record(study, out, variant, seed, args.steps)  # its record, as soon as it exists
+            except RuntimeError:
+                raise
+            except BaseException as e:  # SystemExit from a check, or a failed analysis: stop the study, not
+                # just this worker (the pool would otherwise train every queued run before saying so)
+                why = str(e.code if isinstance(e, SystemExit) else e).removeprefix("error: ")
+                raise RuntimeError(f"{name}: {why}") from e
             return f"[{time.time() - t0:7.0f} s] {name}: {result}"
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -163,3 +163,24 @@ def test_the_fields_another_setting_uses_are_accepted_where_they_apply():
     assert base.replace(router_window=1, router_window_warmup=0.5).router_window_warmup == 0.5
     assert base.replace(router="random", random_gates="model").pool_loss_coef == 0.01  # gates read the scores
     assert base.replace(router="random", pool_loss_coef=0.0).router == "random"
+
+
+def test_fields_changed_together_by_several_layers_are_checked_together(tmp_path):
+    """A check across fields applies to the command line's result, not to a state between two --set flags."""
+    from unipool.config import resolve_config
+
+    window = ["--set", "model.n_layers=4", "--set", "model.router_window=2", "--set", "model.router_window_warmup=0.5"]
+    assert resolve_config(_args("--preset", "debug", *window)).model.router_window_warmup == 0.5
+    # switching the window off: the first --set alone would leave a warmup without a window
+    off = resolve_config(_args("--preset", "debug", *window, "--set", "model.router_window=0",
+                               "--set", "model.router_window_warmup=0"))
+    assert off.model.router_window == 0 and off.model.router_window_warmup == 0
+    # a config file and a flag: the same
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  moe_mode: grouped\n  n_groups: 2\n")
+    run = resolve_config(_args("--preset", "debug", "--config", str(f), "--set", "model.moe_mode=pool",
+                               "--set", "model.n_groups=1"))
+    assert run.model.moe_mode == "pool" and run.model.n_groups == 1
+    # what is still wrong at the end is refused, naming the field
+    with pytest.raises(ConfigError, match="model.router_window_warmup: needs a router_window"):
+        resolve_config(_args("--preset", "debug", *window, "--set", "model.router_window=0"))

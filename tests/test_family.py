@@ -257,6 +257,7 @@ GLOO_DESIGNS = {
     "tied": ["--set", "model.moe_mode=grouped", "--set", "model.n_groups=2", "--set", "model.num_experts=4",
              "--set", "model.router=softmax", "--set", "model.switch_loss_coef=0", "--set", "model.z_loss_coef=1e-4",
              "--set", "model.private_hidden=0", "--set", "model.depth_embedding=none", "--set", "model.router_window=0",
+             "--set", "model.router_window_warmup=0",
              # p = 2 (lr / 4 for the tied experts): strong enough that FSDP2 losing the parameter group would move
              # the third step's loss by ~3e-4 relative, 3x the tolerance below (p = 0.5 moves it by ~1e-4)
              "--set", "train.shared_expert_lr_power=2"],

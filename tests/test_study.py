@@ -95,11 +95,14 @@ def test_study_runs_skips_and_reports(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     assert study(tmp_path, "--report").returncode == 0
     seed0 = json.loads((tmp_path / "out" / "results.json").read_text())
-    (tmp_path / "kept" / "carried.json").write_text(json.dumps({"rows": seed0}))
+    configs = {r["variant"]: json.loads((tmp_path / "kept" / "runs" / f"{r['variant']}-s0.json").read_text())["config"]
+               for r in seed0}
+    carried = {"rows": [{**r, "config": configs[r["variant"]]} for r in seed0]}
+    (tmp_path / "kept" / "carried.json").write_text(json.dumps(carried))
     spec["seeds"] = [0, 1]
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     twice = study(tmp_path, "--report")
-    assert twice.returncode != 0 and "seed(s) [0] are both recorded and carried" in twice.stderr
+    assert twice.returncode != 0 and "seed 0 is both finished" in twice.stderr and "carried" in twice.stderr
     for name in ("vanilla", "unipool"):
         (tmp_path / "kept" / "runs" / f"{name}-s0.json").unlink()
     assert study(tmp_path, "--report").returncode == 0
@@ -108,6 +111,28 @@ def test_study_runs_skips_and_reports(tmp_path):
         for key, value in want.items():
             assert got[key] == (pytest.approx(value, abs=1e-9) if key not in ("val_losses", "variant", "router",
                                                                              "moe_mode") else value), key
+    # a recorded run is final: a stray directory of it here (a crash before its first checkpoint) is not
+    # trained again, so its committed record is not overwritten
+    (tmp_path / "out" / "vanilla-s1").mkdir()
+    stray = study(tmp_path, "--jobs", "2")
+    assert stray.returncode == 0 and "trained in" not in stray.stdout and "restarted" not in stray.stdout
+    # a damaged record (a merge conflict) or carried file: one line naming it, before anything trains
+    record = tmp_path / "kept" / "runs" / "unipool-s1.json"
+    good = record.read_text()
+    for damaged in ("<<<<<<< HEAD\n" + good, "{}", "[]"):
+        record.write_text(damaged)
+        for args in (["--jobs", "2"], ["--plan"], ["--report"]):
+            r = study(tmp_path, *args)
+            assert r.returncode != 0 and "Traceback" not in r.stderr and "trained in" not in r.stdout, (damaged, args)
+            assert f"{record}: " in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    record.write_text(good)
+    renamed = {"rows": [{**row, "variant": "vanilla-old"} if row["variant"] == "vanilla" else row
+                        for row in carried["rows"]]}
+    (tmp_path / "kept" / "carried.json").write_text(json.dumps(renamed))
+    r = study(tmp_path, "--report")
+    assert r.returncode != 0 and "row 'vanilla-old' is not a variant of the study file" in r.stderr
+    (tmp_path / "kept" / "carried.json").write_text(json.dumps(carried))
+
     # a smoke study (--steps) neither reads nor writes the study's records and results
     kept = {p: p.read_bytes() for p in (tmp_path / "kept").rglob("*") if p.is_file()}
     # (had it read them, their 4-step configs would be refused as drift against its 2-step rows)
@@ -122,9 +147,13 @@ def test_study_runs_skips_and_reports(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     changed = study(tmp_path, "--report")
     assert changed.returncode != 0 and "Traceback" not in changed.stderr
-    # (a record is checked as its run directory was: here the only copy of unipool-s1 is its record)
-    assert "unipool-s1.json was trained with another config" in changed.stderr
+    # carried seeds are checked by the config they keep, a record as its run directory was
+    assert "carried.json was trained with another config than the study file's row 'unipool'" in changed.stderr
     assert "model.num_experts: run 8, study 6" in changed.stderr
+    (tmp_path / "kept" / "carried.json").unlink()
+    changed = study(tmp_path, "--jobs", "2")  # refused before anything trains
+    assert changed.returncode != 0 and "trained in" not in changed.stdout
+    assert "unipool-s1.json was trained with another config" in changed.stderr
 
 
 def test_study_bad_input(tmp_path):
@@ -150,10 +179,16 @@ def test_study_bad_input(tmp_path):
 def test_plan_checks_every_run_of_the_study_files(name, runs, tokens, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "experiments" / "study.py"), str(ROOT / "experiments" / name),
                         "--plan", "--out", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
-    # (run from an empty directory: a study's results_dir, and the runs it records, are relative to where it runs)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[-1] == f"{runs} runs: {runs} new"
+    # the runs finished elsewhere are the committed ones: its records and carried seeds (found from any directory)
+    spec = yaml.safe_load((ROOT / "experiments" / name).read_text())
+    kept = ROOT / "experiments" / spec["results_dir"] if spec.get("results_dir") else tmp_path / "none"
+    done = len(list((kept / "runs").glob("*.json")))
+    if (kept / "carried.json").is_file():
+        done += sum(len(row["val_losses"]) for row in json.loads((kept / "carried.json").read_text())["rows"])
+    assert lines[-1] == f"{runs} runs: " + (f"{done} done, " if done else "") + f"{runs - done} new"
+    assert name != "family.yaml" or done >= 77
     assert all(f"{tokens} tokens" in line for line in lines[:-1])
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
 
@@ -217,14 +252,22 @@ def test_stopping_rule_decides_once_per_seed(tmp_path):
     """The rule (`stop_when_se`) is met once every paired SE is <= se over >= min_seeds seeds; the decision
     is taken at a seed's first run and holds for the whole seed, so no seed is run by only some variants."""
     sys.path.insert(0, str(ROOT / "experiments"))
-    from study import SeedGate, stopping_line, stopping_state
+    import dataclasses
 
-    study = {"seeds": [10, 11, 12, 13, 14], "stop_when_se": {"se": 0.02, "min_seeds": 3},
+    from study import SeedGate, run_config, stopping_line, stopping_state
+
+    from unipool.config import run_config_from_dict
+
+    study = {"seeds": [10, 11, 12, 13, 14], "stop_when_se": {"se": 0.02, "min_seeds": 3}, "base": {},
              "variants": {"vanilla": {}, "unipool": {}}, "contrasts": {}}
 
     def finish(variant: str, seed: int, loss: float) -> None:
-        (tmp_path / f"{variant}-s{seed}").mkdir()
-        (tmp_path / f"{variant}-s{seed}" / "summary.json").write_text(json.dumps({"val_loss": loss}))
+        run_dir = tmp_path / f"{variant}-s{seed}"
+        run_dir.mkdir()
+        # the rule counts what the report would: runs whose config is their row's
+        config = dataclasses.asdict(run_config_from_dict(run_config(study, variant, seed, None)))
+        (run_dir / "config.json").write_text(json.dumps(config))
+        (run_dir / "summary.json").write_text(json.dumps({"val_loss": loss}))
 
     for seed, delta in zip((10, 11), (-0.10, -0.11)):
         finish("vanilla", seed, 4.0)
@@ -295,3 +338,17 @@ def test_healing_refuses_a_finished_run_of_other_settings(tmp_path):
     assert train(tmp_path, "healed-s0", want=same) == run_dir  # reused: nothing is trained
     with pytest.raises(SystemExit, match=r"healed-s0 finished with other settings \(train.seed: run 0, now 1\)"):
         train(tmp_path, "healed-s0", want={**same, "train.seed": 1})
+
+
+def test_a_relative_results_dir_is_relative_to_the_study_file(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from study import load_study, records_dir, results_path
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.yaml").write_text(yaml.safe_dump({"base": {}, "variants": {}, "seeds": [0],
+                                                              "results_dir": "res/x"}))
+    study = load_study(tmp_path / "sub" / "s.yaml")
+    assert results_path(study) == tmp_path / "sub" / "res" / "x"
+    assert records_dir(study) == tmp_path / "sub" / "res" / "x" / "runs" and records_dir(study, steps=2) is None
+    family = load_study(ROOT / "experiments" / "family.yaml")
+    assert results_path(family) == ROOT / "experiments" / "results" / "family"

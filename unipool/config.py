@@ -413,6 +413,26 @@ def resolve_config(args: argparse.Namespace, resumed: RunConfig | None = None) -
         # a config file's `preset` is a base like --preset (which wins); a saved run's "custom" is only a label
         base = args.preset or (from_file.get("preset") if isinstance(from_file, dict) else None)
         run = preset_config(str(base)) if base and base != "custom" else default_config()
-    for d, source in layers:
-        run = apply_dict(run, d, source)
+    for i, (d, source) in enumerate(layers):
+        try:
+            run = apply_dict(run, d, source)
+        except ConfigError:
+            rest = layers[i:]
+            if len(rest) < 2 or not all(isinstance(layer, dict) for layer, _ in rest):
+                raise
+            # A check across fields can fail between layers that change the fields together (`--set
+            # model.router_window=0 --set model.router_window_warmup=0`): the layers left, applied at once, decide.
+            return apply_dict(run, merge_layers([layer for layer, _ in rest]), ", ".join(src for _, src in rest))
     return run
+
+
+def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Config layers as one, later fields winning (sections merged field by field)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in _migrate_legacy(layer).items():
+            if key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = dict(value) if isinstance(value, dict) else value
+    return merged

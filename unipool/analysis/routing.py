@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from unipool.analysis.eval import Batch, add_data_args, open_with_data
+from unipool.data.tokenizer import atomic_write_text
 from unipool.errors import UnipoolError
 from unipool.model.model import Unipool
 
@@ -313,7 +314,8 @@ def analyse(model: Unipool, batches: Iterable[Batch], out_dir: str | Path | None
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "routing.json").write_text(json.dumps(stats, indent=1))
+        # atomic: a reader that finds routing.json (a study caches it) finds all of it
+        atomic_write_text(out_dir / "routing.json", json.dumps(stats, indent=1))
         (out_dir / "layer_overlap.json").write_text(json.dumps(
             {"jaccard": stats["layer_overlap_jaccard"], "layers_of_expert": stats["layers_of_expert"]}, indent=1))
         plot_routing(stats, out_dir)
@@ -342,7 +344,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
                     dead_threshold=args.dead_threshold)
     # Record where the numbers came from next to them.
     stats = {"checkpoint": str(ckpt), "step": run.step, "data": source, **stats}
-    (out / "routing.json").write_text(json.dumps(stats, indent=1))
+    atomic_write_text(out / "routing.json", json.dumps(stats, indent=1))
 
     u, per_layer = stats["unique_experts_per_token"], stats["per_layer"]
     print(f"{ckpt} (step {run.step}), {stats['moe_mode']}: {stats['n_pools']} pool(s) x "
