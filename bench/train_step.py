@@ -16,7 +16,7 @@ MFU = achieved model FLOP/s / peak FLOP/s, with model FLOPs per step
 where N_matmul = active parameters (param_counts()["active"]: one expert per layer at top-1) minus the
 input embedding (a lookup), and the attention term counts the full S x S score and value matmuls
 (no causal halving). Peak: 989 TFLOP/s dense bf16 on H100/H200 SXM; on CPU, the measured fp32 GEMM
-rate of this machine (`--cpu-peak`), so CPU MFU says how close the step gets to plain GEMMs here.
+rate of this machine (`measure_cpu_peak`, at every run), so CPU MFU says how close the step gets to plain GEMMs here.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from unipool.presets import PRESETS, get_preset
         (dict(router="random", renormalize=True), "renormalize"),
         (dict(router_window=0, router_window_warmup=0.5), "router_window_warmup"),
         (dict(router="random"), "pool_loss_coef"),  # debug's pool loss 0.01: nothing would read the scores
+        (dict(random_gates="model"), "random_gates"),  # a NormRouter: no random gates to take
         (dict(router="random", pool_loss_coef=0.0, z_loss_coef=1e-3), "z_loss_coef"),
     ],
 )

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def family_config(**kw) -> ModelConfig:
-    return get_preset("debug").replace(n_layers=4, norm_router_c="one", **kw)
+    norm = {"norm_router_c": "one"} if kw.get("router", "norm") == "norm" else {}  # a NormRouter's field only
+    return get_preset("debug").replace(n_layers=4, **norm, **kw)
 
 
 def block_inputs(cfg: ModelConfig, seed: int = 0):

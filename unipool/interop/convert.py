@@ -311,7 +311,7 @@ def switch_routing(model: Unipool, router: str | None = None, pool_loss: float |
     if router is not None and router != cfg.router:
         if router not in ("norm", "softmax"):
             raise ConvertError(f"--router must be 'norm' or 'softmax', not {router!r}")
-        changes.update(router=router, norm_router_c="monte_carlo", norm_router_scale="linear",
+        changes.update(router=router, norm_router_c="monte_carlo", norm_router_scale="linear", norm_router_eps=1e-8,
                        renormalize=cfg.renormalize and router == "softmax",
                        routed_scaling_factor=cfg.routed_scaling_factor if router == "softmax" else 1.0)
     if pool_loss is not None:

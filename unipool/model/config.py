@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass, validated at construction, plus named presets.
+"""Model configuration: one dataclass, validated at construction (the named presets: unipool/presets.py).
 
 Expert storage is described by three numbers that cover every mode:
 
@@ -144,7 +144,9 @@ class ModelConfig:
 
     # --- router ---
     router: str = "norm"  # softmax | norm (NormRouter) | sigmoid (aux-loss-free bias) | random
-    renormalize: bool = False  # renormalise the selected gates to sum to 1 (softmax/sigmoid)
+    # renormalise the selected gates to sum to 1 (softmax; a sigmoid router renormalises for k > 1 whatever
+    # this says, as the official code does, and never for k = 1)
+    renormalize: bool = False
     # softmax/sigmoid: the picked gates times this factor (DeepSeek-V3's routed_scaling_factor); 1.0: the gates
     # as they are. "match_gate:<g>" (softmax, ours): the factor that makes the mean sum of picked gates at
     # initialisation g, e.g. a NormRouter's (see router.routed_scaling_value)
@@ -254,6 +256,8 @@ class ModelConfig:
              f"{'one pool' if self.moe_mode == 'pool' else 'a pool per layer'})")
         need(not self.renormalize or self.router in ("softmax", "sigmoid"), "renormalize",
              f"applies to softmax and sigmoid routers, not {self.router!r}")
+        need(self.random_gates == "uniform" or self.router == "random", "random_gates",
+             f"applies to random routing (router: random), not {self.router!r}")
         need(isinstance(self.private_hidden, int) and self.private_hidden >= 0, "private_hidden",
              "must be a non-negative integer (0: no private expert)")
         need(self.depth_embedding in DEPTH_EMBEDDINGS, "depth_embedding", f"must be one of {DEPTH_EMBEDDINGS}")

@@ -15,7 +15,9 @@ def param_report(cfg: ModelConfig) -> dict:
     matched = cfg.replace(moe_mode="layerwise", n_groups=1, num_experts=8, router="softmax", granularity=1,
                           top_k=1, switch_loss_coef=1e-2, pool_loss_coef=0.0,
                           ffn_hidden=cfg.ffn_hidden + cfg.private_hidden, private_hidden=0,
-                          depth_embedding="none", router_window=0, router_window_warmup=0.0)
+                          depth_embedding="none", router_window=0, router_window_warmup=0.0,
+                          norm_router_c="monte_carlo", norm_router_scale="linear", norm_router_eps=1e-8,
+                          random_gates="uniform", stored_router_masks=False)
     matched_experts = build_model(matched, "meta").param_counts()["experts"]
     return {
         **counts,
