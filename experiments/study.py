@@ -490,10 +490,6 @@ def report(study: dict, out: Path, steps: int | None = None) -> str:
         records = {seed: r for seed in study["seeds"] if (r := finished_record(study, out, variant, seed, steps))}
         prior = carried.get(variant, {})
         prior_losses = {int(seed): loss for seed, loss in prior.get("val_losses", {}).items()}
-        both = sorted(set(records) & set(prior_losses))
-        if both:  # its routing statistics would count twice
-            raise SystemExit(f"error: {variant} seed(s) {both} are both recorded and carried "
-                             f"({results_path(study) / 'carried.json'}): drop them from one")
         runs[variant] = list(records.values())
         summaries = {seed: r["summary"] for seed, r in records.items()}
         routing = [r["routing"] for r in records.values()]
