@@ -22,7 +22,7 @@ from unipool.model.config import ConfigError, ModelConfig
 from unipool.model.model import build_model, window_ranks
 from unipool.model.moe import moe_reference
 from unipool.model.params import param_report
-from unipool.model.router import mean_picked_gate_sum, norm_router_constant
+from unipool.model.router import mean_picked_gate_sum, norm_router_constant, switch_loss
 from unipool.presets import get_preset
 from unipool.weights import load_model
 
@@ -153,6 +153,43 @@ def test_window_router_picks_only_candidates_and_renormalises_over_them():
         get_preset("debug-vanilla").replace(router_window=2)
     with pytest.raises(ConfigError, match="top_k"):
         family_config(num_experts=8, top_k=3, router_window=2)  # a block of 2 cannot hold 3 picks
+
+
+def test_switch_loss_over_candidates_divides_by_the_window_not_the_pool():
+    """switch_loss_width: the pool's E (default, as the studies ran) against the C candidates (ours), by hand:
+    alpha * W * sum_i f_i P_i with W = E or C; the picks and scores are the same either way."""
+    cfg = family_config(router="softmax", top_k=1, router_window=2, router_window_warmup=0.5,
+                        switch_loss_coef=0.01, pool_loss_coef=0.0)
+    pool_width, _, _, _ = block_inputs(cfg)
+    candidates, _, _, _ = block_inputs(cfg.replace(switch_loss_width="candidates"))
+    candidates.load_state_dict(pool_width.state_dict())
+    h = torch.randn(64, cfg.d_model)
+    seen = set()
+    for progress in (0.0, 0.25, 0.5):
+        pool_width.set_router_progress(progress)
+        candidates.set_router_progress(progress)
+        for block_e, block_c in zip(pool_width.layers, candidates.layers):
+            with torch.no_grad():
+                out_e, out_c = block_e.router(h), block_c.router(h)
+            assert torch.equal(out_e.expert_ids_TK, out_c.expert_ids_TK)
+            mask = block_c.router.candidate_mask_E
+            n_experts, n_candidates = mask.numel(), int(mask.sum())
+            seen.add(n_candidates)
+            f = torch.bincount(out_c.expert_ids_TK.flatten(), minlength=n_experts).float() / h.shape[0]
+            sum_fp = (f * out_c.scores_TE.mean(0)).sum()
+            torch.testing.assert_close(out_c.aux_loss, 0.01 * n_candidates * sum_fp)
+            torch.testing.assert_close(out_e.aux_loss, 0.01 * n_experts * sum_fp)
+    assert len(seen) > 1  # the window grew while the loss was checked
+    # an even load over C candidates gives the loss 1 (times alpha), whatever the pool's width
+    scores = torch.zeros(8, 16)
+    scores[:, :4] = 0.25
+    counts = torch.tensor([2.0] * 4 + [0.0] * 12)
+    assert float(switch_loss(scores, counts, 1, width=torch.tensor(4))) == 1.0
+    assert float(switch_loss(scores, counts, 1)) == 4.0
+    with pytest.raises(ConfigError, match="switch_loss_width"):
+        family_config(router="softmax", switch_loss_width="candidates")  # no window: every expert is one
+    with pytest.raises(ConfigError, match="switch_loss_width"):
+        family_config(router="softmax", router_window=2, switch_loss_width="window")
 
 
 def test_window_norm_router_uses_the_window_width_and_never_picks_outside():

@@ -41,6 +41,7 @@ POOL_LOSS_STATS = ("previous", "current")
 BALANCE_SCORES = ("raw", "normalized")
 NORM_ROUTER_SCALES = ("linear", "softplus", "exp")
 DEPTH_EMBEDDINGS = ("none", "zeros", "normal")
+SWITCH_LOSS_WIDTHS = ("pool", "candidates")
 # Execution settings that earlier versions kept in the model config; from_dict drops them (a run's
 # config moves their values to its `exec` section).
 LEGACY_EXEC_FIELDS = ("dispatch", "fused_pool_wgrad")
@@ -163,6 +164,10 @@ class ModelConfig:
 
     # --- balancing losses ---
     switch_loss_coef: float = 0.0  # per-layer Switch loss alpha (vanilla: 1e-2)
+    # E of the Switch loss E * sum_i f_i P_i under a router window or stored masks: "pool" (every expert of
+    # the pool, as the studies ran it: at an even load over the C candidates the loss is alpha * E / C) or
+    # "candidates" (ours: the C experts the router may pick now, so an even load over them gives alpha)
+    switch_loss_width: str = "pool"
     pool_loss_coef: float = 1e-2  # pool-level loss alpha_pool (UniPool: 1e-2 at 182M, 2e-2 larger)
     pool_loss_stats: str = "previous"  # f-bar from the previous micro-batch (paper) or "current"
     z_loss_coef: float = 0.0
@@ -267,6 +272,10 @@ class ModelConfig:
         need(self.router_window_warmup == 0 or self.router_window, "router_window_warmup",
              "needs a router_window (it grows the window)")
         need(isinstance(self.stored_router_masks, bool), "stored_router_masks", "must be true or false")
+        need(self.switch_loss_width in SWITCH_LOSS_WIDTHS, "switch_loss_width", f"must be one of {SWITCH_LOSS_WIDTHS}")
+        need(self.switch_loss_width == "pool" or bool(self.router_window) or self.stored_router_masks,
+             "switch_loss_width", "'candidates' applies to a router window or stored masks (without them every "
+             "expert is a candidate)")
         if self.stored_router_masks:
             need(not self.router_window, "stored_router_masks", "and a router window exclude each other")
             need(self.router != "random", "stored_router_masks", "has no meaning for random routing")

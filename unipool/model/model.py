@@ -154,7 +154,7 @@ class Block(nn.Module):
                              z_coef=cfg.z_loss_coef, bias_rate=cfg.aux_free_bias_rate,
                              balance_scores=cfg.balance_scores, count_dead_picks=cfg.count_dead_picks,
                              scale_param=cfg.norm_router_scale, window=cfg.router_width if cfg.router_window else None,
-                             masked=cfg.stored_router_masks)
+                             masked=cfg.stored_router_masks, switch_width=cfg.switch_loss_width)
         if cfg.router == "random" and cfg.random_gates == "uniform":
             # nothing reads this router's logits (the config refuses balance losses on them), so no gradient
             # reaches it: frozen, so that data-parallel training does not wait for one

@@ -171,11 +171,12 @@ def load_fraction(counts_E: torch.Tensor, n_picks: int, live_only: bool = False)
 
 
 def switch_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int, normalized: bool = False,
-                live_only: bool = False) -> torch.Tensor:
-    """Unscaled Switch load-balancing loss E * sum_i f_i P_i (multiply by alpha outside)."""
+                live_only: bool = False, width: torch.Tensor | None = None) -> torch.Tensor:
+    """Unscaled Switch load-balancing loss E * sum_i f_i P_i (multiply by alpha outside). `width` replaces
+    E (the number of experts the router may pick, as a tensor: no host sync); 1 at an even load over them."""
     n_tokens, n_experts = scores_TE.shape
     f_E = load_fraction(counts_E, n_tokens * top_k, live_only)
-    return n_experts * (f_E * balance_probs(scores_TE, normalized)).sum()
+    return (n_experts if width is None else width) * (f_E * balance_probs(scores_TE, normalized)).sum()
 
 
 def pool_loss(scores_LTE: list[torch.Tensor], load_E: torch.Tensor, normalized: bool = False) -> torch.Tensor:
@@ -231,11 +232,13 @@ class Router(nn.Module):
                  norm_eps: float = 1e-8,
                  random_gates: str = "uniform", switch_coef: float = 0.0, z_coef: float = 0.0,
                  bias_rate: float = 1e-3, balance_scores: str = "raw", count_dead_picks: bool = True,
-                 scale_param: str = "linear", window: int | None = None, masked: bool = False):
+                 scale_param: str = "linear", window: int | None = None, masked: bool = False,
+                 switch_width: str = "pool"):
         super().__init__()
         self.n_experts, self.top_k, self.kind = n_experts, top_k, kind
         self.renormalize, self.scaling, self.norm_eps = renormalize, float(scaling), norm_eps
         self.switch_coef, self.z_coef, self.bias_rate = switch_coef, z_coef, bias_rate
+        self.switch_over_candidates = switch_width == "candidates"  # E of the Switch loss: C, not the pool's
         self.normalized_balance, self.count_dead_picks = balance_scores == "normalized", count_dead_picks
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         self.scale_param = scale_param if kind == "norm" else None
@@ -326,8 +329,9 @@ class Router(nn.Module):
         counts_E = expert_counts(ids_TK, self.n_experts, None if self.count_dead_picks else weights_TK.detach())
         aux = scores_TE.new_zeros(())
         if self.switch_coef > 0:
+            width = mask_E.sum() if self.switch_over_candidates and mask_E is not None else None
             aux = aux + self.switch_coef * switch_loss(scores_TE, counts_E, self.top_k, self.normalized_balance,
-                                                       live_only=not self.count_dead_picks)
+                                                       live_only=not self.count_dead_picks, width=width)
         if self.z_coef > 0:
             z_TE = logits_TE if mask_E is None else logits_TE.masked_fill(~mask_E, -math.inf)  # candidates only
             aux = aux + self.z_coef * torch.logsumexp(z_TE.float(), dim=-1).square().mean()
