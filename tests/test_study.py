@@ -189,7 +189,8 @@ def test_plan_checks_every_run_of_the_study_files(name, runs, tokens, tmp_path):
     done = len(list((kept / "runs").glob("*.json")))
     if (kept / "carried.json").is_file():
         done += sum(len(row["val_losses"]) for row in json.loads((kept / "carried.json").read_text())["rows"])
-    assert lines[-1] == f"{runs} runs: " + (f"{done} done, " if done else "") + f"{runs - done} new"
+    counts = [f"{done} done"] * bool(done) + [f"{runs - done} new"] * bool(runs - done)  # states with no run unsaid
+    assert lines[-1] == f"{runs} runs: " + ", ".join(counts)
     assert name != "family.yaml" or done >= 77
     assert all(f"{tokens} tokens" in line for line in lines[:-1])
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
